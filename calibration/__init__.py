@@ -1,0 +1,1 @@
+"""Spectral calibration and RGB-HSI spatial co-registration."""

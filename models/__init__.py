@@ -1,0 +1,1 @@
+"""The fusion model: network, datasets, training, export and inference backends."""

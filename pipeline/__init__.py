@@ -1,0 +1,1 @@
+"""The sortline runtime shared by every node: messages, transport, nodes, config, supervisor."""

@@ -1,0 +1,252 @@
+"""The machine configuration: one TOML file, overridable by SORTLINE_* variables.
+
+Every section forbids unknown keys (pydantic-settings would otherwise drop a
+misspelt key in a nested table without a word), a missing file is an error,
+and a bad value stops start-up with one line per problem naming the key, the
+value and what is allowed. Figures that follow from others (line rates, the
+latency budget) are computed here, never typed into the file.
+
+Environment overrides use `__` between levels, e.g.
+SORTLINE_BELT__SPEED_M_S=3 or SORTLINE_GRAPH__RUNTIME_DIR=/run/sortline.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+EX_CONFIG = 78  # sysexits.h: configuration error; the supervisor never restarts on it
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; str() is one line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Belt(Section):
+    width_mm: float = Field(gt=0, le=5000)
+    speed_m_s: float = Field(gt=0, le=10, description="nominal belt speed")
+    ticks_per_mm: float = Field(gt=0, description="encoder ticks per mm of belt travel")
+
+
+class LineCamera(Section):
+    pixels: int = Field(gt=0, le=16384, description="pixels across the belt")
+    mm_per_pixel: float = Field(gt=0)
+    ticks_per_line: int = Field(gt=0, description="encoder ticks between two line triggers")
+    lines_per_frame: int = Field(gt=0, le=65536, description="lines the camera delivers per frame")
+    bands: int = Field(gt=0, le=1024)
+    wavelength_nm: tuple[float, float] | None = None
+    scan_line_mm: float = Field(0.0, description="along-belt position of the scan line, downstream of the RGB scan line")
+
+
+class Cameras(Section):
+    rgb: LineCamera
+    hsi: LineCamera
+
+    @model_validator(mode="after")
+    def _integer_ratio(self):
+        if self.hsi.ticks_per_line % self.rgb.ticks_per_line:
+            raise ValueError(
+                f"hsi.ticks_per_line ({self.hsi.ticks_per_line}) must be a whole multiple of "
+                f"rgb.ticks_per_line ({self.rgb.ticks_per_line}): the RGB:HSI ratio is an integer"
+            )
+        return self
+
+
+class ValveBar(Section):
+    count: int = Field(gt=0, le=1024)
+    pitch_mm: float = Field(gt=0)
+    offset_mm: float = Field(0.0, description="cross-belt position of valve 0's centre")
+    distance_mm: float = Field(gt=0, description="along-belt distance from the RGB scan line to the valve bar")
+    open_ms: float = Field(ge=0, le=100, description="valve response time, opening")
+    close_ms: float = Field(ge=0, le=100, description="valve response time, closing")
+    min_pulse_ms: float = Field(2.0, gt=0)
+    max_pulse_ms: float = Field(200.0, gt=0)
+
+
+class Ejector(Section):
+    driver: Literal["sim", "udp"] = "sim"
+    address: str = "127.0.0.1:5700"
+    driver_latency_ms: float = Field(1.0, ge=0)
+    margin_before_mm: float = Field(5.0, ge=0)
+    margin_after_mm: float = Field(5.0, ge=0)
+
+
+class Model(Section):
+    path: str = ""
+    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    strip_lines: int = Field(128, gt=0, description="RGB lines per strip")
+    overlap_lines: int = Field(16, ge=0, description="RGB lines of context on each side of a strip")
+    threads: int = Field(1, ge=1, le=64)
+
+
+class Budget(Section):
+    margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
+
+
+class GraphSettings(Section):
+    name: str = Field("sortline", pattern=r"^[A-Za-z0-9_.-]+$")
+    runtime_dir: str = Field("", description="private directory for ipc sockets and shared memory; empty: automatic")
+
+
+class NodeConfig(Section):
+    kind: str
+    params: dict[str, Any] = {}
+
+
+class EdgeConfig(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    src: str = Field(alias="from", pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+$")
+    dst: str = Field(alias="to", pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+$")
+    policy: Literal["lossless", "latest"] = "lossless"
+    pattern: Literal["pushpull", "pubsub"] = "pushpull"
+    transport: Literal["auto", "shm", "inline"] = "auto"
+    address: str = Field("", description="what the consumer connects to; empty: ipc in the runtime directory")
+    bind: str = Field("", description="what the producer binds; empty: the address")
+    hwm: int = Field(4, ge=1, le=100000)
+    slots: int = Field(0, ge=0, le=4096, description="shared-memory slots; 0: hwm + 4")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.pattern == "pubsub" and self.policy == "lossless":
+            raise ValueError("a pubsub edge cannot be lossless (a publisher never waits); use pushpull")
+        for addr in (self.address, self.bind):
+            if addr and not addr.startswith(("ipc://", "tcp://")):
+                raise ValueError(f"address {addr!r} must start with ipc:// or tcp://")
+        if self.transport == "shm" and self.address.startswith("tcp://"):
+            raise ValueError("shared memory only works between processes on one host; a tcp edge is inline")
+        return self
+
+
+class MetricsSettings(Section):
+    bind: str = "127.0.0.1"
+    port_base: int = Field(0, ge=0, le=65000, description="0: no Prometheus endpoint; else node i serves port_base + i")
+
+
+class SupervisorSettings(Section):
+    restart_backoff_s: float = Field(0.2, gt=0, le=60)
+    restart_backoff_max_s: float = Field(10.0, gt=0, le=600)
+    heartbeat_s: float = Field(0.5, gt=0, le=60)
+    heartbeat_timeout_s: float = Field(5.0, gt=0, le=600)
+    status_every_s: float = Field(2.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SORTLINE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    profile: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    belt: Belt
+    cameras: Cameras
+    valves: ValveBar
+    ejector: Ejector = Ejector()
+    model: Model = Model()
+    budget: Budget = Budget()
+    graph: GraphSettings = GraphSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    nodes: dict[str, NodeConfig]
+    edges: list[EdgeConfig] = []
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if settings_cls.model_config.get("toml_file"):
+            sources += (TomlConfigSettingsSource(settings_cls),)
+        return sources
+
+    # Derived figures: one place computes them, everything else reads them.
+
+    def line_rate_hz(self, camera: str, speed_m_s: float | None = None) -> float:
+        cam = getattr(self.cameras, camera)
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return speed * 1000.0 * self.belt.ticks_per_mm / cam.ticks_per_line
+
+    @property
+    def hsi_ratio(self) -> int:
+        return self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
+
+    def budget_ms(self, speed_m_s: float | None = None) -> float:
+        """Time from the last scan line seeing an object to its valve command."""
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return self.travel_mm() / speed - self.valves.open_ms - self.budget.margin_ms
+
+    def travel_mm(self) -> float:
+        """Distance from the scan line farther downstream to the valve bar."""
+        last_scan = max(self.cameras.rgb.scan_line_mm, self.cameras.hsi.scan_line_mm)
+        return self.valves.distance_mm - last_scan
+
+    def budget_derivation(self, speed_m_s: float | None = None) -> str:
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return (
+            f"{self.travel_mm():.0f} mm scan line to valve bar / {speed:g} m/s = {self.travel_mm() / speed:.1f} ms"
+            f" - {self.valves.open_ms:g} ms valve opening - {self.budget.margin_ms:g} ms margin"
+            f" = {self.budget_ms(speed):.1f} ms"
+        )
+
+    def runtime_dir(self) -> Path:
+        if self.graph.runtime_dir:
+            return Path(self.graph.runtime_dir)
+        if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
+            return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / self.graph.name
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        return base / f"sortline-{os.getuid()}" / self.graph.name
+
+
+def _one_line(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            lines.append(f"{key}: missing, this key is required")
+        else:
+            lines.append(f"{key} = {_one_line(err.get('input'))}: {msg}")
+    return lines
+
+
+def load_config(path: str | os.PathLike) -> Settings:
+    """Read, validate and cross-check a configuration, or raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path}: not found"])
+    try:
+        with path.open("rb") as fh:
+            tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config file {path}: not valid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+
+    try:
+        settings = FileSettings()
+    except ValidationError as exc:
+        raise ConfigError([f"{path}: {line}" for line in format_validation(exc)]) from None
+
+    from pipeline.graph import check_graph  # the graph check needs the node classes
+
+    problems = check_graph(settings)
+    if problems:
+        raise ConfigError([f"{path}: {line}" for line in problems])
+    return settings

@@ -1,0 +1,41 @@
+"""Prometheus metrics of a node process, and the snapshot its heartbeat carries.
+
+Each node process has its own registry (prometheus_client's default one);
+with `metrics.port_base` set, node i serves it on port_base + i. The same
+figures travel in the heartbeat to the supervisor, which prints them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.14, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+MESSAGES = Counter("sortline_messages", "Messages a node received or sent", ["node", "port", "direction"])
+DROPS = Counter("sortline_edge_drops", "Messages dropped on an edge", ["edge", "reason"])
+MALFORMED = Counter("sortline_malformed_messages", "Messages that did not fit the contract", ["node", "kind"])
+STAGE_SECONDS = Histogram("sortline_stage_seconds", "Time a node spends on one message", ["node"], buckets=LATENCY_BUCKETS)
+E2E_SECONDS = Histogram(
+    "sortline_latency_seconds", "Age of a message when it reaches this node, from its first trace entry",
+    ["node"], buckets=LATENCY_BUCKETS,
+)
+SLOT_RECLAIMS = Counter("sortline_slot_lane_reclaims", "Slot lanes reclaimed from a consumer that died", ["node", "port"])
+UP = Gauge("sortline_node_up", "1 while the node's main loop runs", ["node"])
+
+
+def serve(bind: str, port: int) -> None:
+    start_http_server(port, addr=bind)
+
+
+def snapshot() -> dict[str, float]:
+    """Every sortline_* sample of this process, keyed as Prometheus prints them."""
+    result = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("sortline_"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_created", "_bucket")):
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            result[f"{sample.name}{{{labels}}}"] = sample.value
+    return result

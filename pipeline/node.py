@@ -1,0 +1,310 @@
+"""The node: what every stage of the pipeline is, and the loop that runs it.
+
+A node declares its input and output ports and a `Params` model, and
+implements one compute step: `process(port, msg)` for a node with inputs,
+`step()` for a source. It returns the messages to send as (port, message)
+pairs. Everything else is done here, the same way for every node: sockets,
+decoding and counting malformed input, the trace entry, metrics, heartbeats,
+end of stream, and SIGTERM/SIGINT (stop taking data, finish what is queued
+for up to DRAIN_S, exit cleanly).
+
+Input arrays are views into the producer's memory and are valid only until
+the step returns: a node copies what it keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Iterable
+
+import msgspec
+import zmq
+
+from pipeline import metrics
+from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
+from pipeline.graph import inputs_of, node_params, outputs_of, prepare_runtime_dir
+from pipeline.messages import Message, MessageError
+from pipeline.transport import Input, Output, SlotReaders
+
+DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
+QUIET_S = 0.1  # ... or less, once no more input arrives
+POLL_MS = 100
+CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
+LOG_EVERY_S = 10.0
+
+Outputs = Iterable[tuple[str, Message]] | None
+
+
+class NoParams(Section):
+    pass
+
+
+class Node:
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    Params: type[Section] = NoParams
+
+    def __init__(self, name: str, params: Section, settings: Settings):
+        self.name = name
+        self.params = params
+        self.settings = settings
+        self.out: dict[str, Output] = {}
+        self.log = logging.getLogger(f"sortline.{name}")
+        self.finished = False
+        self._runner: Runner | None = None
+
+    # What a node implements.
+
+    def setup(self) -> None:
+        """Open devices, load models. Raise ConfigError for what a restart will not fix."""
+
+    def process(self, port: str, msg: Message) -> Outputs:
+        raise NotImplementedError
+
+    def step(self) -> Outputs:
+        """A source's compute step: called in a loop; paces itself (see sleep_until)."""
+        raise NotImplementedError
+
+    def end_of_stream(self) -> Outputs:
+        """Every input has ended: the last outputs (a flush), then the node finishes."""
+        return None
+
+    def teardown(self) -> None:
+        """Close what setup opened. Runs on every exit path."""
+
+    def status(self) -> dict:
+        """A few figures for the heartbeat (and the supervisor's status line)."""
+        return {}
+
+    # What a node may call.
+
+    @property
+    def stopping(self) -> bool:
+        return self._runner is not None and self._runner.stop_requested
+
+    def finish(self) -> None:
+        """A source has no more data: end-of-stream goes downstream, the node exits 0."""
+        self.finished = True
+
+    def sleep_until(self, t_ns: int) -> bool:
+        """Wait for a monotonic time; False if the node was asked to stop first."""
+        while True:
+            if self.stopping:
+                return False
+            left = t_ns - time.monotonic_ns()
+            if left <= 0:
+                return True
+            time.sleep(min(left / 1e9, 0.05))
+
+
+class _RateLimitedLog:
+    """First occurrence of each kind at once, then a count every LOG_EVERY_S."""
+
+    def __init__(self, log: logging.Logger):
+        self._log = log
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+
+    def __call__(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is None or now - last >= LOG_EVERY_S:
+            more = self._pending.pop(kind, 0)
+            suffix = f" ({more} more since the last report)" if more else ""
+            self._log.warning("%s%s", text, suffix)
+            self._last[kind] = now
+        else:
+            self._pending[kind] = self._pending.get(kind, 0) + 1
+
+
+class Runner:
+    """Runs one node in this process until it finishes or is told to stop."""
+
+    def __init__(self, settings: Settings, name: str, heartbeat: str | None = None, metrics_port: int = 0):
+        from pipeline.graph import node_class
+
+        self.settings = settings
+        self.name = name
+        self.stop_requested = False
+        self._deadline: float | None = None
+        self._heartbeat_addr = heartbeat
+        self._metrics_port = metrics_port
+        self.node: Node = node_class(settings, name)(name, node_params(settings, name), settings)
+        self.node._runner = self
+        self.log = self.node.log
+        self._warn = _RateLimitedLog(self.log)
+        self._hb = None
+        self._inputs: dict[str, Input] = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:
+            self._deadline = time.monotonic()  # second signal: stop now
+        else:
+            self.stop_requested = True
+            self._deadline = time.monotonic() + DRAIN_S
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        ctx = zmq.Context()
+        readers = SlotReaders(run_dir)
+        node = self.node
+        hb = None
+        try:
+            for port, edges in inputs_of(self.settings, self.name).items():
+                self._inputs[port] = Input(ctx, self.name, port, edges, readers)
+            outs = outputs_of(self.settings, self.name)
+            for port in node.outputs:
+                node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline)
+            if self._heartbeat_addr:
+                hb = ctx.socket(zmq.PUSH)
+                hb.setsockopt(zmq.SNDHWM, 16)
+                hb.setsockopt(zmq.LINGER, 0)
+                hb.connect(self._heartbeat_addr)
+            if self._metrics_port:
+                metrics.serve(self.settings.metrics.bind, self._metrics_port)
+            self._hb, self._hb_next = hb, 0.0
+            self._stage = metrics.STAGE_SECONDS.labels(self.name)
+            node.setup()
+            metrics.UP.labels(self.name).set(1)
+            self._heartbeat(force=True)  # the supervisor reads the first one as "ready"
+            self.log.info("running (pid %d)", os.getpid())
+            if self._inputs:
+                self._run_consumer()
+            else:
+                self._run_source()
+            if node.finished:
+                for port, out in node.out.items():
+                    out.send_eos(self.name, 0)
+            return 0
+        except ConfigError as exc:
+            for line in exc.lines:
+                self.log.error("%s", line)
+            return EX_CONFIG
+        finally:
+            metrics.UP.labels(self.name).set(0)
+            self._heartbeat(force=True)
+            try:
+                node.teardown()
+            finally:
+                for inp in self._inputs.values():
+                    inp.close()
+                for out in node.out.values():
+                    out.close()
+                readers.close()
+                if hb is not None:
+                    hb.close()
+                ctx.term()
+                self.log.info("stopped")
+
+    def _run_source(self) -> None:
+        node = self.node
+        for port, out in node.out.items():
+            if not out.wait_for_consumers(CONNECT_WAIT_S):
+                self.log.warning("output %r: no consumer connected after %.0f s; sending anyway", port, CONNECT_WAIT_S)
+        while not self.stop_requested and not node.finished:
+            t_step = time.monotonic_ns()
+            self._send(node.step(), t_step)
+            self._heartbeat()
+
+    def _run_consumer(self) -> None:
+        poller = zmq.Poller()
+        self._port_of: dict[zmq.Socket, str] = {}
+        for port, inp in self._inputs.items():
+            for sock in inp.sockets:
+                poller.register(sock, zmq.POLLIN)
+                self._port_of[sock] = port
+        quiet_since = None
+        while not self.node.finished:
+            events = poller.poll(POLL_MS if not self.stop_requested else QUIET_S * 1000 / 2)
+            for sock, _ in events:
+                self._handle(sock)
+            self._heartbeat()
+            if all(not inp.open_edges for inp in self._inputs.values()):
+                self._send(self.node.end_of_stream(), time.monotonic_ns())
+                self.node.finish()
+            if self.stop_requested:
+                now = time.monotonic()
+                if events or quiet_since is None:
+                    quiet_since = now
+                if self._past_deadline() or now - quiet_since >= QUIET_S:
+                    return
+
+    def _handle(self, sock: zmq.Socket) -> None:
+        port = self._port_of[sock]
+        inp = self._inputs[port]
+        edge = inp.sockets[sock]
+        for frames in inp.read(sock):
+            t_in = time.monotonic_ns()
+            try:
+                msg = inp.decode(frames)
+            except MessageError as exc:
+                metrics.MALFORMED.labels(self.name, exc.kind).inc()
+                self._warn(exc.kind, f"dropped a malformed message on {edge.name}: {exc}")
+                continue
+            if msg.header.eos:
+                inp.open_edges.discard(edge.name)
+                self.log.info("end of stream on %s", edge.name)
+                continue
+            try:
+                outs = list(self.node.process(port, msg) or ())
+            except Exception as exc:  # a bad message must not take the node down
+                metrics.MALFORMED.labels(self.name, "process").inc()
+                self._warn("process", f"dropped a message on {edge.name}: processing failed: {exc!r}")
+                self.log.debug("processing failed", exc_info=True)
+                msg.release()
+                continue
+            if not msg.intact():
+                metrics.DROPS.labels(edge.name, "overwritten").inc()
+                self._warn("overwritten", f"dropped a message on {edge.name}: its slot was overwritten while in use")
+                for oport, omsg in outs:
+                    self.node.out[oport].abandon(omsg)
+            else:
+                self._send(outs, t_in)
+            msg.release()
+            self._stage.observe((time.monotonic_ns() - t_in) / 1e9)
+
+    def _send(self, outs: Outputs, t_in: int) -> None:
+        for port, msg in outs or ():
+            if msg is not None:
+                self.node.out[port].send(msg, msg.t_in_ns or t_in, self.name)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        if self._hb is None:
+            return
+        now = time.monotonic()
+        if not force and now < self._hb_next:
+            return
+        self._hb_next = now + self.settings.supervisor.heartbeat_s
+        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": metrics.snapshot(),
+                "status": self.node.status()}
+        try:
+            self._hb.send(_encode_beat(beat), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no supervisor listening: heartbeats are advisory
+
+
+def _plain(obj):
+    if hasattr(obj, "item"):  # numpy scalars in a node's status()
+        return obj.item()
+    return str(obj)
+
+
+_encode_beat = msgspec.msgpack.Encoder(enc_hook=_plain).encode
+
+
+def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int) -> int:
+    try:
+        runner = Runner(settings, name, heartbeat, metrics_port)
+    except ConfigError as exc:
+        for line in exc.lines:
+            logging.getLogger(f"sortline.{name}").error("%s", line)
+        return EX_CONFIG
+    return runner.run()

@@ -1,0 +1,306 @@
+"""Ports: the sending and receiving ends of edges.
+
+An `Output` binds one socket per edge leaving a node's port; an `Input`
+connects one socket per edge arriving at a port. Each edge has a policy:
+
+- lossless: the sender waits (on the socket's high-water mark, and on the
+  slot pool) until the consumer takes the message. Replay and recording.
+- latest: the sender never waits. A full queue drops the new message at the
+  sender; a consumer that falls behind drains its queue and keeps only the
+  newest message; a shared-memory slot may be reused under a slow reader,
+  who then finds it overwritten. Every such loss is counted per edge.
+
+Same-host edges carry only the header through ZeroMQ and the arrays through
+a shared-memory slot pool (pipeline.slots); other edges carry the arrays as
+extra frames. Node code sees the same `Message` either way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+import numpy as np
+import zmq
+
+from pipeline import metrics
+from pipeline.graph import Edge
+from pipeline.messages import (
+    Header,
+    Message,
+    MessageError,
+    SlotRef,
+    TraceEntry,
+    decode_header,
+    encode_header,
+    inline_arrays,
+    inline_frames,
+    spec_for,
+)
+from pipeline.slots import SlotPool, SlotReader, align
+
+DRAIN_LIMIT = 1000  # messages a latest edge discards in one go before yielding
+
+
+def _socket(ctx: zmq.Context, edge: Edge, sending: bool) -> zmq.Socket:
+    if edge.pattern == "pubsub":
+        sock = ctx.socket(zmq.XPUB if sending else zmq.SUB)
+        if sending:
+            # A plain PUB drops silently at its high-water mark; with NODROP it
+            # says so (EAGAIN), and the drop is counted.
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+        else:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+    else:
+        sock = ctx.socket(zmq.PUSH if sending else zmq.PULL)
+    sock.setsockopt(zmq.SNDHWM if sending else zmq.RCVHWM, edge.hwm)
+    sock.setsockopt(zmq.LINGER, 1000 if edge.policy == "lossless" else 0)
+    if not sending:
+        # Consumers start before their producers bind: retry the connection
+        # often, so a live edge is joined within a frame or two.
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    return sock
+
+
+class Output:
+    """One output port: allocates messages and sends them on every edge."""
+
+    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], run_dir: Path,
+                 stop: Callable[[], bool]):
+        self.node, self.port, self.edges = node, port, edges
+        self._run_dir = run_dir
+        self._stop = stop
+        self._sockets = []
+        for edge in edges:
+            sock = _socket(ctx, edge, sending=True)
+            sock.bind(edge.bind)
+            self._sockets.append(sock)
+        self._shm_edges = [e for e in edges if e.shm]
+        self._pool: SlotPool | None = None
+        self._pools_made = 0
+        self._sent = metrics.MESSAGES.labels(node, port, "out")
+        self._dropped = {e.name: metrics.DROPS.labels(e.name, "queue_full") for e in edges}
+        self._reclaims = metrics.SLOT_RECLAIMS.labels(node, port)
+
+    def new(self, arrays: dict[str, tuple[tuple[int, ...], object]], *, like: Message | None = None,
+            **fields) -> Message | None:
+        """A message with writable arrays of the given (shape, dtype), ready to fill.
+
+        Header fields come from `like` (the input this output derives from) and
+        are overridden by `fields`. Returns None only when the node is stopping
+        while a lossless consumer still holds every slot.
+        """
+        base = {} if like is None else {
+            f: getattr(like.header, f)
+            for f in ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace")
+        }
+        header = Header(**{**base, **fields})
+        if not self._shm_edges:
+            return Message(header, {name: np.empty(shape, dtype) for name, (shape, dtype) in arrays.items()})
+        offsets, total = {}, 0
+        for name, (shape, dtype) in arrays.items():
+            offsets[name] = total
+            total += align(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        pool = self._pool_for(total)
+        slot = pool.acquire(total, self._stop)
+        if slot is None:
+            return None
+        views = {name: pool.view(slot, offsets[name], dtype, shape) for name, (shape, dtype) in arrays.items()}
+        msg = Message(header, views)
+        msg.outgoing = (pool, slot, offsets)
+        return msg
+
+    def _pool_for(self, nbytes: int) -> SlotPool:
+        if self._pool is not None and nbytes <= self._pool.slot_size:
+            return self._pool
+        # First message, or one larger than the slots: make a new segment. The
+        # old one stays until the node exits, as headers in flight may name it.
+        self._pools_made += 1
+        path = self._run_dir / f"{self.node}.{self.port}.{os.getpid()}.{self._pools_made}.slots"
+        slots = max(e.slots for e in self._shm_edges)
+        lossless = [False] * (max(e.lane for e in self.edges) + 1)
+        for e in self._shm_edges:
+            lossless[e.lane] = e.policy == "lossless"
+        self._pool = SlotPool(str(path), slots, max(nbytes, 4096), lossless)
+        return self._pool
+
+    def send(self, msg: Message, t_in_ns: int, stage: str) -> None:
+        """Stamp the trace and send on every edge (blocking only lossless ones)."""
+        header = msg.header
+        trace = [*header.trace, TraceEntry(stage, t_in_ns, time.monotonic_ns())]
+        slot_info = msg.outgoing
+        if slot_info is not None:
+            pool, slot, offsets = slot_info
+            generation = pool.publish(slot)
+            specs = [spec_for(name, a, offsets[name]) for name, a in msg.arrays.items()]
+            before = pool.reclaimed_lanes
+        header = msgspec.structs.replace(header, trace=trace)
+        inline = None
+        for edge, sock in zip(self.edges, self._sockets):
+            if edge.shm:
+                ref = SlotRef(pool.segment, slot, generation, edge.lane)
+                frames = [encode_header(msgspec.structs.replace(header, arrays=specs, slot=ref))]
+                if self._send(edge, sock, frames, copy=True):
+                    pool.mark_sent(edge.lane, slot, generation)
+            else:
+                if inline is None:
+                    inline = inline_frames(header, msg.arrays)
+                # Slot memory is reused: never hand it to ZeroMQ without a copy.
+                self._send(edge, sock, inline, copy=slot_info is not None)
+        if slot_info is not None:
+            msg.outgoing = None
+            if pool.reclaimed_lanes != before:
+                self._reclaims.inc(pool.reclaimed_lanes - before)
+        self._sent.inc()
+
+    def abandon(self, msg: Message) -> None:
+        """Give back the slot of a message that will not be sent."""
+        slot_info = msg.outgoing
+        if slot_info is not None:
+            slot_info[0].abandon(slot_info[1])
+            msg.outgoing = None
+
+    def _send(self, edge: Edge, sock: zmq.Socket, frames: list, copy: bool) -> bool:
+        if edge.policy == "latest":
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+                return True
+            except zmq.Again:
+                self._dropped[edge.name].inc()
+                return False
+        while True:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+                return True
+            except zmq.Again:
+                if self._stop():
+                    self._dropped[edge.name].inc()
+                    return False
+                sock.poll(50, zmq.POLLOUT)
+
+    def wait_for_consumers(self, timeout_s: float) -> bool:
+        """Wait until every edge has a connected consumer (a PUSH socket is
+        writable only then), so a live source does not start into the void."""
+        deadline = time.monotonic() + timeout_s
+        for sock in self._sockets:
+            while not sock.poll(50, zmq.POLLOUT):
+                if time.monotonic() >= deadline or self._stop():
+                    return False
+        return True
+
+    def send_eos(self, stream: str, seq: int, timeout_s: float = 1.0) -> None:
+        """Tell every consumer the stream ends here (even on a latest edge)."""
+        frames = [encode_header(Header(stream=stream, seq=seq, eos=True))]
+        deadline = time.monotonic() + timeout_s
+        for sock in self._sockets:
+            while time.monotonic() < deadline:
+                try:
+                    sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    sock.poll(50, zmq.POLLOUT)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        if self._pool is not None:
+            self._pool.close()
+
+
+class Input:
+    """One input port: a socket per arriving edge, decoded into Messages."""
+
+    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders):
+        self.node, self.port = node, port
+        self._readers = readers
+        self.sockets: dict[zmq.Socket, Edge] = {}
+        for edge in edges:
+            sock = _socket(ctx, edge, sending=False)
+            sock.connect(edge.address)
+            self.sockets[sock] = edge
+        self.open_edges = set(e.name for e in edges)  # those that have not sent end-of-stream
+        self._received = metrics.MESSAGES.labels(node, port, "in")
+        self._stale = {e.name: metrics.DROPS.labels(e.name, "stale") for e in edges}
+
+    def read(self, sock: zmq.Socket) -> list[list]:
+        """Frames of the messages to process now from this socket (empty if none).
+
+        On a latest edge only the newest message is kept; the ones it
+        overtook are released and counted.
+        """
+        edge = self.sockets[sock]
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return []
+        if edge.policy == "lossless":
+            return [frames]
+        newer = []
+        for _ in range(DRAIN_LIMIT):
+            try:
+                newer.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        if not newer:
+            return [frames]
+        for stale in [frames, *newer[:-1]]:
+            self._readers.discard(stale)
+            self._stale[edge.name].inc()
+        return [newer[-1]]
+
+    def decode(self, frames: list) -> Message:
+        msg = self._readers.decode(frames)
+        self._received.inc()
+        return msg
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class SlotReaders:
+    """The slot segments a node reads, opened on first use."""
+
+    MAX_OPEN = 32
+
+    def __init__(self, run_dir: Path):
+        self._run_dir = run_dir
+        self._open: dict[str, SlotReader] = {}
+
+    def decode(self, frames: list) -> Message:
+        if not frames:
+            raise MessageError("frames", "empty message")
+        header = decode_header(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+        if header.slot is None:
+            return Message(header, inline_arrays(header, frames[1:]))
+        if len(frames) != 1:
+            raise MessageError("frames", f"a shared-memory message has only a header, {len(frames)} frames came")
+        lease, arrays = self._reader(header.slot).lease(header.slot, header.arrays)
+        return Message(header, arrays, lease)
+
+    def discard(self, frames: list) -> None:
+        """Release the slot of a message that will not be processed."""
+        try:
+            self.decode(frames).release()
+        except MessageError:
+            pass  # nothing to release; the message is dropped either way
+
+    def _reader(self, ref: SlotRef) -> SlotReader:
+        reader = self._open.get(ref.segment)
+        if reader is None:
+            if "/" in ref.segment or ref.segment.startswith("."):
+                raise MessageError("slot", f"bad segment name {ref.segment!r}")
+            if len(self._open) >= self.MAX_OPEN:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close()
+            reader = self._open[ref.segment] = SlotReader(str(self._run_dir / ref.segment))
+        return reader
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
