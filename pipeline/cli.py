@@ -32,7 +32,7 @@ def cmd_run(args) -> int:
     settings = _config(args.config)
     print(f"sortline: profile {settings.profile}, graph {settings.graph.name}, "
           f"{len(settings.nodes)} nodes; latency budget {settings.budget_derivation()}", flush=True)
-    return Supervisor(settings, args.config, seconds=args.seconds).run()
+    return Supervisor(settings, args.config, seconds=args.seconds, report=args.report).run()
 
 
 def cmd_node(args) -> int:
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM/SIGINT or after --seconds.")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("node", help="run one node in this process (what a systemd unit starts)",

@@ -41,7 +41,8 @@ class MessageError(Exception):
     kind is one of: "frames" (wrong frame count), "header" (not a valid
     header), "schema" (unknown schema version), "size" (array bytes do not
     match shape x dtype, or a bad shape/dtype), "slot" (the shared-memory slot
-    is missing, out of range or was overwritten).
+    is missing or out of range), "overwritten" (a `latest` edge reused the
+    slot before it was read: a counted drop, not a fault).
     """
 
     def __init__(self, kind: str, detail: str):
@@ -184,5 +185,7 @@ def inline_arrays(header: Header, frames: list) -> dict[str, np.ndarray]:
         buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
         if buf.nbytes != spec.nbytes:
             raise MessageError("size", f"array {spec.name!r}: {buf.nbytes} bytes, shape {spec.shape} {spec.dtype} needs {spec.nbytes}")
-        arrays[spec.name] = np.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+        array = np.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+        array.flags.writeable = False  # inputs are read-only, whichever way they came
+        arrays[spec.name] = array
     return arrays

@@ -14,6 +14,7 @@ the step returns: a node copies what it keeps.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -32,7 +33,8 @@ from pipeline.transport import Input, Output, SlotReaders
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
 QUIET_S = 0.1  # ... or less, once no more input arrives
 POLL_MS = 100
-CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
+CONNECT_WAIT_S = 2.0
+FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything  # a source waits this long for its consumers to connect
 LOG_EVERY_S = 10.0
 
 Outputs = Iterable[tuple[str, Message]] | None
@@ -152,6 +154,7 @@ class Runner:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a node is stuck
         run_dir = prepare_runtime_dir(self.settings.runtime_dir())
         ctx = zmq.Context()
         readers = SlotReaders(run_dir)
@@ -166,7 +169,7 @@ class Runner:
             if self._heartbeat_addr:
                 hb = ctx.socket(zmq.PUSH)
                 hb.setsockopt(zmq.SNDHWM, 16)
-                hb.setsockopt(zmq.LINGER, 0)
+                hb.setsockopt(zmq.LINGER, 200)  # lets the last heartbeat (final counts) out
                 hb.connect(self._heartbeat_addr)
             if self._metrics_port:
                 metrics.serve(self.settings.metrics.bind, self._metrics_port)
@@ -180,9 +183,13 @@ class Runner:
                 self._run_consumer()
             else:
                 self._run_source()
-            if node.finished:
-                for port, out in node.out.items():
-                    out.send_eos(self.name, 0)
+            for port, out in node.out.items():
+                if not node.finished:
+                    out.settle()
+                    continue
+                for edge in out.finish(self.name, 0, FINISH_WAIT_S, self._heartbeat):
+                    self.log.error("%s: the consumer did not read to the end of stream within %.0f s; "
+                                   "what it had not read is lost", edge, FINISH_WAIT_S)
             return 0
         except ConfigError as exc:
             for line in exc.lines:
@@ -215,19 +222,19 @@ class Runner:
             self._heartbeat()
 
     def _run_consumer(self) -> None:
-        poller = zmq.Poller()
+        self._poller = zmq.Poller()
         self._port_of: dict[zmq.Socket, str] = {}
         for port, inp in self._inputs.items():
             for sock in inp.sockets:
-                poller.register(sock, zmq.POLLIN)
+                self._poller.register(sock, zmq.POLLIN)
                 self._port_of[sock] = port
         quiet_since = None
         while not self.node.finished:
-            events = poller.poll(POLL_MS if not self.stop_requested else QUIET_S * 1000 / 2)
+            events = self._poller.poll(POLL_MS if not self.stop_requested else QUIET_S * 1000 / 2)
             for sock, _ in events:
                 self._handle(sock)
             self._heartbeat()
-            if all(not inp.open_edges for inp in self._inputs.values()):
+            if not any(inp.sockets for inp in self._inputs.values()):
                 self._send(self.node.end_of_stream(), time.monotonic_ns())
                 self.node.finish()
             if self.stop_requested:
@@ -246,13 +253,18 @@ class Runner:
             try:
                 msg = inp.decode(frames)
             except MessageError as exc:
-                metrics.MALFORMED.labels(self.name, exc.kind).inc()
-                self._warn(exc.kind, f"dropped a malformed message on {edge.name}: {exc}")
+                if exc.kind == "overwritten":
+                    metrics.DROPS.labels(edge.name, "overwritten").inc()
+                else:
+                    metrics.MALFORMED.labels(self.name, exc.kind).inc()
+                    self._warn(exc.kind, f"dropped a malformed message on {edge.name}: {exc}")
                 continue
             if msg.header.eos:
-                inp.open_edges.discard(edge.name)
                 self.log.info("end of stream on %s", edge.name)
-                continue
+                self._poller.unregister(sock)
+                inp.end(sock)
+                return
+            inp.received.inc()
             try:
                 outs = list(self.node.process(port, msg) or ())
             except Exception as exc:  # a bad message must not take the node down
@@ -300,7 +312,20 @@ def _plain(obj):
 _encode_beat = msgspec.msgpack.Encoder(enc_hook=_plain).encode
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its supervisor dies, however it dies."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphaned node still stops on its own SIGTERM
+
+
 def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int) -> int:
+    if heartbeat:  # started by a supervisor
+        _stop_with_parent()
     try:
         runner = Runner(settings, name, heartbeat, metrics_port)
     except ConfigError as exc:

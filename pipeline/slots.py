@@ -16,15 +16,18 @@ shuts down). Each consumer of the output has a lane:
     sent[lane, slot]      generation last sent to that lane
     done[lane, slot]      generation the lane's consumer has finished with
     lane_pid[lane]        pid of the consumer process attached to the lane
+    reading[lane]         slot + 1 that the lane's consumer is reading now, 0: none
 
 A slot is free when every lossless lane has done >= sent. A `latest` lane
-never holds a slot: when no slot is free the producer reuses the oldest one
-and the reader finds the generation changed. When a consumer dies, the
+never holds a slot for long: when no slot is free the producer reuses the
+oldest one that no consumer is reading at that moment (a queued message
+that the reader will then find overwritten, and count, instead of one it
+is halfway through). When a consumer dies, the
 producer stops waiting for its lane (everything sent to it up to that moment
 counts as done), so a killed consumer never wedges its producer.
 
-Only the producer writes generation and sent; only a consumer writes done and
-lane_pid. ZeroMQ's send/recv orders the data writes before the header read.
+Only the producer writes generation and sent; only a consumer writes done,
+lane_pid and reading. ZeroMQ's send/recv orders the data writes before the header read.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ _HEAD_WORDS = 4  # magic, n_slots, slot_size, n_lanes
 
 
 def _control_bytes(n_slots: int, n_lanes: int) -> int:
-    words = _HEAD_WORDS + n_slots + 2 * n_lanes * n_slots + n_lanes
+    words = _HEAD_WORDS + n_slots + 2 * n_lanes * n_slots + 2 * n_lanes
     return -(-words * 8 // 4096) * 4096
 
 
@@ -58,7 +61,9 @@ def _layout(buf, n_slots: int, n_lanes: int):
     done = words[at:at + n_lanes * n_slots].reshape(n_lanes, n_slots)
     at += n_lanes * n_slots
     lane_pid = words[at:at + n_lanes]
-    return words, generation, sent, done, lane_pid
+    at += n_lanes
+    reading = words[at:at + n_lanes]
+    return words, generation, sent, done, lane_pid, reading
 
 
 def _alive(pid: int) -> bool:
@@ -96,7 +101,7 @@ class SlotPool:
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)
         # Touch every page now so that the first messages do not pay page faults.
         self._buf[:] = 0
-        words, self._gen, self._sent, self._done, self._pid = _layout(self._mm, n_slots, self.n_lanes)
+        words, self._gen, self._sent, self._done, self._pid, self._reading = _layout(self._mm, n_slots, self.n_lanes)
         words[:_HEAD_WORDS] = (MAGIC, n_slots, self.slot_size, self.n_lanes)
         self._generation = 0
         self._writing = np.zeros(n_slots, dtype=bool)  # acquired here, not yet published
@@ -112,6 +117,7 @@ class SlotPool:
         """
         if nbytes > self.slot_size:
             raise ValueError(f"{nbytes} bytes do not fit a {self.slot_size}-byte slot")
+        self._note_new_consumers()
         pause = 20e-6
         while True:
             slot = self._pick()
@@ -119,7 +125,7 @@ class SlotPool:
                 self._writing[slot] = True
                 self._gen[slot] = 0
                 return slot
-            self._reap_lanes()
+            self._reap_dead_consumers()
             if stop():
                 return None
             time.sleep(pause)
@@ -129,21 +135,42 @@ class SlotPool:
         held = (self._done < self._sent) & (self._sent > self._floor[:, None])
         free = ~held.any(axis=0) & ~self._writing
         if not free.any():
-            # Latest lanes may lose a slot they still hold; lossless lanes never do.
+            # Latest lanes may lose a queued message; lossless lanes never do,
+            # and no slot is taken from under a consumer that is reading it.
             free = ~held[self.lossless].any(axis=0) & ~self._writing
+            reading = self._reading[self._reading > 0].astype(np.int64) - 1
+            free[reading[reading < self.n_slots]] = False
             if not free.any():
                 return None
         candidates = np.flatnonzero(free)
         return int(candidates[np.argmin(self._gen[candidates])])
 
-    def _reap_lanes(self) -> None:
+    def _release_lane(self, lane: int) -> None:
+        """Everything sent to this lane so far counts as done: its reader is gone."""
+        self._floor[lane] = self._generation
+        self.reclaimed_lanes += 1
+
+    def _note_new_consumers(self) -> None:
+        # A lane whose pid changed has a new reader (the old one restarted or left).
         for lane in range(self.n_lanes):
             pid = int(self._pid[lane])
-            known = self._known_pid[lane]
-            if known and (pid != known or not _alive(known)):
-                self._floor[lane] = self._generation
-                self.reclaimed_lanes += 1
-            self._known_pid[lane] = pid if pid and _alive(pid) else 0
+            if pid != self._known_pid[lane]:
+                if self._known_pid[lane]:
+                    self._release_lane(lane)
+                self._known_pid[lane] = pid
+
+    def _reap_dead_consumers(self) -> None:
+        self._note_new_consumers()
+        for lane, pid in enumerate(self._known_pid):
+            if pid and not _alive(pid):
+                self._release_lane(lane)
+                self._known_pid[lane] = 0
+
+    def in_flight(self) -> int:
+        """Slots sent to a live lossless consumer that it has not finished with."""
+        self._reap_dead_consumers()
+        held = (self._done < self._sent) & (self._sent > self._floor[:, None])
+        return int(held[self.lossless].any(axis=0).sum())
 
     def view(self, slot: int, offset: int, dtype, shape) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -166,7 +193,7 @@ class SlotPool:
         self._sent[lane, slot] = generation
 
     def close(self) -> None:
-        self._buf = self._gen = self._sent = self._done = self._pid = None
+        self._buf = self._gen = self._sent = self._done = self._pid = self._reading = None
         try:
             self._mm.close()
         except BufferError:
@@ -195,7 +222,7 @@ class SlotReader:
         self._base = _control_bytes(self.n_slots, self.n_lanes)
         if self._base + self.n_slots * self.slot_size > size:
             raise MessageError("slot", f"slot segment {os.path.basename(path)} is truncated")
-        _, self._gen, _, self._done, self._pid = _layout(self._mm, self.n_slots, self.n_lanes)
+        _, self._gen, _, self._done, self._pid, self._reading = _layout(self._mm, self.n_slots, self.n_lanes)
         self._attached: set[int] = set()
 
     def lease(self, ref: SlotRef, specs: list[ArraySpec]) -> tuple[SlotLease, dict[str, np.ndarray]]:
@@ -204,10 +231,11 @@ class SlotReader:
         if ref.lane not in self._attached:
             self._pid[ref.lane] = os.getpid()
             self._attached.add(ref.lane)
+        self._reading[ref.lane] = ref.index + 1  # before the generation check: see SlotPool._pick
         lease = SlotLease(self, ref)
         if not lease.intact():
             lease.release()
-            raise MessageError("slot", f"slot {ref.index} was overwritten before it was read")
+            raise MessageError("overwritten", f"slot {ref.index} was overwritten before it was read")
         arrays = {}
         for spec in specs:
             if spec.offset < 0 or spec.offset + spec.nbytes > self.slot_size:
@@ -229,7 +257,7 @@ class SlotReader:
 
     def close(self) -> None:
         self.detach()
-        self._gen = self._done = self._pid = None
+        self._gen = self._done = self._pid = self._reading = None
         try:
             self._mm.close()
         except BufferError:
@@ -247,7 +275,8 @@ class SlotLease:
         return int(self._reader._gen[self.ref.index]) == self.ref.generation
 
     def release(self) -> None:
-        ref = self.ref
+        ref, reader = self.ref, self._reader
         # A slot already reused belongs to a newer message: leave its bookkeeping alone.
-        if int(self._reader._gen[ref.index]) == ref.generation:
-            self._reader._done[ref.lane, ref.index] = ref.generation
+        if int(reader._gen[ref.index]) == ref.generation:
+            reader._done[ref.lane, ref.index] = ref.generation
+        reader._reading[ref.lane] = 0

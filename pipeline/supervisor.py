@@ -11,6 +11,7 @@ table.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -49,10 +50,11 @@ class Child:
 
 class Supervisor:
     def __init__(self, settings: Settings, config_path: str | os.PathLike, seconds: float | None = None,
-                 out=None):
+                 out=None, report: str | None = None):
         self.settings = settings
         self.config_path = str(Path(config_path).resolve())
         self.seconds = seconds
+        self.report = report
         self.out = out or sys.stdout
         self.order = topo_order(settings)
         self.sources = set(sources(settings))
@@ -93,6 +95,8 @@ class Supervisor:
         finally:
             self._stop_all(beats)
             self.print_status(final=True)
+            if self.report:
+                self.write_report(self.report)
             beats.close()
             ctx.term()
             self._clean_run_dir()
@@ -218,6 +222,16 @@ class Supervisor:
         title = "final" if final else "status"
         print(f"sortline {title}: node, state, in/s, out/s, drops, malformed, restarts, details", file=self.out)
         print("\n".join(rows), file=self.out, flush=True)
+
+
+    def write_report(self, path: str) -> None:
+        """Each node's final state, restarts, metrics and status, as JSON."""
+        report = {name: {"state": c.state, "restarts": c.restarts, "metrics": c.beat.get("metrics", {}),
+                         "status": c.beat.get("status", {})} for name, c in self.children.items()}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"exit_code": self.exit_code, "nodes": report}, fh, indent=2)
+        os.replace(tmp, path)
 
 
 def _total(metrics: dict, prefix: str, needle: str = "") -> float:

@@ -17,6 +17,7 @@ extra frames. Node code sees the same `Message` either way.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable
 import msgspec
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline import metrics
 from pipeline.graph import Edge
@@ -41,6 +43,8 @@ from pipeline.messages import (
     spec_for,
 )
 from pipeline.slots import SlotPool, SlotReader, align
+
+log = logging.getLogger("sortline.transport")
 
 DRAIN_LIMIT = 1000  # messages a latest edge discards in one go before yielding
 
@@ -74,11 +78,15 @@ class Output:
         self.node, self.port, self.edges = node, port, edges
         self._run_dir = run_dir
         self._stop = stop
-        self._sockets = []
+        self._sockets, self._monitors = [], []
         for edge in edges:
             sock = _socket(ctx, edge, sending=True)
+            # Connections are counted from the socket's own events: when a
+            # consumer is there to send to, and when it has hung up.
+            self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
             sock.bind(edge.bind)
             self._sockets.append(sock)
+        self._peers = [0] * len(edges)
         self._shm_edges = [e for e in edges if e.shm]
         self._pool: SlotPool | None = None
         self._pools_made = 0
@@ -106,7 +114,11 @@ class Output:
             offsets[name] = total
             total += align(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         pool = self._pool_for(total)
+        reclaimed = pool.reclaimed_lanes
         slot = pool.acquire(total, self._stop)
+        if pool.reclaimed_lanes != reclaimed:
+            self._reclaims.inc(pool.reclaimed_lanes - reclaimed)
+            log.warning("%s.%s: a consumer went away holding slots; took them back", self.node, self.port)
         if slot is None:
             return None
         views = {name: pool.view(slot, offsets[name], dtype, shape) for name, (shape, dtype) in arrays.items()}
@@ -137,7 +149,6 @@ class Output:
             pool, slot, offsets = slot_info
             generation = pool.publish(slot)
             specs = [spec_for(name, a, offsets[name]) for name, a in msg.arrays.items()]
-            before = pool.reclaimed_lanes
         header = msgspec.structs.replace(header, trace=trace)
         inline = None
         for edge, sock in zip(self.edges, self._sockets):
@@ -151,10 +162,7 @@ class Output:
                     inline = inline_frames(header, msg.arrays)
                 # Slot memory is reused: never hand it to ZeroMQ without a copy.
                 self._send(edge, sock, inline, copy=slot_info is not None)
-        if slot_info is not None:
-            msg.outgoing = None
-            if pool.reclaimed_lanes != before:
-                self._reclaims.inc(pool.reclaimed_lanes - before)
+        msg.outgoing = None
         self._sent.inc()
 
     def abandon(self, msg: Message) -> None:
@@ -182,33 +190,72 @@ class Output:
                     return False
                 sock.poll(50, zmq.POLLOUT)
 
-    def wait_for_consumers(self, timeout_s: float) -> bool:
-        """Wait until every edge has a connected consumer (a PUSH socket is
-        writable only then), so a live source does not start into the void."""
-        deadline = time.monotonic() + timeout_s
-        for sock in self._sockets:
-            while not sock.poll(50, zmq.POLLOUT):
-                if time.monotonic() >= deadline or self._stop():
-                    return False
-        return True
+    def _count_peers(self) -> None:
+        for i, mon in enumerate(self._monitors):
+            while True:
+                try:
+                    event = recv_monitor_message(mon, zmq.NOBLOCK)["event"]
+                except zmq.Again:
+                    break
+                self._peers[i] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
 
-    def send_eos(self, stream: str, seq: int, timeout_s: float = 1.0) -> None:
-        """Tell every consumer the stream ends here (even on a latest edge)."""
-        frames = [encode_header(Header(stream=stream, seq=seq, eos=True))]
+    def wait_for_consumers(self, timeout_s: float) -> bool:
+        """Wait until every edge has a connected consumer, so that a live
+        source does not start sending into the void."""
         deadline = time.monotonic() + timeout_s
-        for sock in self._sockets:
-            while time.monotonic() < deadline:
+        while True:
+            self._count_peers()
+            if all(self._peers):
+                return True
+            if time.monotonic() >= deadline or self._stop():
+                return False
+            time.sleep(0.01)
+
+    def finish(self, stream: str, seq: int, wait_s: float, idle: Callable[[], None]) -> list[str]:
+        """End of stream: send it on every edge, then wait until each consumer
+        has read everything and hung up (a consumer closes its end of an edge
+        once it reads the end of stream).
+
+        ZeroMQ throws away what is still in flight when a sender goes away,
+        so a finished producer must not leave before its consumers have read
+        it all. Returns the edges whose consumer did not within wait_s.
+        """
+        frames = [encode_header(Header(stream=stream, seq=seq, eos=True))]
+        deadline = time.monotonic() + wait_s
+
+        def waiting() -> bool:
+            return time.monotonic() < deadline and not self._stop()
+
+        for i, sock in enumerate(self._sockets):
+            while waiting():
+                self._count_peers()
+                if not self._peers[i]:
+                    break  # no consumer connected: nobody to tell
                 try:
                     sock.send_multipart(frames, flags=zmq.NOBLOCK)
                     break
                 except zmq.Again:
                     sock.poll(50, zmq.POLLOUT)
+        while waiting() and any(self._peers):
+            idle()
+            time.sleep(0.01)
+            self._count_peers()
+        return [e.name for e, n in zip(self.edges, self._peers) if n]
+
+    def settle(self) -> None:
+        """Before a stop: let lossless consumers take what is already sent
+        (until the stop deadline), since leaving would throw it away."""
+        while self._pool is not None and self._pool.in_flight() and not self._stop():
+            time.sleep(0.005)
 
     def close(self) -> None:
-        for sock in self._sockets:
+        for sock, mon in zip(self._sockets, self._monitors):
+            sock.disable_monitor()
+            mon.close(0)
             sock.close()
         if self._pool is not None:
             self._pool.close()
+            os.unlink(self._pool.path)  # consumers that mapped it keep their mapping
 
 
 class Input:
@@ -222,8 +269,7 @@ class Input:
             sock = _socket(ctx, edge, sending=False)
             sock.connect(edge.address)
             self.sockets[sock] = edge
-        self.open_edges = set(e.name for e in edges)  # those that have not sent end-of-stream
-        self._received = metrics.MESSAGES.labels(node, port, "in")
+        self.received = metrics.MESSAGES.labels(node, port, "in")
         self._stale = {e.name: metrics.DROPS.labels(e.name, "stale") for e in edges}
 
     def read(self, sock: zmq.Socket) -> list[list]:
@@ -253,9 +299,13 @@ class Input:
         return [newer[-1]]
 
     def decode(self, frames: list) -> Message:
-        msg = self._readers.decode(frames)
-        self._received.inc()
-        return msg
+        return self._readers.decode(frames)
+
+    def end(self, sock: zmq.Socket) -> None:
+        """The edge's producer has ended its stream: hang up, which tells it
+        that everything it sent has been read."""
+        del self.sockets[sock]
+        sock.close(linger=0)
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -267,8 +317,8 @@ class SlotReaders:
 
     MAX_OPEN = 32
 
-    def __init__(self, run_dir: Path):
-        self._run_dir = run_dir
+    def __init__(self, run_dir: Path | str):
+        self._run_dir = Path(run_dir)
         self._open: dict[str, SlotReader] = {}
 
     def decode(self, frames: list) -> Message:

@@ -1,0 +1,151 @@
+"""Configuration: bad values stop start-up with one clear line; derived figures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import DEMO, ROOT, machine_toml, sortline, write_config
+from pipeline.config import EX_CONFIG, ConfigError, load_config
+
+GRAPH = """
+[nodes.camera]
+kind = "pattern"
+
+[nodes.sink]
+kind = "sink"
+
+[[edges]]
+from = "camera.out"
+to = "sink.in"
+"""
+
+
+def test_shipped_profiles_load_with_their_budgets():
+    demo = load_config(DEMO)
+    assert demo.budget_ms() == pytest.approx(140.0)
+    assert demo.budget_ms(3.0) == pytest.approx(90.0)
+    assert demo.line_rate_hz("rgb") == pytest.approx(2133.3, abs=0.1)
+    assert demo.hsi_ratio == 4
+    prod = load_config(ROOT / "configs" / "production.toml")
+    assert prod.budget_ms() == pytest.approx(90.0)
+    assert prod.line_rate_hz("rgb") == pytest.approx(6400.0)
+
+
+def problems(tmp_path, text: str, env: dict | None = None) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return exc.lines
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    raise AssertionError("the configuration was accepted")
+
+
+def good() -> str:
+    return machine_toml() + GRAPH
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("speed_m_s = 2.0", "speed_m_s = -2.0", "belt.speed_m_s = -2.0: Input should be greater than 0"),
+        ("speed_m_s = 2.0", 'speed_m_s = "fast"', "belt.speed_m_s = 'fast': Input should be a valid number"),
+        ("count = 48", "count = 0", "valves.count = 0: Input should be greater than 0"),
+        ('driver = "sim"', 'driver = "can"', "ejector.driver = 'can': Input should be 'sim' or 'udp'"),
+        ("ticks_per_line = 60", "ticks_per_line = 50", "must be a whole multiple of rgb.ticks_per_line"),
+        ("pitch_mm = 12.5", "pitch_mm = 12.5\npitch = 3", "valves.pitch = 3: Extra inputs are not permitted"),
+        ("strip_lines = 128", "strip_lines = 128\nstrip_line = 64", "model.strip_line = 64: Extra inputs are not permitted"),
+        ("width_mm = 600\n", "", "belt.width_mm: missing, this key is required"),
+    ],
+)
+def test_a_bad_value_names_key_value_and_what_is_allowed(tmp_path, old, new, expected):
+    text = good()
+    assert old in text
+    lines = problems(tmp_path, text.replace(old, new, 1))
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        (GRAPH.replace('kind = "sink"', 'kind = "snik"'), "nodes.sink.kind = 'snik': unknown node kind"),
+        (GRAPH.replace('to = "sink.in"', 'to = "sink.input"'), "sink has inputs ['in']"),
+        (GRAPH.replace('to = "sink.in"', 'to = "sinc.in"'), "no node named 'sinc'"),
+        (GRAPH.replace('kind = "pattern"', 'kind = "pattern"\nparams = { camera = "ir" }'),
+         "nodes.camera.params.camera = 'ir': Input should be 'rgb' or 'hsi'"),
+        (GRAPH.replace('kind = "pattern"', 'kind = "pattern"\nparams = { count = 5, cuont = 6 }'),
+         "nodes.camera.params.cuont = 6: Extra inputs are not permitted"),
+        (GRAPH.replace('to = "sink.in"', 'to = "sink.in"\npolicy = "latest"\npattern = "pubsub"\nhwm = 0'),
+         "edges.0.hwm = 0: Input should be greater than or equal to 1"),
+        (GRAPH.replace('to = "sink.in"', 'to = "sink.in"\npattern = "pubsub"'), "a pubsub edge cannot be lossless"),
+        (GRAPH.replace('to = "sink.in"', 'to = "sink.in"\naddress = "udp://x"'), "must start with ipc:// or tcp://"),
+        (GRAPH[: GRAPH.index("[[edges]]")], "nodes.sink: input 'in' has no edge"),
+    ],
+)
+def test_graph_mistakes_are_named(tmp_path, graph, expected):
+    lines = problems(tmp_path, machine_toml() + graph)
+    assert any(expected in line for line in lines), lines
+
+
+def test_missing_file_and_broken_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    assert "not valid TOML" in problems(tmp_path, good() + "\n[belt\n")[0]
+
+
+def test_environment_overrides_merge_into_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "ok.toml"
+    path.write_text(good())
+    monkeypatch.setenv("SORTLINE_BELT__SPEED_M_S", "3")
+    monkeypatch.setenv("SORTLINE_VALVES__OPEN_MS", "4")
+    cfg = load_config(path)
+    assert cfg.belt.speed_m_s == 3.0 and cfg.belt.width_mm == 600  # only the overridden keys change
+    assert cfg.budget_ms() == pytest.approx(300 / 3 - 4 - 5)
+
+
+def test_a_bad_environment_override_is_named(tmp_path):
+    lines = problems(tmp_path, good(), env={"SORTLINE_BELT__SPEED_M_S": "zero"})
+    assert lines == [f"{tmp_path / 'bad.toml'}: belt.speed_m_s = 'zero': Input should be a valid number, unable to parse string as a number"]
+    lines = problems(tmp_path, good(), env={"SORTLINE_BELT__SPEEDD": "3"})
+    assert "belt.speedd = '3': Extra inputs are not permitted" in lines[0]
+
+
+def test_commands_refuse_a_bad_config_with_one_line_and_exit_78(tmp_path, run_dir):
+    cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir)
+    cfg.write_text(cfg.read_text().replace("speed_m_s = 2.0", "speed_m_s = 0"))
+    for args in (["run", "--config", str(cfg)], ["node", "sink", "--config", str(cfg)], ["check", "--config", str(cfg)]):
+        res = sortline(*args, timeout=60)
+        assert res.returncode == EX_CONFIG
+        assert res.stderr.strip().splitlines() == [
+            f"sortline: config error: {cfg}: belt.speed_m_s = 0: Input should be greater than 0"
+        ]
+
+
+def test_check_prints_the_budget_derivation():
+    res = sortline("check", "--config", str(DEMO), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "300 mm scan line to valve bar / 2 m/s = 150.0 ms - 5 ms valve opening - 5 ms margin = 140.0 ms" in res.stdout
+
+
+def test_unknown_node_name_is_refused(tmp_path, run_dir):
+    cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir)
+    res = sortline("node", "relay", "--config", str(cfg), timeout=60)
+    assert res.returncode == EX_CONFIG
+    assert "no node named 'relay'" in res.stderr
+
+
+def test_help_explains_each_command():
+    res = sortline("--help", timeout=60)
+    assert res.returncode == 0
+    for command in ("run", "node", "check"):
+        assert command in res.stdout
+        sub = sortline(command, "--help", timeout=60)
+        assert sub.returncode == 0 and "--config" in sub.stdout

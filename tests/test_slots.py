@@ -1,0 +1,102 @@
+"""The shared-memory slot pool: ownership, overwrite detection, dead consumers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pipeline.messages import ArraySpec, MessageError, SlotRef
+from pipeline.slots import SlotPool, SlotReader
+
+never = lambda: False  # noqa: E731
+always = lambda: True  # noqa: E731
+
+
+def fill(pool: SlotPool, value: int, lane_count: int = 1) -> SlotRef:
+    slot = pool.acquire(1024, never)
+    pool.view(slot, 0, np.uint8, (1024,))[:] = value
+    gen = pool.publish(slot)
+    for lane in range(lane_count):
+        pool.mark_sent(lane, slot, gen)
+    return SlotRef(pool.segment, slot, gen, 0)
+
+
+SPEC = [ArraySpec("a", "uint8", (1024,), 0)]
+
+
+def test_write_read_release_cycle(run_dir):
+    pool = SlotPool(str(run_dir / "p.slots"), 4, 1024, [True])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    seen = set()
+    for i in range(20):  # five times round the pool: released slots are reused
+        ref = fill(pool, i)
+        lease, arrays = reader.lease(ref, SPEC)
+        assert (arrays["a"] == i).all() and not arrays["a"].flags.writeable
+        seen.add(ref.index)
+        lease.release()
+    assert seen == {0, 1, 2, 3}
+
+
+def test_lossless_lane_holds_slots_until_released(run_dir):
+    pool = SlotPool(str(run_dir / "p.slots"), 3, 1024, [True])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    leases = [reader.lease(fill(pool, i), SPEC)[0] for i in range(3)]
+    assert pool.acquire(1024, always) is None  # all held: a lossless producer waits
+    leases[1].release()
+    assert pool.acquire(1024, always) == leases[1].ref.index
+
+
+def test_latest_lane_overwrites_queued_messages_not_the_one_being_read(run_dir):
+    pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [False])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    first, second = fill(pool, 1), fill(pool, 2)
+    lease, arrays = reader.lease(first, SPEC)
+    fill(pool, 3)  # no free slot: a latest producer never waits, and takes the queued one
+    assert lease.intact() and (arrays["a"] == 1).all()
+    with pytest.raises(MessageError) as exc:
+        reader.lease(second, SPEC)
+    assert exc.value.kind == "overwritten"
+    lease.release()
+    fill(pool, 4)
+    fill(pool, 5)
+    assert not lease.intact()  # the generation tells a reader its slot was reused
+
+
+def test_a_killed_consumer_gives_its_slots_back(run_dir):
+    path = run_dir / "p.slots"
+    pool = SlotPool(str(path), 4, 1024, [True])
+    refs = [fill(pool, i) for i in range(4)]
+    # A real consumer process takes every slot and is killed -9 while holding them.
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pipeline.messages import ArraySpec, SlotRef
+        from pipeline.slots import SlotReader
+        reader = SlotReader({str(path)!r})
+        held = [reader.lease(SlotRef(*r), [ArraySpec("a", "uint8", (1024,), 0)]) for r in {[(r.segment, r.index, r.generation, r.lane) for r in refs]!r}]
+        print("holding", flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert child.stdout.readline().strip() == "holding"
+    assert pool.acquire(1024, always) is None  # it holds them all
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    slot = pool.acquire(1024, lambda: False)  # would block forever if the lane were not reaped
+    assert slot in range(4)
+    assert pool.reclaimed_lanes == 1
+
+
+def test_reader_refuses_what_is_not_a_pool(run_dir):
+    (run_dir / "junk.slots").write_bytes(b"\0" * 8192)
+    with pytest.raises(MessageError, match="not a slot segment"):
+        SlotReader(str(run_dir / "junk.slots"))
+    (run_dir / "short.slots").write_bytes(b"\0" * 10)
+    with pytest.raises(MessageError, match="too short"):
+        SlotReader(str(run_dir / "short.slots"))
