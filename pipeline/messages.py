@@ -30,6 +30,7 @@ DTYPES = frozenset(
     ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
      "float16", "float32", "float64"]
 )
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in DTYPES}
 MAX_ARRAYS = 16
 MAX_DIMS = 6
 MAX_ARRAY_BYTES = 1 << 30
@@ -66,8 +67,12 @@ class ArraySpec(msgspec.Struct, array_like=True, frozen=True):
     offset: int = -1  # byte offset inside the shared-memory slot; -1: own frame
 
     @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
 class SlotRef(msgspec.Struct, array_like=True, frozen=True):

@@ -31,16 +31,17 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline import metrics
 from pipeline.graph import Edge
 from pipeline.messages import (
+    ArraySpec,
     Header,
     Message,
     MessageError,
     SlotRef,
     TraceEntry,
+    check_specs,
     decode_header,
     encode_header,
     inline_arrays,
     inline_frames,
-    spec_for,
 )
 from pipeline.slots import SlotPool, SlotReader, align
 
@@ -61,7 +62,9 @@ def _socket(ctx: zmq.Context, edge: Edge, sending: bool) -> zmq.Socket:
     else:
         sock = ctx.socket(zmq.PUSH if sending else zmq.PULL)
     sock.setsockopt(zmq.SNDHWM if sending else zmq.RCVHWM, edge.hwm)
-    sock.setsockopt(zmq.LINGER, 1000 if edge.policy == "lossless" else 0)
+    # What is still queued at close: a finished producer has already waited for its
+    # consumers (Output.finish), a stopped one for its slots (Output.settle).
+    sock.setsockopt(zmq.LINGER, 100 if edge.policy == "lossless" else 0)
     if not sending:
         # Consumers start before their producers bind: retry the connection
         # often, so a live edge is joined within a frame or two.
@@ -109,10 +112,12 @@ class Output:
         header = Header(**{**base, **fields})
         if not self._shm_edges:
             return Message(header, {name: np.empty(shape, dtype) for name, (shape, dtype) in arrays.items()})
-        offsets, total = {}, 0
+        specs, total = [], 0
         for name, (shape, dtype) in arrays.items():
-            offsets[name] = total
-            total += align(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+            spec = ArraySpec(name, np.dtype(dtype).name, tuple(shape), total)
+            specs.append(spec)
+            total += align(spec.nbytes)
+        check_specs(specs)
         pool = self._pool_for(total)
         reclaimed = pool.reclaimed_lanes
         slot = pool.acquire(total, self._stop)
@@ -121,9 +126,8 @@ class Output:
             log.warning("%s.%s: a consumer went away holding slots; took them back", self.node, self.port)
         if slot is None:
             return None
-        views = {name: pool.view(slot, offsets[name], dtype, shape) for name, (shape, dtype) in arrays.items()}
-        msg = Message(header, views)
-        msg.outgoing = (pool, slot, offsets)
+        msg = Message(header, {spec.name: pool.view(slot, spec) for spec in specs})
+        msg.outgoing = (pool, slot, specs)
         return msg
 
     def _pool_for(self, nbytes: int) -> SlotPool:
@@ -146,15 +150,16 @@ class Output:
         trace = [*header.trace, TraceEntry(stage, t_in_ns, time.monotonic_ns())]
         slot_info = msg.outgoing
         if slot_info is not None:
-            pool, slot, offsets = slot_info
+            pool, slot, specs = slot_info
             generation = pool.publish(slot)
-            specs = [spec_for(name, a, offsets[name]) for name, a in msg.arrays.items()]
-        header = msgspec.structs.replace(header, trace=trace)
+            header = msgspec.structs.replace(header, trace=trace, arrays=specs)
+        else:
+            header = msgspec.structs.replace(header, trace=trace)
         inline = None
         for edge, sock in zip(self.edges, self._sockets):
             if edge.shm:
-                ref = SlotRef(pool.segment, slot, generation, edge.lane)
-                frames = [encode_header(msgspec.structs.replace(header, arrays=specs, slot=ref))]
+                header.slot = SlotRef(pool.segment, slot, generation, edge.lane)
+                frames = [encode_header(header)]
                 if self._send(edge, sock, frames, copy=True):
                     pool.mark_sent(edge.lane, slot, generation)
             else:

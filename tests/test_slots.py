@@ -18,29 +18,31 @@ never = lambda: False  # noqa: E731
 always = lambda: True  # noqa: E731
 
 
+SPEC = [ArraySpec("a", "uint8", (1024,), 0)]
+
+
 def fill(pool: SlotPool, value: int, lane_count: int = 1) -> SlotRef:
     slot = pool.acquire(1024, never)
-    pool.view(slot, 0, np.uint8, (1024,))[:] = value
+    pool.view(slot, SPEC[0])[:] = value
     gen = pool.publish(slot)
     for lane in range(lane_count):
         pool.mark_sent(lane, slot, gen)
     return SlotRef(pool.segment, slot, gen, 0)
 
 
-SPEC = [ArraySpec("a", "uint8", (1024,), 0)]
-
-
 def test_write_read_release_cycle(run_dir):
     pool = SlotPool(str(run_dir / "p.slots"), 4, 1024, [True])
     reader = SlotReader(str(run_dir / "p.slots"))
     seen = set()
-    for i in range(20):  # five times round the pool: released slots are reused
+    for i in range(20):
         ref = fill(pool, i)
         lease, arrays = reader.lease(ref, SPEC)
         assert (arrays["a"] == i).all() and not arrays["a"].flags.writeable
         seen.add(ref.index)
         lease.release()
-    assert seen == {0, 1, 2, 3}
+    assert len(seen) == 1  # the slot released last is reused: it is still in the caches
+    held = [reader.lease(fill(pool, i), SPEC)[0] for i in range(4)]
+    assert {lease.ref.index for lease in held} == {0, 1, 2, 3}
 
 
 def test_lossless_lane_holds_slots_until_released(run_dir):
