@@ -17,7 +17,7 @@ from pydantic import Field
 
 from nodes.pattern import base_pattern
 from pipeline import metrics
-from pipeline.config import Section
+from pipeline.config import ConfigError, Section
 from pipeline.node import Node
 
 SAMPLE_STRIDE = 97  # bytes checked per frame: every 97th, enough to catch a wrong or torn frame
@@ -41,6 +41,11 @@ class Sink(Node):
         window: int = Field(100_000, gt=0, description="latency samples kept")
 
     def setup(self) -> None:
+        report_dir = os.path.dirname(os.path.abspath(self.params.report)) if self.params.report else None
+        if report_dir and not os.access(report_dir, os.W_OK):
+            # A restart will not make the directory appear: say so once, do not crash-loop.
+            raise ConfigError([f"nodes.{self.name}.params.report = {self.params.report!r}: "
+                               f"directory {report_dir} does not exist or is not writable"])
         n = self.params.window
         self.e2e_ns = np.zeros(n, dtype=np.int64)
         self.stage_ns: dict[str, np.ndarray] = {}

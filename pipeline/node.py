@@ -139,6 +139,7 @@ class Runner:
         self.log = self.node.log
         self._warn = _RateLimitedLog(self.log)
         self._hb = None
+        self._ready = False  # setup() has succeeded
         self._inputs: dict[str, Input] = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -165,7 +166,8 @@ class Runner:
                 self._inputs[port] = Input(ctx, self.name, port, edges, readers)
             outs = outputs_of(self.settings, self.name)
             for port in node.outputs:
-                node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline)
+                node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
+                                        idle=self._heartbeat)
             if self._heartbeat_addr:
                 hb = ctx.socket(zmq.PUSH)
                 hb.setsockopt(zmq.SNDHWM, 16)
@@ -176,6 +178,7 @@ class Runner:
             self._hb, self._hb_next = hb, 0.0
             self._stage = metrics.STAGE_SECONDS.labels(self.name)
             node.setup()
+            self._ready = True
             metrics.UP.labels(self.name).set(1)
             self._heartbeat(force=True)  # the supervisor reads the first one as "ready"
             self.log.info("running (pid %d)", os.getpid())
@@ -187,7 +190,7 @@ class Runner:
                 if not node.finished:
                     out.settle()
                     continue
-                for edge in out.finish(self.name, 0, FINISH_WAIT_S, self._heartbeat):
+                for edge in out.finish(self.name, 0, FINISH_WAIT_S):
                     self.log.error("%s: the consumer did not read to the end of stream within %.0f s; "
                                    "what it had not read is lost", edge, FINISH_WAIT_S)
             return 0
@@ -289,7 +292,9 @@ class Runner:
                 self.node.out[port].send(msg, msg.t_in_ns or t_in, self.name)
 
     def _heartbeat(self, force: bool = False) -> None:
-        if self._hb is None:
+        """Called from the main loop, and from its waits on a slow consumer (a node
+        held back by back-pressure is not stuck), never from a side thread."""
+        if self._hb is None or not self._ready:
             return
         now = time.monotonic()
         if not force and now < self._hb_next:

@@ -80,6 +80,9 @@ class Supervisor:
             for name in reversed(self.order):
                 self._start(self.children[name])
                 self._await_ready(self.children[name], beats)
+                self._watch()
+                if self._stop:  # a configuration fault: do not start the rest
+                    break
             while not self._stop:
                 if beats.poll(100):
                     self._read_beats(beats)

@@ -55,8 +55,10 @@ def _socket(ctx: zmq.Context, edge: Edge, sending: bool) -> zmq.Socket:
         sock = ctx.socket(zmq.XPUB if sending else zmq.SUB)
         if sending:
             # A plain PUB drops silently at its high-water mark; with NODROP it
-            # says so (EAGAIN), and the drop is counted.
+            # says so (EAGAIN), and the drop is counted. VERBOSER hands us every
+            # subscribe and unsubscribe: that is how subscribers are counted.
             sock.setsockopt(zmq.XPUB_NODROP, 1)
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)
         else:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
     else:
@@ -77,16 +79,21 @@ class Output:
     """One output port: allocates messages and sends them on every edge."""
 
     def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], run_dir: Path,
-                 stop: Callable[[], bool]):
+                 stop: Callable[[], bool], idle: Callable[[], None] = lambda: None):
         self.node, self.port, self.edges = node, port, edges
         self._run_dir = run_dir
         self._stop = stop
+        self._idle = idle  # called while waiting on a consumer (the node's heartbeat)
         self._sockets, self._monitors = [], []
         for edge in edges:
             sock = _socket(ctx, edge, sending=True)
-            # Connections are counted from the socket's own events: when a
-            # consumer is there to send to, and when it has hung up.
-            self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
+            # Consumers are counted, to know when one is there to send to and
+            # when it has hung up: a PUSH socket's connections from its own
+            # events, an XPUB's subscribers from their (un)subscriptions.
+            if edge.pattern == "pushpull":
+                self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
+            else:
+                self._monitors.append(None)
             sock.bind(edge.bind)
             self._sockets.append(sock)
         self._peers = [0] * len(edges)
@@ -115,12 +122,12 @@ class Output:
         specs, total = [], 0
         for name, (shape, dtype) in arrays.items():
             spec = ArraySpec(name, np.dtype(dtype).name, tuple(shape), total)
+            check_specs([spec])
             specs.append(spec)
             total += align(spec.nbytes)
-        check_specs(specs)
         pool = self._pool_for(total)
         reclaimed = pool.reclaimed_lanes
-        slot = pool.acquire(total, self._stop)
+        slot = pool.acquire(total, self._waiting)
         if pool.reclaimed_lanes != reclaimed:
             self._reclaims.inc(pool.reclaimed_lanes - reclaimed)
             log.warning("%s.%s: a consumer went away holding slots; took them back", self.node, self.port)
@@ -129,6 +136,11 @@ class Output:
         msg = Message(header, {spec.name: pool.view(slot, spec) for spec in specs})
         msg.outgoing = (pool, slot, specs)
         return msg
+
+    def _waiting(self) -> bool:
+        """Between two tries of a blocked send: True when it is time to give up."""
+        self._idle()
+        return self._stop()
 
     def _pool_for(self, nbytes: int) -> SlotPool:
         if self._pool is not None and nbytes <= self._pool.slot_size:
@@ -190,19 +202,22 @@ class Output:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
                 return True
             except zmq.Again:
-                if self._stop():
+                if self._waiting():
                     self._dropped[edge.name].inc()
                     return False
                 sock.poll(50, zmq.POLLOUT)
 
     def _count_peers(self) -> None:
-        for i, mon in enumerate(self._monitors):
+        for i, (sock, mon) in enumerate(zip(self._sockets, self._monitors)):
             while True:
                 try:
-                    event = recv_monitor_message(mon, zmq.NOBLOCK)["event"]
+                    if mon is None:
+                        self._peers[i] += 1 if sock.recv(zmq.NOBLOCK)[:1] == b"\x01" else -1
+                    else:
+                        event = recv_monitor_message(mon, zmq.NOBLOCK)["event"]
+                        self._peers[i] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
                 except zmq.Again:
                     break
-                self._peers[i] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
 
     def wait_for_consumers(self, timeout_s: float) -> bool:
         """Wait until every edge has a connected consumer, so that a live
@@ -212,11 +227,11 @@ class Output:
             self._count_peers()
             if all(self._peers):
                 return True
-            if time.monotonic() >= deadline or self._stop():
+            if time.monotonic() >= deadline or self._waiting():
                 return False
             time.sleep(0.01)
 
-    def finish(self, stream: str, seq: int, wait_s: float, idle: Callable[[], None]) -> list[str]:
+    def finish(self, stream: str, seq: int, wait_s: float) -> list[str]:
         """End of stream: send it on every edge, then wait until each consumer
         has read everything and hung up (a consumer closes its end of an edge
         once it reads the end of stream).
@@ -229,7 +244,7 @@ class Output:
         deadline = time.monotonic() + wait_s
 
         def waiting() -> bool:
-            return time.monotonic() < deadline and not self._stop()
+            return time.monotonic() < deadline and not self._waiting()
 
         for i, sock in enumerate(self._sockets):
             while waiting():
@@ -242,7 +257,6 @@ class Output:
                 except zmq.Again:
                     sock.poll(50, zmq.POLLOUT)
         while waiting() and any(self._peers):
-            idle()
             time.sleep(0.01)
             self._count_peers()
         return [e.name for e, n in zip(self.edges, self._peers) if n]
@@ -250,13 +264,14 @@ class Output:
     def settle(self) -> None:
         """Before a stop: let lossless consumers take what is already sent
         (until the stop deadline), since leaving would throw it away."""
-        while self._pool is not None and self._pool.in_flight() and not self._stop():
+        while self._pool is not None and self._pool.in_flight() and not self._waiting():
             time.sleep(0.005)
 
     def close(self) -> None:
         for sock, mon in zip(self._sockets, self._monitors):
-            sock.disable_monitor()
-            mon.close(0)
+            if mon is not None:
+                sock.disable_monitor()
+                mon.close(0)
             sock.close()
         if self._pool is not None:
             self._pool.close()

@@ -11,7 +11,8 @@ import pytest
 from conftest import free_port, load_json, metric, scrape, sortline, start, stop, wait_for, write_config
 
 
-def chain(camera: str, sink: str, policy: str = "lossless", transport: str = "auto") -> str:
+def chain(camera: str, sink: str, policy: str = "lossless", transport: str = "auto",
+          pattern: str = "pushpull") -> str:
     return f"""
 [nodes.camera]
 kind = "pattern"
@@ -29,12 +30,14 @@ from = "camera.out"
 to = "relay.in"
 policy = "{policy}"
 transport = "{transport}"
+pattern = "{pattern}"
 
 [[edges]]
 from = "relay.out"
 to = "sink.in"
 policy = "{policy}"
 transport = "{transport}"
+pattern = "{pattern}"
 """
 
 
@@ -59,11 +62,12 @@ def test_lossless_chain_moves_10000_messages_in_order(tmp_path, run_dir, transpo
     assert list(run_dir.glob("*.slots")) == [] and list(run_dir.glob("*.sock")) == []
 
 
-def test_latest_chain_drops_and_counts_when_the_sink_is_slow(tmp_path, run_dir):
+@pytest.mark.parametrize("pattern", ["pushpull", "pubsub"])
+def test_latest_chain_drops_and_counts_when_the_sink_is_slow(tmp_path, run_dir, pattern):
     # 533 frames/s into a sink that takes 10 ms each: about four in five must go.
     sent = 1600
     graph = chain(f"lines = 4, pixels = 64, bands = 3, count = {sent}",
-                  f'delay_ms = 10, report = "{tmp_path}/sink.json"', policy="latest")
+                  f'delay_ms = 10, report = "{tmp_path}/sink.json"', policy="latest", pattern=pattern)
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)
     res = sortline("run", "--config", str(cfg), "--report", str(tmp_path / "run.json"), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -91,9 +95,9 @@ def test_killed_consumer_holding_slots_is_restarted_and_the_producer_carries_on(
         got_before = metric(scrape(sink), "sortline_messages_total", direction="in")
         killed = time.monotonic()
         subprocess.run(["kill", "-9", str(relay_pid)], check=True)
-        wait_for(lambda: metric(scrape(sink), "sortline_messages_total", direction="in") > got_before + 5, timeout=10)
+        # The sink had a few messages queued; well past those, data flows again.
+        wait_for(lambda: metric(scrape(sink), "sortline_messages_total", direction="in") > got_before + 100, timeout=10)
         recovery_s = time.monotonic() - killed
-        time.sleep(1.0)
         cam = scrape(camera)
         assert metric(cam, "sortline_messages_total", direction="out") > sent_before + 100  # carried on
         assert metric(cam, "sortline_slot_lane_reclaims_total", node="camera") >= 1  # got its slots back
@@ -137,3 +141,26 @@ def test_supervisor_stops_the_graph_cleanly_on_sigterm(tmp_path, run_dir):
     assert "sortline final" in out
     assert "did not stop" not in err and "Traceback" not in err
     assert list(run_dir.glob("*.slots")) == []
+
+
+def test_a_node_whose_loop_stalls_is_killed_and_restarted(tmp_path, run_dir):
+    # A sink that takes 3 s over one message sends no heartbeat for 3 s.
+    graph = chain("lines = 4, pixels = 64, bands = 3", "delay_ms = 3000")
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    cfg.write_text(cfg.read_text().replace("heartbeat_s = 0.2", "heartbeat_s = 0.2\nheartbeat_timeout_s = 1.0"))
+    res = sortline("run", "--config", str(cfg), "--seconds", "6", "--report", str(tmp_path / "run.json"), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "sink sent no heartbeat for" in res.stderr
+    assert load_json(tmp_path / "run.json")["nodes"]["sink"]["restarts"] >= 1
+
+
+def test_a_configuration_fault_found_at_setup_is_not_restarted(tmp_path, run_dir):
+    graph = chain("lines = 4, pixels = 64, bands = 3", f'report = "{tmp_path}/no/such/dir/sink.json"')
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    t0 = time.monotonic()
+    res = sortline("run", "--config", str(cfg), timeout=60)
+    assert res.returncode == 78
+    assert time.monotonic() - t0 < 15
+    assert f"nodes.sink.params.report = '{tmp_path}/no/such/dir/sink.json': directory" in res.stderr
+    assert "sink cannot start: configuration error (see above); not restarting it" in res.stderr
+    assert "restart 1" not in res.stderr
