@@ -33,8 +33,8 @@ from pipeline.transport import Input, Output, SlotReaders
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
 QUIET_S = 0.1  # ... or less, once no more input arrives
 POLL_MS = 100
-CONNECT_WAIT_S = 2.0
-FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything  # a source waits this long for its consumers to connect
+CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
+FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything
 LOG_EVERY_S = 10.0
 
 Outputs = Iterable[tuple[str, Message]] | None
@@ -274,6 +274,8 @@ class Runner:
                 metrics.MALFORMED.labels(self.name, "process").inc()
                 self._warn("process", f"dropped a message on {edge.name}: processing failed: {exc!r}")
                 self.log.debug("processing failed", exc_info=True)
+                for out in self.node.out.values():
+                    out.abandon_unsent()  # slots it took before failing
                 msg.release()
                 continue
             if not msg.intact():

@@ -100,6 +100,7 @@ class Output:
         self._shm_edges = [e for e in edges if e.shm]
         self._pool: SlotPool | None = None
         self._pools_made = 0
+        self._unsent: list[Message] = []  # holding a slot, not yet sent
         self._sent = metrics.MESSAGES.labels(node, port, "out")
         self._dropped = {e.name: metrics.DROPS.labels(e.name, "queue_full") for e in edges}
         self._reclaims = metrics.SLOT_RECLAIMS.labels(node, port)
@@ -135,6 +136,7 @@ class Output:
             return None
         msg = Message(header, {spec.name: pool.view(slot, spec) for spec in specs})
         msg.outgoing = (pool, slot, specs)
+        self._unsent.append(msg)
         return msg
 
     def _waiting(self) -> bool:
@@ -179,7 +181,9 @@ class Output:
                     inline = inline_frames(header, msg.arrays)
                 # Slot memory is reused: never hand it to ZeroMQ without a copy.
                 self._send(edge, sock, inline, copy=slot_info is not None)
-        msg.outgoing = None
+        if slot_info is not None:
+            msg.outgoing = None
+            self._unsent.remove(msg)
         self._sent.inc()
 
     def abandon(self, msg: Message) -> None:
@@ -188,6 +192,11 @@ class Output:
         if slot_info is not None:
             slot_info[0].abandon(slot_info[1])
             msg.outgoing = None
+            self._unsent.remove(msg)
+
+    def abandon_unsent(self) -> None:
+        for msg in list(self._unsent):
+            self.abandon(msg)
 
     def _send(self, edge: Edge, sock: zmq.Socket, frames: list, copy: bool) -> bool:
         if edge.policy == "latest":
