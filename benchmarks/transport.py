@@ -109,7 +109,7 @@ def consume(path: str, run_dir: str, total: int, results, cpu: int | None) -> No
 def produce(path: str, payload: dict, n_fast: int, n_paced: int, cpus: tuple = (None, None)) -> dict:
     import zmq
 
-    from pipeline.messages import Header, encode_header, inline_frames
+    from pipeline.messages import Header, inline_frames
     from pipeline.transport import Output
 
     run_dir = Path(tempfile.mkdtemp(prefix="slb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))

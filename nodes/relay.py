@@ -16,8 +16,7 @@ class Relay(Node):
     outputs = ("out",)
 
     def process(self, port, msg):
-        out = self.out["out"].new({k: (a.shape, a.dtype) for k, a in msg.arrays.items()}, like=msg,
-                                  meta=msg.header.meta)
+        out = self.out["out"].new({k: (a.shape, a.dtype) for k, a in msg.arrays.items()}, like=msg)
         if out is None:
             return None
         for name, array in msg.arrays.items():

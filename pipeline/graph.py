@@ -65,11 +65,6 @@ def node_params(settings: Settings, name: str):
     return node_class(settings, name).Params.model_validate(settings.nodes[name].params)
 
 
-def sources(settings: Settings) -> list[str]:
-    fed = {e.dst for e in edges(settings)}
-    return [n for n in settings.nodes if n not in fed]
-
-
 def topo_order(settings: Settings) -> list[str]:
     """Node names, every producer before its consumers."""
     downstream: dict[str, set[str]] = {n: set() for n in settings.nodes}

@@ -25,7 +25,7 @@ import msgspec
 import zmq
 
 from pipeline.config import EX_CONFIG, Settings
-from pipeline.graph import prepare_runtime_dir, sources, topo_order
+from pipeline.graph import prepare_runtime_dir, topo_order
 
 log = logging.getLogger("sortline.supervisor")
 
@@ -57,7 +57,6 @@ class Supervisor:
         self.report = report
         self.out = out or sys.stdout
         self.order = topo_order(settings)
-        self.sources = set(sources(settings))
         self.children = {name: Child(name, i) for i, name in enumerate(self.order)}
         self._stop = False
         self.exit_code = 0
@@ -210,22 +209,28 @@ class Supervisor:
     # Status table.
 
     def print_status(self, final: bool = False) -> None:
+        """Per node: messages per second in and out (totals when final), drops,
+        malformed messages, restarts, and the node's own figures."""
         rows = []
         for name in self.order:
             c = self.children[name]
             m, prev = c.beat.get("metrics", {}), c.prev_beat.get("metrics", {})
-            dt = c.beat.get("mono", 0) - c.prev_beat.get("mono", 0)
-            rate_in = _rate(m, prev, dt, 'direction="in"')
-            rate_out = _rate(m, prev, dt, 'direction="out"')
+            if final:
+                count_in = _total(m, "sortline_messages_total", 'direction="in"')
+                count_out = _total(m, "sortline_messages_total", 'direction="out"')
+            else:
+                dt = c.beat.get("mono", 0) - c.prev_beat.get("mono", 0)
+                count_in = _rate(m, prev, dt, 'direction="in"')
+                count_out = _rate(m, prev, dt, 'direction="out"')
             drops = _total(m, "sortline_edge_drops_total")
             bad = _total(m, "sortline_malformed_messages_total")
             extra = " ".join(f"{k}={v}" for k, v in c.beat.get("status", {}).items())
-            rows.append(f"  {name:<12} {c.state:<9} {rate_in:>8.1f} {rate_out:>8.1f} {drops:>7.0f} "
-                        f"{bad:>9.0f} {c.restarts:>8d}  {extra}")
-        title = "final" if final else "status"
-        print(f"sortline {title}: node, state, in/s, out/s, drops, malformed, restarts, details", file=self.out)
+            rows.append(f"  {name:<12} {c.state:<9} {count_in:>8.{0 if final else 1}f} "
+                        f"{count_out:>8.{0 if final else 1}f} {drops:>7.0f} {bad:>9.0f} {c.restarts:>8d}  {extra}")
+        columns = "in, out (messages)" if final else "in/s, out/s"
+        print(f"sortline {'final' if final else 'status'}: node, state, {columns}, drops, malformed, restarts, details",
+              file=self.out)
         print("\n".join(rows), file=self.out, flush=True)
-
 
     def write_report(self, path: str) -> None:
         """Each node's final state, restarts, metrics and status, as JSON."""

@@ -115,7 +115,7 @@ class Output:
         """
         base = {} if like is None else {
             f: getattr(like.header, f)
-            for f in ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace")
+            for f in ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace", "meta")
         }
         header = Header(**{**base, **fields})
         if not self._shm_edges:

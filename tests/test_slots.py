@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from pipeline.messages import ArraySpec, MessageError, SlotRef
