@@ -108,5 +108,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pid_of(*words: str) -> int:
+    """The pid of the process whose command line holds all these words."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if all(w in argv for w in words):
+                return int(entry.name)
+    raise LookupError(f"no process running {words}")
+
+
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

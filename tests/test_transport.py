@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from pipeline.graph import Edge
+from pipeline.graph import Edge, prepare_runtime_dir
 from pipeline.transport import Output
 
 
@@ -29,3 +29,12 @@ def test_slots_of_messages_never_sent_are_given_back(run_dir):
         out.close()
         ctx.term()
     assert not list(run_dir.glob("*.slots"))  # the producer removes its segment
+
+
+def test_the_runtime_directory_is_private(tmp_path):
+    shared = tmp_path / "run"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert prepare_runtime_dir(shared).stat().st_mode & 0o777 == 0o700
+    fresh = prepare_runtime_dir(tmp_path / "a" / "b")
+    assert fresh.stat().st_mode & 0o777 == 0o700
