@@ -118,7 +118,7 @@ class EdgeConfig(Section):
     address: str = Field("", description="what the consumer connects to; empty: ipc in the runtime directory")
     bind: str = Field("", description="what the producer binds; empty: the address")
     hwm: int = Field(4, ge=1, le=100000)
-    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4")
+    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4 (at most 64)")
 
     @model_validator(mode="after")
     def _consistent(self):

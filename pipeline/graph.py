@@ -50,7 +50,7 @@ def edges(settings: Settings) -> list[Edge]:
         result.append(Edge(
             name=f"{cfg.src}->{cfg.dst}", src=src, src_port=src_port, dst=dst, dst_port=dst_port,
             policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
-            slots=cfg.slots or cfg.hwm + 4, address=address, bind=cfg.bind or address, lane=lane,
+            slots=cfg.slots or min(cfg.hwm + 4, 64), address=address, bind=cfg.bind or address, lane=lane,
         ))
     return result
 
