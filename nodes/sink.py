@@ -109,7 +109,7 @@ class Sink(Node):
 
     def status(self) -> dict:
         n = min(self.received, self.params.window)
-        e2e = _percentiles(self.e2e_ns[:n][-1000:])
+        e2e = _percentiles(self.e2e_ns[:n])
         return {"received": self.received, "lost": self.lost, "corrupt": self.corrupt,
                 **{f"e2e_{k}": round(float(v), 2) for k, v in e2e.items()}}
 

@@ -26,7 +26,7 @@ import zmq
 
 from pipeline import metrics
 from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
-from pipeline.graph import inputs_of, node_params, outputs_of, prepare_runtime_dir
+from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
 from pipeline.messages import Message, MessageError
 from pipeline.transport import Input, Output, SlotReaders
 
@@ -126,8 +126,6 @@ class Runner:
     """Runs one node in this process until it finishes or is told to stop."""
 
     def __init__(self, settings: Settings, name: str, heartbeat: str | None = None, metrics_port: int = 0):
-        from pipeline.graph import node_class
-
         self.settings = settings
         self.name = name
         self.stop_requested = False

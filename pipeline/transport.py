@@ -199,19 +199,12 @@ class Output:
             self.abandon(msg)
 
     def _send(self, edge: Edge, sock: zmq.Socket, frames: list, copy: bool) -> bool:
-        if edge.policy == "latest":
-            try:
-                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
-                return True
-            except zmq.Again:
-                self._dropped[edge.name].inc()
-                return False
         while True:
             try:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
                 return True
             except zmq.Again:
-                if self._waiting():
+                if edge.policy == "latest" or self._waiting():
                     self._dropped[edge.name].inc()
                     return False
                 sock.poll(50, zmq.POLLOUT)

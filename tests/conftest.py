@@ -26,6 +26,37 @@ def machine_toml() -> str:
     return text[: text.index("[graph]")]
 
 
+def chain(camera: str = "", sink: str = "", policy: str = "lossless", transport: str = "auto",
+          pattern: str = "pushpull") -> str:
+    """camera -> relay -> sink, with the given node params and edge settings."""
+    return f"""
+[nodes.camera]
+kind = "pattern"
+params = {{ {camera} }}
+
+[nodes.relay]
+kind = "relay"
+
+[nodes.sink]
+kind = "sink"
+params = {{ {sink} }}
+
+[[edges]]
+from = "camera.out"
+to = "relay.in"
+policy = "{policy}"
+transport = "{transport}"
+pattern = "{pattern}"
+
+[[edges]]
+from = "relay.out"
+to = "sink.in"
+policy = "{policy}"
+transport = "{transport}"
+pattern = "{pattern}"
+"""
+
+
 def write_config(path: Path, graph: str, run_dir: Path, extra: str = "") -> Path:
     path.write_text(
         machine_toml()

@@ -8,37 +8,7 @@ import time
 
 import pytest
 
-from conftest import pid_of, free_port, load_json, metric, scrape, sortline, start, stop, wait_for, write_config
-
-
-def chain(camera: str, sink: str, policy: str = "lossless", transport: str = "auto",
-          pattern: str = "pushpull") -> str:
-    return f"""
-[nodes.camera]
-kind = "pattern"
-params = {{ {camera} }}
-
-[nodes.relay]
-kind = "relay"
-
-[nodes.sink]
-kind = "sink"
-params = {{ {sink} }}
-
-[[edges]]
-from = "camera.out"
-to = "relay.in"
-policy = "{policy}"
-transport = "{transport}"
-pattern = "{pattern}"
-
-[[edges]]
-from = "relay.out"
-to = "sink.in"
-policy = "{policy}"
-transport = "{transport}"
-pattern = "{pattern}"
-"""
+from conftest import chain, free_port, load_json, metric, pid_of, scrape, sortline, start, stop, wait_for, write_config
 
 
 def drops(report: dict) -> float:

@@ -9,32 +9,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port, metric, scrape, start, stop, wait_for, write_config
+from conftest import chain, free_port, metric, scrape, start, stop, wait_for, write_config
 from pipeline.messages import SCHEMA_VERSION, ArraySpec, Header, MessageError, SlotRef, encode_header, inline_frames
 from pipeline.slots import SlotPool
 from pipeline.transport import SlotReaders
-
-GRAPH = """
-[nodes.camera]
-kind = "pattern"
-
-[nodes.relay]
-kind = "relay"
-
-[nodes.sink]
-kind = "sink"
-
-[[edges]]
-from = "camera.out"
-to = "relay.in"
-transport = "inline"
-
-[[edges]]
-from = "relay.out"
-to = "sink.in"
-transport = "inline"
-"""
-
 
 class Harness:
     """A relay node under test; this process plays its camera and its sink."""
@@ -42,7 +20,7 @@ class Harness:
     def __init__(self, tmp_path, run_dir):
         self.port = free_port()
         self.run_dir = run_dir
-        cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n")
+        cfg = write_config(tmp_path / "c.toml", chain(transport="inline"), run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n")
         self.ctx = zmq.Context()
         self.camera = self.ctx.socket(zmq.PUSH)
         self.camera.bind(f"ipc://{run_dir}/camera.out-relay.in.sock")
