@@ -10,6 +10,7 @@ KINDS = {
     "pattern": "nodes.pattern:PatternSource",
     "relay": "nodes.relay:Relay",
     "sink": "nodes.sink:Sink",
+    "simulate": "nodes.simulate:Simulate",
 }
 
 

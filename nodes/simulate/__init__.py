@@ -1,0 +1,203 @@
+"""The synthetic belt: a source node that plays both cameras and tells the truth.
+
+It publishes exactly what the two acquisition nodes would (stream "rgb":
+lines × pixels × 3 uint8; stream "hsi": lines × pixels × bands uint16 raw
+12-bit counts; headers with encoder positions and timestamps), plus a
+"truth" stream aligned with the RGB messages: per-pixel class labels and
+object ids on the RGB grid, and the objects that start in that message.
+
+Content depends only on the seed and the encoder position, never on timing:
+the same seed gives the same bytes, paced or not. Pacing follows the belt
+motion (drift and jitter), so line timing looks like a real encoder's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from nodes.simulate.belt import BeltMotion
+from nodes.simulate.cameras import HSICamera, Misregistration, Noise, RGBCamera
+from nodes.simulate.materials import CLASSES, PALETTE
+from nodes.simulate.scene import Scene
+from pipeline.config import Section
+from pipeline.node import Node
+
+STREAM_ID = {"rgb": 1, "hsi": 2}
+
+
+class MisregistrationParams(Section):
+    offset_mm: float = Field(6.0, ge=-100, le=100)
+    scale: float = Field(1.015, ge=0.8, le=1.25)
+    rotation_deg: float = Field(0.35, ge=-5, le=5)
+    distortion: float = Field(-0.004, ge=-0.1, le=0.1)
+    scan_line_error_mm: float = Field(1.7, ge=-50, le=50)
+
+
+class Simulation:
+    """Everything but the node: the scene, the motion and both cameras, for a machine config.
+
+    Also used directly (training data, calibration tests, benchmarks): call
+    rgb(frame), hsi(frame), truth(frame) for the content of any frame along the belt.
+    """
+
+    def __init__(self, settings, *, seed: int = 1, scene: str = "belt", occupancy: float = 0.3,
+                 mix: dict[str, float] | None = None, cluster: float = 0.3, speed_m_s: float = 0.0,
+                 drift: float = 0.02, jitter: float = 0.005, misregistration: Misregistration = Misregistration()):
+        rgb, hsi, belt = settings.cameras.rgb, settings.cameras.hsi, settings.belt
+        self.seed, self.settings = seed, settings
+        self.rgb_cam_cfg, self.hsi_cam_cfg = rgb, hsi
+        row_mm = rgb.ticks_per_line / belt.ticks_per_mm
+        self.scene = Scene(seed, belt.width_mm, row_mm, rgb.mm_per_pixel, rgb.pixels, mode=scene,
+                           occupancy=occupancy, mix=mix, cluster=cluster)
+        self.motion = BeltMotion(seed, speed_m_s or belt.speed_m_s, belt.ticks_per_mm, drift=drift, jitter=jitter)
+        self.noise = Noise(seed)
+        self.lamp = 0.0 if scene == "dark" else 1.0
+        self.rgb_cam = RGBCamera(rgb.pixels, self.noise)
+        self.hsi_cam = HSICamera(
+            pixels=hsi.pixels, bands=hsi.bands, wavelength_nm=hsi.wavelength_nm or (900.0, 1700.0),
+            mm_per_pixel=hsi.mm_per_pixel, ticks_per_line=hsi.ticks_per_line, ticks_per_mm=belt.ticks_per_mm,
+            scan_line_mm=hsi.scan_line_mm - rgb.scan_line_mm, belt_width_mm=belt.width_mm, row_mm=row_mm,
+            col_mm=rgb.mm_per_pixel, scene_cols=rgb.pixels, misregistration=misregistration, seed=seed,
+            noise=self.noise, subsample=max(1, round(hsi.mm_per_pixel / rgb.mm_per_pixel)))
+
+    def position(self, stream: str, frame: int) -> int:
+        """Encoder position of the first line of a camera's frame number `frame`."""
+        cam = self.rgb_cam_cfg if stream in ("rgb", "truth") else self.hsi_cam_cfg
+        return frame * cam.lines_per_frame * cam.ticks_per_line
+
+    def _rng(self, stream: str, frame: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, STREAM_ID[stream], frame])
+
+    def rgb(self, frame: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(lines, pixels, 3) uint8: RGB frame `frame`."""
+        cfg = self.rgb_cam_cfg
+        row0 = self.position("rgb", frame) // cfg.ticks_per_line
+        img = self.rgb_cam.read(self.scene.rows(row0, cfg.lines_per_frame)["rgb"], self._rng("rgb", frame), self.lamp)
+        if out is not None:
+            out[...] = img
+            return out
+        return img
+
+    def hsi(self, frame: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(lines, pixels, bands) uint16 raw counts: HSI frame `frame`."""
+        img = self.hsi_cam.read(self.scene, self.position("hsi", frame), self.hsi_cam_cfg.lines_per_frame,
+                                self._rng("hsi", frame), self.lamp)
+        if out is not None:
+            out[...] = img
+            return out
+        return img
+
+    def truth(self, frame: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """Labels and object ids on the RGB grid for RGB frame `frame`, and the objects starting in it."""
+        cfg = self.rgb_cam_cfg
+        row0 = self.position("rgb", frame) // cfg.ticks_per_line
+        maps = self.scene.rows(row0, cfg.lines_per_frame)
+        table = self.scene.object_table(row0, cfg.lines_per_frame, cfg.ticks_per_line)
+        objects = [{"id": int(o["id"]), "cls": int(o["cls"]), "x0_mm": round(float(o["x0_mm"]), 2),
+                    "x1_mm": round(float(o["x1_mm"]), 2), "p0": int(o["p0"]), "p1": int(o["p1"])} for o in table]
+        return {"labels": maps["labels"], "instances": maps["instances"]}, objects
+
+
+class Simulate(Node):
+    outputs = ("rgb", "hsi", "truth")
+
+    class Params(Section):
+        seed: int = Field(1, ge=0)
+        scene: Literal["belt", "target", "white", "dark"] = Field(
+            "belt", description="belt: objects; target: calibration boards; white/dark: spectral references")
+        occupancy: float = Field(0.3, ge=0, le=0.9, description="fraction of the belt covered by objects")
+        mix: dict[str, float] = Field(default_factory=dict, description="class → weight; empty: the default mix")
+        cluster: float = Field(0.3, ge=0, le=1, description="chance an object touches the one before it")
+        speed_m_s: float = Field(0.0, ge=0, le=10, description="0: the belt's nominal speed")
+        drift: float = Field(0.02, ge=0, le=0.5, description="slow speed drift, relative amplitude")
+        jitter: float = Field(0.005, ge=0, le=0.2, description="speed jitter per 20 mm, relative")
+        misregistration: MisregistrationParams = MisregistrationParams()
+        paced: bool = Field(True, description="false: as fast as the graph accepts (recording, training data)")
+        seconds: float = Field(0.0, ge=0, description="belt time to simulate, then end the stream; 0: no end")
+        drop_rate: float = Field(0.0, ge=0, le=0.5, description="chance a frame is lost (a gap), per message")
+
+        @field_validator("mix")
+        @classmethod
+        def _known_classes(cls, mix):
+            unknown = set(mix) - set(CLASSES[1:])
+            if unknown:
+                raise ValueError(f"unknown classes {sorted(unknown)}; known: {', '.join(CLASSES[1:])}")
+            return mix
+
+    def setup(self) -> None:
+        p = self.params
+        self.sim = Simulation(self.settings, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.mix or None,
+                              cluster=p.cluster, speed_m_s=p.speed_m_s, drift=p.drift, jitter=p.jitter,
+                              misregistration=Misregistration(**p.misregistration.model_dump()))
+        cams = self.settings.cameras
+        self.cam = {"rgb": cams.rgb, "hsi": cams.hsi}
+        self.frame = {"rgb": 0, "hsi": 0}     # next frame index along the belt (dropped ones count)
+        self.seq = {"rgb": 0, "hsi": 0}       # next message number (contiguous)
+        self.gap = {"rgb": False, "hsi": False}
+        self.dropped = {"rgb": 0, "hsi": 0}
+        self.want_truth = bool(self.out["truth"].edges)
+        self.t0 = 0
+        self.meta = {
+            "rgb": {"camera": "rgb", "serial": f"SIM-RGB-{p.seed}", "pixel_format": "RGB8", "bit_depth": 8},
+            "hsi": {"camera": "hsi", "serial": f"SIM-HSI-{p.seed}", "pixel_format": "Mono12", "bit_depth": 12},
+        }
+        self.log.info("%s scene, seed %d, %.2f m/s; rgb %s lines/frame, hsi %s lines/frame, truth %s",
+                      p.scene, p.seed, p.speed_m_s or self.settings.belt.speed_m_s, cams.rgb.lines_per_frame,
+                      cams.hsi.lines_per_frame, "on" if self.want_truth else "off (not connected)")
+
+    def _span(self, stream: str) -> tuple[int, int]:
+        cam = self.cam[stream]
+        start = self.frame[stream] * cam.lines_per_frame * cam.ticks_per_line
+        return start, start + cam.lines_per_frame * cam.ticks_per_line
+
+    def step(self):
+        p = self.params
+        self.t0 = self.t0 or time.monotonic_ns()
+        # The next frame to complete on the belt, whichever camera it is.
+        stream = min(("rgb", "hsi"), key=lambda s: self.sim.motion.time_s(self._span(s)[1]))
+        start, end = self._span(stream)
+        if p.seconds and self.sim.motion.time_s(start) >= p.seconds:
+            self.finish()
+            return None
+        complete_ns = self.t0 + int(self.sim.motion.time_s(end) * 1e9)
+        if p.paced and not self.sleep_until(complete_ns):
+            return None
+        frame = self.frame[stream]
+        self.frame[stream] += 1
+        if p.drop_rate and np.random.default_rng([p.seed, 99, STREAM_ID[stream], frame]).random() < p.drop_rate:
+            self.dropped[stream] += 1
+            self.gap[stream] = True
+            return None
+        cam = self.cam[stream]
+        fields = dict(seq=self.seq[stream], position=start, ticks_per_line=cam.ticks_per_line,
+                      device_ts_ns=self.t0 + int(self.sim.motion.time_s(start) * 1e9), host_ts=True,
+                      gap=self.gap[stream])
+        dtype = np.uint8 if stream == "rgb" else np.uint16
+        msg = self.out[stream].new({"lines": ((cam.lines_per_frame, cam.pixels, cam.bands), dtype)},
+                                   stream=stream, meta=self.meta[stream], **fields)
+        if msg is None:
+            return None
+        getattr(self.sim, stream)(frame, out=msg.arrays["lines"])
+        msg.t_in_ns = complete_ns if p.paced else time.monotonic_ns()
+        self.seq[stream] += 1
+        self.gap[stream] = False
+        outputs = [(stream, msg)]
+        if stream == "rgb" and self.want_truth:
+            maps, objects = self.sim.truth(frame)
+            truth = self.out["truth"].new({k: (v.shape, v.dtype) for k, v in maps.items()}, stream="truth",
+                                          meta={"classes": list(CLASSES), "palette": PALETTE.tolist(),
+                                                "objects": objects}, **fields)
+            if truth is not None:
+                for k, v in maps.items():
+                    truth.arrays[k][...] = v
+                truth.t_in_ns = msg.t_in_ns
+                outputs.append(("truth", truth))
+        return outputs
+
+    def status(self) -> dict:
+        return {"rgb": self.seq["rgb"], "hsi": self.seq["hsi"], "dropped": sum(self.dropped.values()),
+                "belt_m": round(self._span("rgb")[0] / self.settings.belt.ticks_per_mm / 1000, 2)}
