@@ -90,6 +90,7 @@ class Model(Section):
     backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
     strip_lines: int = Field(128, gt=0, description="RGB lines per strip")
     overlap_lines: int = Field(16, ge=0, description="RGB lines of context on each side of a strip")
+    bands: int = Field(32, gt=0, le=1024, description="HSI bands fed to the model: the camera's bands binned into this many equal groups")
     threads: int = Field(1, ge=1, le=64)
 
 
@@ -161,6 +162,22 @@ class Settings(BaseSettings):
     nodes: dict[str, NodeConfig]
     edges: list[EdgeConfig] = []
 
+    @model_validator(mode="after")
+    def _strips_fit_both_grids(self):
+        # A strip and its overlap must cover whole HSI lines, and the RGB line whole HSI pixels,
+        # so that both grids of a strip cover the same belt region.
+        r = self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
+        for key in ("strip_lines", "overlap_lines"):
+            value = getattr(self.model, key)
+            if value % r:
+                raise ValueError(f"model.{key} = {value} must be a multiple of the RGB:HSI ratio {r}")
+        if self.cameras.rgb.pixels % r:
+            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of the RGB:HSI ratio {r}")
+        if self.cameras.hsi.bands % self.model.bands:
+            raise ValueError(f"model.bands = {self.model.bands} must divide cameras.hsi.bands = "
+                             f"{self.cameras.hsi.bands} (equal groups of bands)")
+        return self
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
@@ -218,6 +235,8 @@ def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             lines.append(f"{key}: missing, this key is required")
+        elif not key:   # a check across sections names its keys itself
+            lines.append(msg)
         else:
             lines.append(f"{key} = {_one_line(err.get('input'))}: {msg}")
     return lines

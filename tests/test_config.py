@@ -63,6 +63,8 @@ def good() -> str:
         ("pitch_mm = 12.5", "pitch_mm = 12.5\npitch = 3", "valves.pitch = 3: Extra inputs are not permitted"),
         ("strip_lines = 128", "strip_lines = 128\nstrip_line = 64", "model.strip_line = 64: Extra inputs are not permitted"),
         ("width_mm = 600\n", "", "belt.width_mm: missing, this key is required"),
+        ("overlap_lines = 16", "overlap_lines = 18", "model.overlap_lines = 18 must be a multiple of the RGB:HSI ratio 4"),
+        ("threads = 1", "threads = 1\nbands = 30", "model.bands = 30 must divide cameras.hsi.bands = 224"),
     ],
 )
 def test_a_bad_value_names_key_value_and_what_is_allowed(tmp_path, old, new, expected):

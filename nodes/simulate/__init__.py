@@ -102,6 +102,23 @@ class Simulation:
         return {"labels": maps["labels"], "instances": maps["instances"]}, objects
 
 
+    def strip(self, row0: int, lines: int) -> dict[str, np.ndarray]:
+        """A perfectly co-registered strip from scene row `row0` (an RGB line number), for training.
+
+        rgb: (lines, pixels, 3) uint8 as the RGB camera reads it; hsi: (lines/r, pixels/r, bands) float32
+        reflectance on the RGB grid coarsened by r (what calibration and the register node aim for);
+        labels: (lines, pixels) uint8. `lines` must be a multiple of r.
+        """
+        r = self.hsi_cam.ss
+        if lines % r:
+            raise ValueError(f"strip lines ({lines}) must be a multiple of the RGB:HSI ratio {r}")
+        rng = np.random.default_rng([self.seed, 5, row0 + 2**40])
+        maps = self.scene.rows(row0, lines)
+        return {"rgb": self.rgb_cam.read(maps["rgb"], rng, self.lamp),
+                "hsi": self.hsi_cam.read_registered(self.scene, row0, lines, rng),
+                "labels": maps["labels"].copy()}
+
+
 class Simulate(Node):
     outputs = ("rgb", "hsi", "truth")
 

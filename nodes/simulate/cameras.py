@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodes.simulate.materials import ENDMEMBER, endmember_spectra
+from nodes.simulate.materials import endmember_spectra
 
 NOISE_BANK = 1 << 22   # pre-drawn unit normals; each frame reads a random window
 
@@ -101,31 +101,55 @@ class HSICamera:
         y_mm = (starts[:, None] + sub[None, :]) / self.ticks_per_mm - self.scan_line_mm
         return y_mm[:, :, None] / self.row_mm + self.row_tilt[None, None, :]
 
-    def read(self, scene, position: int, lines: int, rng: np.random.Generator, lamp: float = 1.0) -> np.ndarray:
-        rows = np.floor(self.belt_rows(position, lines)).astype(np.intp)
-        r0 = int(rows.min())
-        maps = scene.rows(r0, int(rows.max()) - r0 + 1)
-        rows -= r0
-        cols = np.broadcast_to(self.cols, rows.shape)
-        endm = maps["endmember"][rows, cols]                       # (L, S, P·S)
-        gain = maps["gain"][rows, cols]
-        # Fractions of each endmember in each pixel's footprint, weighted by shading.
-        pix = (np.arange(self.pixels).repeat(self.ss))[None, None, :] + (np.arange(lines) * self.pixels)[:, None, None]
+    def _mix(self, endm: np.ndarray, gain: np.ndarray, n_pixels: int) -> np.ndarray:
+        """Reflectance (n_pixels, bands) from each pixel's sub-samples (n_pixels, ...) of endmember and gain."""
         n_end = len(self.spectra)
-        frac = np.bincount((pix * n_end + endm).ravel(), weights=gain.ravel(),
-                           minlength=lines * self.pixels * n_end).reshape(lines * self.pixels, n_end)
-        frac *= 1.0 / (self.ss * self.ss)
-        refl = (frac.astype(np.float32) @ self.spectra).reshape(lines, self.pixels, self.bands)
+        per_pixel = endm.size // n_pixels
+        pix = np.arange(n_pixels).repeat(per_pixel)
+        frac = np.bincount(pix * n_end + endm.ravel(), weights=gain.ravel(),
+                           minlength=n_pixels * n_end).reshape(n_pixels, n_end)
+        frac *= 1.0 / per_pixel
+        return frac.astype(np.float32) @ self.spectra
+
+    def _expose(self, refl: np.ndarray, rng: np.random.Generator, lamp: float) -> np.ndarray:
+        """Reflectance (lines, pixels, bands) → float counts with dark level and noise."""
         signal = refl * (self.white * lamp)
         # Shot noise grows with the signal; read noise does not (variance in counts²).
         sigma = np.sqrt(signal * 0.45 + 16.0)
         counts = signal + self.dark
         counts += self.noise.take(rng, counts.shape) * sigma
+        return counts
+
+    def read(self, scene, position: int, lines: int, rng: np.random.Generator, lamp: float = 1.0) -> np.ndarray:
+        rows = np.floor(self.belt_rows(position, lines)).astype(np.intp)      # (L, S, P·S)
+        r0 = int(rows.min())
+        maps = scene.rows(r0, int(rows.max()) - r0 + 1)
+        rows -= r0
+        cols = np.broadcast_to(self.cols, rows.shape)
+        # Group each pixel's sub-samples together: (L, S, P, S) → (L, P, S, S).
+        order = lambda a: a.reshape(lines, self.ss, self.pixels, self.ss).transpose(0, 2, 1, 3)  # noqa: E731
+        endm, gain = order(maps["endmember"][rows, cols]), order(maps["gain"][rows, cols])
+        refl = self._mix(endm, gain, lines * self.pixels).reshape(lines, self.pixels, self.bands)
+        counts = self._expose(refl, rng, lamp)
         flat = counts.reshape(lines, -1)
         flat[:, self.dead] = 0
         flat[:, self.hot] = 4095
         return np.clip(counts + 0.5, 0, 4095, out=counts).astype(np.uint16)
 
+    def read_registered(self, scene, row0: int, rgb_lines: int, rng: np.random.Generator) -> np.ndarray:
+        """What perfect co-registration and spectral calibration would give: reflectance (float32) on the
+        RGB grid coarsened by the ratio (rgb_lines/ss lines × scene_cols/ss pixels), with the camera's noise.
 
-def belt_endmember() -> int:
-    return ENDMEMBER[("belt", "grey")]
+        Training data and the reference for register tests: each cell is the exact ss × ss block of RGB
+        pixels under it, noise as this camera adds it, no bad pixels.
+        """
+        ss = self.ss
+        lines, cells = rgb_lines // ss, self.scene_cols // ss
+        maps = scene.rows(row0, lines * ss)
+        block = lambda a: a[:, :cells * ss].reshape(lines, ss, cells, ss).transpose(0, 2, 1, 3)  # noqa: E731
+        refl = self._mix(block(maps["endmember"]), block(maps["gain"]), lines * cells).reshape(lines, cells, -1)
+        # Noise as the camera pixel nearest each cell would add it (the dark level cancels out).
+        white = self.white[np.linspace(0, self.pixels - 1, cells).round().astype(int)]
+        signal = refl * white
+        signal += self.noise.take(rng, signal.shape) * np.sqrt(signal * 0.45 + 16.0)
+        return np.clip(signal / white, 0.0, 1.5, out=signal)

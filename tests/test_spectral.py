@@ -1,0 +1,86 @@
+"""Spectral calibration: references from dark/white frames, reflectance, bad pixels, binning, the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from nodes.simulate import Simulation
+from nodes.simulate.materials import ENDMEMBER
+from pipeline.config import load_config
+from tests.conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_config(DEMO)
+
+
+@pytest.fixture(scope="module")
+def reference(settings):
+    dark = np.concatenate([Simulation(settings, seed=9, scene="dark").hsi(f) for f in range(8)])
+    white = np.concatenate([Simulation(settings, seed=9, scene="white").hsi(f) for f in range(8)])
+    return SpectralReference.from_frames(dark, white, white_reflectance=0.92, serial="SIM-HSI-9")
+
+
+def test_bad_pixels_are_exactly_the_dead_and_hot_ones(settings, reference):
+    cam = Simulation(settings, seed=9).hsi_cam
+    truth = np.zeros(reference.bad.size, bool)
+    truth[cam.dead] = truth[cam.hot] = True
+    assert np.array_equal(reference.bad.ravel(), truth)
+
+
+def test_reflectance_of_a_white_scene_is_the_tile_everywhere(settings, reference):
+    raw = Simulation(settings, seed=9, scene="white").hsi(20)      # the same camera, frames not averaged
+    refl = reference.reflectance(raw)
+    assert refl.dtype == np.float32 and refl.shape == raw.shape
+    assert np.median(refl) == pytest.approx(0.92, abs=0.005)
+    # Noise only: bad pixels were repaired from their neighbours, none reads 0 or saturated.
+    assert np.percentile(np.abs(refl - 0.92), 99.9) < 0.08
+    assert refl.min() > 0.6
+
+
+def test_material_reflectance_matches_the_true_spectrum(settings, reference):
+    sim = Simulation(settings, seed=9, occupancy=0.6, mix={"HDPE": 1, "PET": 1})
+    cam = sim.hsi_cam
+    raw = np.concatenate([sim.hsi(f) for f in range(60)])
+    refl = reference.reflectance(raw)
+    rows = np.concatenate([np.floor(cam.belt_rows(sim.position("hsi", f), 8)) for f in range(60)]).astype(int)
+    endm = sim.scene.rows(0, rows.max() + 1)["endmember"][rows, np.broadcast_to(cam.cols, rows.shape)]
+    endm = endm.reshape(len(raw), cam.ss, cam.pixels, cam.ss).transpose(0, 2, 1, 3).reshape(len(raw), cam.pixels, -1)
+    for key in [("HDPE", "white"), ("PET", "clear")]:
+        sel = (endm == ENDMEMBER[key]).all(-1)
+        assert sel.sum() > 30, key
+        seen = np.median(refl[sel], axis=0)
+        expected = cam.spectra[ENDMEMBER[key]]
+        # Shading scales an object's brightness; the shape is the material's, within noise.
+        scale = np.median(seen / expected)
+        assert 0.7 < scale < 1.3
+        assert np.abs(seen / scale - expected).max() < 0.06, key
+
+
+def test_binning_equal_groups_and_ranges():
+    cube = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+    assert np.array_equal(bin_bands(cube, 4), cube.reshape(2, 3, 4, 2).mean(-1))
+    assert bin_bands(cube, 4, np.float16).dtype == np.float16
+    ranged = bin_bands(cube, [(0, 3), (5, 8)])
+    assert np.allclose(ranged[..., 0], cube[..., :3].mean(-1)) and np.allclose(ranged[..., 1], cube[..., 5:].mean(-1))
+    assert np.allclose(bin_bands(cube, 3), np.stack([cube[..., 0:3].mean(-1), cube[..., 3:5].mean(-1),
+                                                     cube[..., 5:8].mean(-1)], -1))
+    with pytest.raises(ValueError):
+        bin_bands(cube, [(0, 4), (3, 8)])
+
+
+def test_file_round_trip_and_refusals(tmp_path, reference):
+    path = reference.save(tmp_path / "hsi.npz")
+    loaded = SpectralReference.load(path, pixels=160, bands=224, serial="SIM-HSI-9")
+    assert np.array_equal(loaded.dark, reference.dark) and np.array_equal(loaded.bad, reference.bad)
+    assert loaded.serial == "SIM-HSI-9" and loaded.white_reflectance == 0.92
+    with pytest.raises(CalibrationError, match="640 × 224"):
+        SpectralReference.load(path, pixels=640, bands=224)
+    with pytest.raises(CalibrationError, match="made for camera 'SIM-HSI-9'"):
+        SpectralReference.load(path, pixels=160, bands=224, serial="FX17-123")
+    (tmp_path / "junk.npz").write_bytes(b"not a calibration")
+    with pytest.raises(CalibrationError, match="not a readable"):
+        SpectralReference.load(tmp_path / "junk.npz")
