@@ -94,6 +94,11 @@ class Model(Section):
     threads: int = Field(1, ge=1, le=64)
 
 
+class CalibrationFiles(Section):
+    spectral: str = Field("", description="HSI dark/white reference (sortline calibrate spectral)")
+    spatial: str = Field("", description="RGB-HSI co-registration (sortline calibrate spatial)")
+
+
 class Budget(Section):
     margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
 
@@ -155,6 +160,7 @@ class Settings(BaseSettings):
     valves: ValveBar
     ejector: Ejector = Ejector()
     model: Model = Model()
+    calibration: CalibrationFiles = CalibrationFiles()
     budget: Budget = Budget()
     graph: GraphSettings = GraphSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -268,4 +274,8 @@ def load_config(path: str | os.PathLike) -> Settings:
     problems = check_graph(settings)
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
-    return settings
+    # Calibration files live beside the config they belong to: relative paths start there.
+    cal = settings.calibration
+    resolved = {k: str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v
+                for k, v in cal.model_dump().items()}
+    return settings.model_copy(update={"calibration": CalibrationFiles(**resolved)})

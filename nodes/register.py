@@ -1,0 +1,249 @@
+"""The register node: RGB and HSI lines → co-registered strips for the model.
+
+The cameras run at different line rates, on scan lines a few centimetres
+apart, through different lenses. This node keeps a short history of each
+stream keyed by encoder position, turns HSI counts into reflectance binned to
+the model's bands (spectral calibration), and cuts the belt into strips of
+`model.strip_lines` RGB lines plus `model.overlap_lines` of context on both
+sides. Each strip carries both grids over the same stretch of belt: RGB at
+its own resolution, HSI resampled (spatial calibration) onto the RGB grid
+coarsened by the integer ratio r, bilinear in both directions.
+
+A gap (lines lost upstream, flagged by the camera node, or a jump in
+positions) ends the current strip early, its missing lines filled by
+repeating the last real one and counted in meta["valid_lines"]; the next
+strip starts after the gap with gap=True and its upper context repeated from
+its first line. Nothing is ever spliced across missing lines.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from calibration.spatial import SpatialCalibration
+from calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from pipeline import metrics
+from pipeline.config import ConfigError, Section
+from pipeline.node import Node
+
+
+class StripCutter:
+    """The node's logic without sockets: feed rgb()/hsi() chunks, collect strips()."""
+
+    def __init__(self, settings, spectral: SpectralReference, spatial: SpatialCalibration, max_wait_lines: int = 2048):
+        rgb, hsi, m = settings.cameras.rgb, settings.cameras.hsi, settings.model
+        self.r = settings.hsi_ratio
+        self.tpl_r, self.tpl_h = rgb.ticks_per_line, hsi.ticks_per_line
+        self.width, self.hsi_pixels, self.bands = rgb.pixels, hsi.pixels, m.bands
+        self.core, self.overlap = m.strip_lines, m.overlap_lines
+        self.total = self.core + 2 * self.overlap
+        self.spectral, self.spatial = spectral, spatial
+        self.max_wait_lines = max_wait_lines
+        # Static half of the resampling: which HSI coordinate lies under each coarse cell's centre.
+        cells = self.width // self.r
+        u = spatial.hsi_u((np.arange(cells) + 0.5) * self.r)
+        self.map_x = np.broadcast_to((u - 0.5).astype(np.float32), (self.total // self.r, cells)).copy()
+        self.along = spatial.along_ticks(u)                    # RGB ticks − HSI ticks, per cell column
+        self.cell_pos = (np.arange(self.total // self.r) + 0.5) * self.r * self.tpl_r   # from the strip's top
+        self.rgb_chunks: deque[tuple[int, np.ndarray]] = deque()
+        self.hsi_chunks: deque[tuple[int, np.ndarray]] = deque()
+        self.next_core: int | None = None       # position of the next strip's first core line
+        self.after_gap = True                   # no real context above the next strip
+        self.rgb_end = self.hsi_end = None      # position just past the last line received
+        # RGB positions where real data stops (RGB gaps), and stretches of RGB
+        # positions no HSI line covers (before the first one, HSI gaps): [lo, hi).
+        self.breaks: list[int] = []
+        self.no_hsi: list[tuple[float, float]] = []
+        self.seq = 0
+        self.dropped_lines = 0                  # RGB lines without HSI, given up
+
+    # Input.
+
+    def rgb(self, position: int, lines: np.ndarray, gap: bool) -> None:
+        if self.rgb_end is not None and (gap or position != self.rgb_end):
+            self.breaks.append(self.rgb_end)
+        if self.next_core is None:
+            self.next_core = position
+        self.rgb_chunks.append((position, lines.copy()))     # the input is a view of a slot: copy what is kept
+        self.rgb_end = position + len(lines) * self.tpl_r
+
+    def hsi(self, position: int, raw: np.ndarray, gap: bool) -> None:
+        if self.hsi_end is None or gap or position != self.hsi_end:
+            # RGB lines whose HSI (with the line after, to interpolate) is missing cannot be registered.
+            lo = -np.inf if self.hsi_end is None else int(np.floor(self.hsi_end + self.along.min() - self.tpl_h))
+            self.no_hsi.append((lo, position + self.along.max() + self.tpl_h))
+            if self.hsi_end is not None:
+                self.breaks.append(lo)
+        self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.bands)))
+        self.hsi_end = position + len(raw) * self.tpl_h
+
+    # Output.
+
+    def strips(self):
+        """Every strip that can be made now: (position, rgb, hsi, valid_lines, gap)."""
+        while self.next_core is not None:
+            made = self._one()
+            if made is None:
+                return
+            yield made
+
+    def _one(self):
+        if self.hsi_end is None:
+            return self._wait_or_skip(self.next_core)
+        for lo, hi in self.no_hsi:
+            if lo <= self.next_core < hi:
+                # Move past RGB lines that no HSI line saw, on the RGB line grid.
+                skip = int(np.ceil((hi - self.next_core) / self.tpl_r))
+                if self.rgb_end < self.next_core + skip * self.tpl_r:
+                    return None
+                self.dropped_lines += skip
+                self._resume_at(self.next_core + skip * self.tpl_r)
+                return self._one() if self.next_core is not None else None
+        top = self.next_core - self.overlap * self.tpl_r
+        core_end = self.next_core + self.core * self.tpl_r
+        bottom = core_end + self.overlap * self.tpl_r
+        cut = min((b for b in self.breaks if b > self.next_core), default=None)
+        end = bottom if cut is None else min(bottom, cut)
+        if self.rgb_end < end:
+            return None      # not all RGB lines yet
+        if self.hsi_end < end - self.along.min() + self.tpl_h:
+            return self._wait_or_skip(end)
+        rgb = self._rgb_lines(top, end)
+        hsi = self._hsi_cells(top)
+        valid = (min(end, core_end) - self.next_core) // self.tpl_r
+        gap = self.after_gap
+        if end <= core_end:
+            self._resume_at(end)                     # a gap inside the core: start again after it
+        else:
+            self._continue_at(core_end)
+        self.seq += 1
+        return top, rgb, hsi, int(valid), gap
+
+    def _wait_or_skip(self, end: int):
+        """HSI is late. Within max_wait_lines, wait; beyond, HSI has stopped: give lines up, counted."""
+        excess = self.rgb_end - self.max_wait_lines * self.tpl_r
+        if excess < end:
+            return None
+        drop_to = self.next_core + (excess - self.next_core) // self.tpl_r * self.tpl_r
+        self.dropped_lines += (drop_to - self.next_core) // self.tpl_r
+        self.breaks.append(drop_to)
+        self._resume_at(drop_to)
+        return None
+
+    def _resume_at(self, position: int) -> None:
+        """The next strip starts at the first RGB line at or after `position`, with no context above."""
+        chunk = next((p for p, a in self.rgb_chunks if p + len(a) * self.tpl_r > position), None)
+        # On the RGB line grid: the first whole line at or after `position`.
+        self.next_core = None if chunk is None else chunk + max(0, -(-(position - chunk) // self.tpl_r)) * self.tpl_r
+        self.after_gap = True
+        self.breaks = [b for b in self.breaks if self.next_core is None or b > self.next_core]
+        self._trim(self.next_core if self.next_core is not None else self.rgb_end)
+        if self.next_core is None:   # nothing after it yet: the next RGB chunk starts the next strip
+            self.rgb_end = None
+
+    def _continue_at(self, position: int) -> None:
+        self.next_core = position
+        self.after_gap = False
+        self._trim(position - self.overlap * self.tpl_r)
+
+    def _trim(self, keep_from: int) -> None:
+        while self.rgb_chunks and self.rgb_chunks[0][0] + len(self.rgb_chunks[0][1]) * self.tpl_r <= keep_from:
+            self.rgb_chunks.popleft()
+        keep_h = keep_from - self.along.max() - 2 * self.tpl_h
+        while self.hsi_chunks and self.hsi_chunks[0][0] + len(self.hsi_chunks[0][1]) * self.tpl_h <= keep_h:
+            self.hsi_chunks.popleft()
+        self.no_hsi = [(lo, hi) for lo, hi in self.no_hsi if hi > keep_from]
+
+    def _rgb_lines(self, top: int, end: int) -> np.ndarray:
+        """RGB lines from `top` to `end`, rows outside real data repeated from the nearest real one."""
+        first = self.next_core if self.after_gap else top
+        chunks = [(p, a) for p, a in self.rgb_chunks if p + len(a) * self.tpl_r > first and p < end]
+        lines = np.concatenate([a for _, a in chunks])[(first - chunks[0][0]) // self.tpl_r:][:(end - first) // self.tpl_r]
+        above = (first - top) // self.tpl_r
+        below = self.total - above - len(lines)
+        return cv2.copyMakeBorder(lines, above, below, 0, 0, cv2.BORDER_REPLICATE) if above or below else lines
+
+    def _hsi_cells(self, top: int) -> np.ndarray:
+        """HSI reflectance resampled onto the strip's coarse grid (total/r × width/r × bands)."""
+        pos_h = top + self.cell_pos[:, None] - self.along[None, :]     # HSI ticks that saw each cell's centre
+        # The run of contiguous HSI lines that holds them (strips never span an HSI gap).
+        want = pos_h.min()
+        run: list[tuple[int, np.ndarray]] = []
+        for p, a in self.hsi_chunks:
+            if run and p != run[-1][0] + len(run[-1][1]) * self.tpl_h:
+                if run[-1][0] + len(run[-1][1]) * self.tpl_h > want:
+                    break
+                run = []
+            run.append((p, a))
+        cube = np.concatenate([a for _, a in run])
+        map_y = ((pos_h - run[0][0]) / self.tpl_h - 0.5).astype(np.float32)
+        out = cv2.remap(cube, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return out.reshape(*self.map_x.shape, self.bands)
+
+
+class Register(Node):
+    inputs = ("rgb", "hsi")
+    outputs = ("out",)
+
+    class Params(Section):
+        spectral: str = Field("", description="spectral calibration file; empty: calibration.spectral")
+        spatial: str = Field("", description="spatial calibration file; empty: calibration.spatial")
+        max_wait_lines: int = Field(2048, gt=0, description="RGB lines held while waiting for HSI before giving them up")
+
+    def setup(self) -> None:
+        s, p = self.settings, self.params
+        paths = {"spectral": p.spectral or s.calibration.spectral, "spatial": p.spatial or s.calibration.spatial}
+        for key, path in paths.items():
+            if not path:
+                raise ConfigError([f"calibration.{key}: not set; the register node needs it "
+                                   f"(make one with `sortline calibrate {key}`)"])
+        try:
+            spectral = SpectralReference.load(paths["spectral"], pixels=s.cameras.hsi.pixels, bands=s.cameras.hsi.bands)
+            spatial = SpatialCalibration.load(paths["spatial"], rgb_pixels=s.cameras.rgb.pixels,
+                                              hsi_pixels=s.cameras.hsi.pixels)
+        except CalibrationError as exc:
+            raise ConfigError([str(exc)]) from None
+        self.cutter = StripCutter(s, spectral, spatial, p.max_wait_lines)
+        self.last_rgb = None
+        self.given_up = metrics.DROPS.labels(f"{self.name}.hsi", "hsi_missing")
+        self.log.info("strips of %d+2x%d RGB lines, HSI binned to %d bands; calibrations %s, %s",
+                      self.cutter.core, self.cutter.overlap, self.cutter.bands, paths["spectral"], paths["spatial"])
+
+    def process(self, port, msg):
+        h = msg.header
+        lines = msg.arrays.get("lines")
+        if lines is None or lines.ndim != 3:
+            raise ValueError(f"{port} message without a lines × pixels × channels array 'lines'")
+        if port == "rgb":
+            if lines.shape[1:] != (self.cutter.width, 3):
+                raise ValueError(f"rgb lines are {lines.shape[1:]}, expected ({self.cutter.width}, 3)")
+            self.cutter.rgb(h.position, lines, h.gap)
+            self.last_rgb = msg
+        else:
+            self.cutter.hsi(h.position, lines, h.gap)
+        before = self.cutter.dropped_lines
+        outs = []
+        for top, rgb, hsi, valid, gap in self.cutter.strips():
+            out = self.out["out"].new({"rgb": (rgb.shape, np.uint8), "hsi": (hsi.shape, np.float16)},
+                                      like=self.last_rgb, stream="strip", seq=self.cutter.seq - 1, position=top,
+                                      ticks_per_line=self.cutter.tpl_r, gap=gap,
+                                      meta={"overlap": self.cutter.overlap, "ratio": self.cutter.r,
+                                            "valid_lines": valid})
+            if out is None:
+                break
+            out.arrays["rgb"][...] = rgb
+            out.arrays["hsi"][...] = hsi
+            outs.append(("out", out))
+        if self.cutter.dropped_lines > before:
+            self.given_up.inc(self.cutter.dropped_lines - before)
+            self.log.warning("no HSI lines for %d RGB lines: gave them up (is the HSI camera running?)",
+                             self.cutter.dropped_lines - before)
+        return outs
+
+    def status(self) -> dict:
+        c = getattr(self, "cutter", None)
+        return {} if c is None else {"strips": c.seq, "hsi_missing_lines": c.dropped_lines}

@@ -1,0 +1,181 @@
+"""The register node: strips of both grids over the same belt, gaps never spliced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.spatial import Geometry, fit
+from calibration.spectral import SpectralReference, bin_bands
+from nodes.register import StripCutter
+from nodes.simulate import Simulation
+from nodes.simulate.cameras import Misregistration
+from pipeline.config import load_config
+from tests.conftest import DEMO, load_json, sortline, write_config
+from tests.test_spatial import target_blobs
+
+MIS = Misregistration()
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_config(DEMO)
+
+
+@pytest.fixture(scope="module")
+def calibrations(settings):
+    spatial = fit(*target_blobs(settings, MIS), Geometry.from_settings(settings),
+                  rgb_serial="SIM-RGB-2", hsi_serial="SIM-HSI-2")
+    dark = np.concatenate([Simulation(settings, seed=2, scene="dark").hsi(f) for f in range(8)])
+    white = np.concatenate([Simulation(settings, seed=2, scene="white").hsi(f) for f in range(8)])
+    return SpectralReference.from_frames(dark, white, white_reflectance=0.92, serial="SIM-HSI-2"), spatial
+
+
+@pytest.fixture(scope="module")
+def belt(settings):
+    sim = Simulation(settings, seed=2, misregistration=MIS, occupancy=0.4)
+    n = 48
+    return sim, [sim.rgb(f) for f in range(n)], [sim.hsi(f) for f in range(n)]
+
+
+def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None):
+    sim, rgb, hsi = belt
+    cut = StripCutter(settings, *calibrations, max_wait_lines=256)
+    strips, held = [], []
+    for f in range(len(rgb)):
+        if f not in skip_hsi and (hsi_until is None or f < hsi_until):
+            cut.hsi(sim.position("hsi", f), hsi[f], gap=f - 1 in skip_hsi)
+        if f not in skip_rgb:
+            cut.rgb(sim.position("rgb", f), rgb[f], gap=f - 1 in skip_rgb)
+        strips += list(cut.strips())
+        held.append(len(cut.rgb_chunks))
+    return cut, strips, held
+
+
+def cores(settings, strips):
+    """RGB positions covered by the strips' valid core lines."""
+    tpl, overlap = settings.cameras.rgb.ticks_per_line, settings.model.overlap_lines
+    return np.concatenate([top + (overlap + np.arange(valid)) * tpl for top, _, _, valid, _ in strips])
+
+
+def test_strips_carry_both_grids_over_the_same_belt(settings, calibrations, belt):
+    sim, rgb_frames, _ = belt
+    cut, strips, _ = run(settings, calibrations, belt)
+    tpl, overlap, core = settings.cameras.rgb.ticks_per_line, settings.model.overlap_lines, settings.model.strip_lines
+    assert len(strips) >= 8
+    all_rgb = np.concatenate(rgb_frames)
+    for i, (top, rgb, hsi, valid, gap) in enumerate(strips):
+        assert rgb.shape == (core + 2 * overlap, 640, 3) and hsi.shape == ((core + 2 * overlap) // 4, 160, 32)
+        assert valid == core and gap == (i == 0)
+        row0 = top // tpl
+        real = slice(overlap if gap else 0, None)     # the first strip's upper context is repeated
+        assert np.array_equal(rgb[real], all_rgb[row0:row0 + len(rgb)][real])
+        # HSI on the RGB grid: what perfect registration gives, within noise and edge blur.
+        ideal = bin_bands(sim.strip(row0, len(rgb))["hsi"], 32)
+        err = np.abs(hsi.astype(np.float32) - ideal)[overlap // 4:]
+        assert np.median(err) < 0.005 and np.percentile(err, 90) < 0.04, (np.median(err), np.percentile(err, 90))
+    # Consecutive cores, no line twice, none missing after the first registrable one.
+    covered = cores(settings, strips)
+    assert np.array_equal(np.diff(covered), np.full(len(covered) - 1, tpl))
+    # Lines before the HSI camera had seen that belt (it looks 51.7 mm upstream) are given up and counted.
+    assert cut.dropped_lines == covered[0] // tpl
+
+
+def test_an_rgb_gap_ends_a_strip_early_and_the_next_starts_after_it(settings, calibrations, belt):
+    sim, _, _ = belt
+    _, strips, _ = run(settings, calibrations, belt, skip_rgb={20})
+    lost = set(range(sim.position("rgb", 20), sim.position("rgb", 21), settings.cameras.rgb.ticks_per_line))
+    covered = cores(settings, strips)
+    assert not lost & set(covered.tolist())
+    short = [s for s in strips if s[3] < settings.model.strip_lines]
+    assert len(short) == 1
+    after = strips[strips.index(short[0]) + 1]
+    assert after[4] is True                                            # flagged: no context across the gap
+    assert after[0] + settings.model.overlap_lines * 15 == sim.position("rgb", 21)
+    # Everything else is covered once.
+    expected = np.arange(covered[0], sim.position("rgb", 47), 15)
+    assert set(covered.tolist()) == set(expected.tolist()) - lost - {p for p in expected if p >= covered[-1] + 15}
+
+
+def test_an_hsi_gap_is_never_interpolated_across(settings, calibrations, belt):
+    sim, _, _ = belt
+    cut, strips, _ = run(settings, calibrations, belt, skip_hsi={20})
+    along = cut.along
+    lo = sim.position("hsi", 20) + along.min() - 60
+    hi = sim.position("hsi", 21) + along.max()
+    covered = cores(settings, strips)
+    assert not ((covered >= lo) & (covered < hi)).any()
+    assert cut.dropped_lines > covered[0] // 15      # the lines HSI never saw, counted
+
+
+def test_hsi_that_stops_coming_costs_bounded_memory_and_counts(settings, calibrations, belt):
+    cut, strips, held = run(settings, calibrations, belt, hsi_until=20)
+    assert max(held) <= 256 // 32 + 8                # max_wait_lines of RGB, in frames, plus a strip
+    assert cut.dropped_lines > 256
+
+
+def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
+    """simulate -> register -> sink as processes, with the calibration files from the config."""
+    spectral, spatial = calibrations
+    spectral.save(tmp_path / "spectral.npz")
+    spatial.save(tmp_path / "spatial.json")
+    graph = f"""
+[calibration]
+spectral = "spectral.npz"
+spatial = "spatial.json"
+
+[nodes.belt]
+kind = "simulate"
+params = {{ seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05 }}
+
+[nodes.register]
+kind = "register"
+
+[nodes.sink]
+kind = "sink"
+params = {{ verify = false, report = "{tmp_path / 'sink.json'}" }}
+
+[[edges]]
+from = "belt.rgb"
+to = "register.rgb"
+
+[[edges]]
+from = "belt.hsi"
+to = "register.hsi"
+
+[[edges]]
+from = "register.out"
+to = "sink.in"
+"""
+    cfg = write_config(tmp_path / "reg.toml", graph, run_dir)
+    result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
+                      timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sink = load_json(tmp_path / "sink.json")
+    # 1 s at 2 m/s is 2 m of belt: about 2133 RGB lines, 16 strips (fewer lines after drops and the start).
+    assert 10 <= sink["received"] <= 18 and sink["lost"] == 0
+    assert sink["gap_flags"] >= 2        # the first strip, and those after lost frames
+    status = load_json(tmp_path / "run.json")["nodes"]["register"]["status"]
+    assert status["strips"] == sink["received"]
+
+
+def test_missing_calibration_is_a_config_error(tmp_path, run_dir):
+    graph = """
+[nodes.belt]
+kind = "simulate"
+
+[nodes.register]
+kind = "register"
+
+[[edges]]
+from = "belt.rgb"
+to = "register.rgb"
+
+[[edges]]
+from = "belt.hsi"
+to = "register.hsi"
+"""
+    cfg = write_config(tmp_path / "nocal.toml", graph.replace("[nodes.belt]", '[calibration]\nspatial = "nowhere.json"\nspectral = "nowhere.npz"\n\n[nodes.belt]'), run_dir)
+    result = sortline("node", "register", "--config", str(cfg), timeout=60)
+    assert result.returncode == 78
+    assert "nowhere.npz" in result.stderr and "not a readable spectral calibration" in result.stderr
