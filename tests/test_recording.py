@@ -1,0 +1,423 @@
+"""Recording, replay and inspection, with real processes, sockets and files.
+
+Recordings are read back here with the `mcap` library and the layout of
+docs/recording.md, not with sortline's own reader, so that the file format
+is checked as an outside tool sees it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import msgspec
+import numpy as np
+import pytest
+from mcap.reader import make_reader
+from mcap.records import Chunk
+from mcap.records import Message as McapMessage
+from mcap.stream_reader import StreamReader, breakup_chunk
+from mcap.writer import CompressionType, Writer
+
+from conftest import load_json, sortline, write_config
+from nodes.pattern import pattern
+
+N = 300  # messages per stream in the shared recording
+RGB = "camera = 'rgb', lines = 8, pixels = 64, bands = 3, paced = false"
+HSI = "camera = 'hsi', dtype = 'uint16', lines = 2, pixels = 16, bands = 224, paced = false"
+DEFAULTS = {"position": 0, "ticks_per_line": 0, "device_ts_ns": 0, "host_ts": False, "gap": False, "eos": False,
+            "arrays": [], "trace": [], "meta": {}, "schema": 1}
+
+
+def sources_graph(rgb: str, hsi: str, sink: str, extra: str = "", truth: str = "") -> str:
+    """Test-pattern cameras into a sink (a replay takes the cameras' places)."""
+    graph = f"""
+[nodes.rgbcam]
+kind = "pattern"
+params = {{ {rgb} }}
+
+[nodes.hsicam]
+kind = "pattern"
+params = {{ {hsi} }}
+
+[nodes.sink]
+kind = "sink"
+params = {{ {sink} }}
+
+[[edges]]
+from = "rgbcam.out"
+to = "sink.in"
+
+[[edges]]
+from = "hsicam.out"
+to = "sink.in"
+"""
+    if truth:
+        graph += f"""
+[nodes.truthsrc]
+kind = "pattern"
+params = {{ {truth} }}
+
+[[edges]]
+from = "truthsrc.out"
+to = "sink.in"
+"""
+    return graph + extra
+
+
+# Reading a recording the way an outside tool would (docs/recording.md).
+
+def decode(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    (n,) = struct.unpack_from("<I", data, 0)
+    head = {**DEFAULTS, **msgspec.msgpack.decode(data[4:4 + n])}
+    arrays = {name: np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=4 + n + offset).reshape(shape)
+              for name, dtype, shape, offset in head["arrays"]}
+    return head, arrays
+
+
+def read_all(path: Path) -> dict[str, list[tuple[dict, dict]]]:
+    """Per stream, in file order: (header, arrays) of every message."""
+    out: dict[str, list] = {}
+    with open(path, "rb") as fh:
+        for schema, channel, message in make_reader(fh).iter_messages(log_time_order=False):
+            out.setdefault(channel.topic, []).append(decode(message.data))
+    return out
+
+
+def same_message(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    """Bit for bit: every header field but the trace, every array's bytes, dtype and shape."""
+    (ha, aa), (hb, ab) = a, b
+    strip = lambda h: {k: v for k, v in h.items() if k != "trace"}  # noqa: E731
+    return (strip(ha) == strip(hb) and aa.keys() == ab.keys()
+            and all(aa[k].dtype == ab[k].dtype and aa[k].shape == ab[k].shape
+                    and aa[k].tobytes() == ab[k].tobytes() for k in aa))
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One run of two test-pattern cameras recorded by a record node (small chunks: many of them)."""
+    tmp = tmp_path_factory.mktemp("rec")
+    run_dir = Path(f"/dev/shm/sl-rec-{os.getpid()}")
+    record = f"""
+[nodes.record]
+kind = "record"
+params = {{ path = "{tmp}/a.mcap", chunk_mb = 0.25 }}
+
+[[edges]]
+from = "rgbcam.out"
+to = "record.in"
+
+[[edges]]
+from = "hsicam.out"
+to = "record.in"
+"""
+    graph = sources_graph(f"{RGB}, count = {N}", f"{HSI}, count = {N}", f'report = "{tmp}/sink.json"', record)
+    cfg = write_config(tmp / "c.toml", graph, run_dir)
+    res = sortline("run", "--config", str(cfg), "--report", str(tmp / "run.json"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    yield tmp, cfg, run_dir
+    for leftover in run_dir.glob("*"):
+        leftover.unlink()
+    run_dir.rmdir()
+
+
+def test_a_recording_holds_every_message_and_reads_with_the_mcap_library_alone(recorded):
+    tmp, cfg, _ = recorded
+    path = tmp / "a.mcap"
+    streams = read_all(path)
+    assert sorted(streams) == ["hsi", "rgb"]
+    for name, shape, dtype in (("rgb", (8, 64, 3), "uint8"), ("hsi", (2, 16, 224), "uint16")):
+        msgs = streams[name]
+        assert [h["seq"] for h, _ in msgs] == list(range(N))
+        tpl = 15 if name == "rgb" else 60
+        assert [h["position"] for h, _ in msgs] == [seq * shape[0] * tpl for seq in range(N)]
+        for head, arrays in msgs:
+            assert head["stream"] == name and head["ticks_per_line"] == tpl and head["host_ts"] is True
+            assert [t[0] for t in head["trace"]] == [f"{name}cam"]
+            assert arrays["lines"].dtype == dtype and arrays["lines"].shape == shape
+            assert np.array_equal(arrays["lines"], pattern(shape, dtype, head["seq"]))
+    with open(path, "rb") as fh:
+        reader = make_reader(fh)
+        summary = reader.get_summary()
+        assert summary.statistics.message_count == 2 * N
+        assert summary.statistics.chunk_count > 4  # 0.25 MiB chunks
+        assert {c.message_encoding for c in summary.channels.values()} == {"x-sortline-frame-v1"}
+        assert {(s.name, s.encoding) for s in summary.schemas.values()} == {("sortline.Frame", "text/markdown")}
+        meta = {m.name: m.metadata for m in reader.iter_metadata()}
+        assert meta["sortline"]["profile"] == "demo" and meta["sortline"]["sortline_version"]
+        attachments = {a.name: a.data for a in reader.iter_attachments()}
+    import tomllib
+
+    config = tomllib.loads(attachments["config.toml"].decode())
+    assert config["cameras"]["hsi"]["bands"] == 224 and config["nodes"]["record"]["kind"] == "record"
+    sink = load_json(tmp / "sink.json")
+    assert sink["received"] == 2 * N and sink["corrupt"] == 0
+    assert load_json(tmp / "run.json")["nodes"]["record"]["status"]["messages"] == 2 * N
+
+
+def test_replay_gives_back_every_message_bit_for_bit(recorded, tmp_path, run_dir):
+    tmp, _, _ = recorded
+    graph = sources_graph(RGB, HSI, f'report = "{tmp_path}/sink.json"')
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("replay", str(tmp / "a.mcap"), "--config", str(cfg), "--speed", "0",
+                   "--record", str(tmp_path / "b.mcap"), "--report", str(tmp_path / "run.json"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sink = load_json(tmp_path / "sink.json")
+    assert sink["received"] == 2 * N and sink["lost"] == 0 and sink["corrupt"] == 0 and sink["reordered"] == 0
+    assert set(sink["stages"]) == {"replay"}  # the trace starts anew at the replay
+    a, b = read_all(tmp / "a.mcap"), read_all(tmp_path / "b.mcap")
+    assert {k: len(v) for k, v in b.items()} == {"rgb": N, "hsi": N}
+    for stream in ("rgb", "hsi"):
+        assert all(same_message(x, y) for x, y in zip(a[stream], b[stream]))
+    assert [t[0] for t in b["rgb"][0][0]["trace"]] == ["replay"]
+
+
+def write_truth_recording(path: Path, n: int = 40, gap_at: int = 20) -> dict[str, list]:
+    """A recording with all three streams, written with the mcap library and the
+    documented layout (no sortline code); rgb skips two messages at `gap_at`."""
+    rng = np.random.default_rng(7)
+    palette = [[40, 40, 40], [255, 0, 0], [0, 200, 0], [0, 0, 255]]
+    written: dict[str, list] = {}
+    with open(path, "wb") as fh:
+        w = Writer(fh, compression=CompressionType.LZ4, chunk_size=64 * 1024)
+        w.start(profile="sortline", library="test")
+        schema = w.register_schema("sortline.Frame", "text/markdown", b"layout 1")
+        channels = {s: w.register_channel(s, "x-sortline-frame-v1", schema) for s in ("rgb", "hsi", "truth")}
+        w.add_attachment(0, 0, "config.toml", "application/toml", (Path(__file__).parent.parent / "configs"
+                                                                      / "demo.toml").read_bytes())
+        for seq in range(n):
+            skip = 2 if seq >= gap_at else 0
+            pos = (seq + skip) * 8 * 15
+            t = 1_000_000_000 + seq * 50_000_000  # log times 50 ms apart
+            labels = rng.integers(0, 4, (8, 32), dtype=np.uint8)
+            frames = {
+                "rgb": ({"position": pos, "ticks_per_line": 15, "gap": seq == gap_at, "meta": {"exposure_us": 50}},
+                        {"lines": rng.integers(0, 256, (8, 32, 3), dtype=np.uint8)}),
+                "truth": ({"position": pos, "ticks_per_line": 15,
+                           "meta": {"classes": ["belt", "pet", "pp", "paper"], "palette": palette}},
+                          {"labels": labels, "instances": (labels * 7).astype(np.uint16)}),
+            }
+            if seq % 4 == 0:  # an HSI message of 8 lines per 4 RGB messages (RGB:HSI 4:1)
+                frames["hsi"] = ({"position": pos, "ticks_per_line": 60, "seq": seq // 4},
+                                 {"lines": rng.integers(0, 4096, (8, 8, 224), dtype=np.uint16)})
+            for stream, (fields, arrays) in frames.items():
+                specs, offset = [], 0
+                for name, a in arrays.items():
+                    specs.append([name, a.dtype.name, list(a.shape), offset])
+                    offset += a.nbytes
+                head = {"stream": stream, "seq": seq, "device_ts_ns": t, "arrays": specs,
+                        "trace": [["sim", t, t + 1000]], "schema": 1, **fields}
+                raw = msgspec.msgpack.encode(head)
+                data = struct.pack("<I", len(raw)) + raw + b"".join(a.tobytes() for a in arrays.values())
+                w.add_message(channels[stream], log_time=t, data=data, publish_time=t, sequence=seq)
+                written.setdefault(stream, []).append(decode(data))
+        w.finish()
+    return written
+
+
+def test_replay_of_all_three_streams_with_meta_is_bit_for_bit(tmp_path, run_dir):
+    src = tmp_path / "truth.mcap"
+    written = write_truth_recording(src)
+    graph = sources_graph(RGB, HSI, f'verify = false, report = "{tmp_path}/sink.json"',
+                          truth="stream = 'truth', lines = 8, pixels = 32, bands = 1")
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("replay", str(src), "--config", str(cfg), "--speed", "0", "--record", str(tmp_path / "b.mcap"),
+                   timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = read_all(tmp_path / "b.mcap")
+    assert {k: len(v) for k, v in b.items()} == {"rgb": 40, "truth": 40, "hsi": 10}
+    for stream, msgs in written.items():
+        assert all(same_message(x, y) for x, y in zip(msgs, b[stream])), stream
+    assert [h["seq"] for h, _ in b["rgb"] if h["gap"]] == [20]
+    assert b["truth"][3][0]["meta"]["palette"][1] == [255, 0, 0]
+
+
+def chunk_ends(path: Path) -> list[tuple[int, int, int]]:
+    """(byte offset where each chunk ends, messages in it, its data's length), read with the mcap library."""
+    ends = []
+    with open(path, "rb") as fh:
+        for record in StreamReader(fh, emit_chunks=True).records:
+            if isinstance(record, Chunk):
+                count = sum(isinstance(r, McapMessage) for r in breakup_chunk(record))
+                ends.append((fh.tell(), count, len(record.data)))
+    return ends
+
+
+@pytest.mark.parametrize("case", ["chunk_end", "mid_chunk", "mid_record_header", "file_header", "corrupt"])
+def test_a_damaged_recording_replays_up_to_the_damage_then_ends(recorded, tmp_path, run_dir, case):
+    tmp, _, _ = recorded
+    data = (tmp / "a.mcap").read_bytes()
+    ends = chunk_ends(tmp / "a.mcap")
+    assert len(ends) > 4
+    k = len(ends) // 2
+    if case == "corrupt":  # bytes flipped in the middle of chunk k: its CRC fails
+        start = ends[k][0] - ends[k][2] // 2  # a chunk's data is the end of its record
+        damaged = bytearray(data)
+        damaged[start:start + 16] = bytes(b ^ 0x5A for b in damaged[start:start + 16])
+        expected = sum(c for _, c, _ in ends[:k])
+    else:
+        cut = {"chunk_end": ends[k][0], "mid_chunk": (ends[k][0] + ends[k + 1][0]) // 2,
+               "mid_record_header": ends[k][0] + 5, "file_header": 40}[case]
+        damaged = data[:cut]
+        expected = sum(c for end, c, _ in ends if end <= cut)
+    path = tmp_path / "damaged.mcap"
+    path.write_bytes(bytes(damaged))
+
+    graph = sources_graph(RGB, HSI, f'report = "{tmp_path}/sink.json"')
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("replay", str(path), "--config", str(cfg), "--speed", "0", "--report", str(tmp_path / "run.json"),
+                   timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sink = load_json(tmp_path / "sink.json")
+    assert sink["received"] == expected
+    assert sink["corrupt"] == 0 and sink["lost"] == 0 and sink["reordered"] == 0
+    assert f"{path}: damaged at byte" in res.stderr and "stopping the replay there" in res.stderr
+    run = load_json(tmp_path / "run.json")
+    assert run["nodes"]["replay"]["state"] == "finished" and run["nodes"]["replay"]["restarts"] == 0
+    assert run["nodes"]["replay"]["status"] == {"published": expected, "passes": 1, "damaged": 1}
+    inspect = sortline("inspect", "--verify", str(path), timeout=60)
+    assert inspect.returncode == 2 and "DAMAGED" in inspect.stdout
+    assert f"the {expected} messages before it are valid" in inspect.stdout
+
+
+def test_replay_range_and_loop_keep_counting_and_flag_each_wrap(recorded, tmp_path, run_dir):
+    tmp, _, _ = recorded
+    graph = sources_graph(RGB, HSI, f'verify = false, report = "{tmp_path}/sink.json"')
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    # rgb and hsi messages cover 120 ticks each: positions [1200, 3600) are seq 10..29 of each.
+    res = sortline("replay", str(tmp / "a.mcap"), "--config", str(cfg), "--speed", "0", "--from", "1200",
+                   "--to", "3600", "--loop", "--seconds", "4", "--record", str(tmp_path / "b.mcap"), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_all(tmp / "a.mcap"), read_all(tmp_path / "b.mcap")  # b has its summary: finished on SIGTERM
+    sink = load_json(tmp_path / "sink.json")
+    assert sink["lost"] == 0 and sink["reordered"] == 0
+    for stream in ("rgb", "hsi"):
+        msgs = b[stream]
+        assert len(msgs) >= 60, len(msgs)  # at least three passes
+        seqs = [h["seq"] for h, _ in msgs]
+        assert seqs == list(range(10, 10 + len(msgs)))  # keeps counting across wraps
+        assert [i for i, (h, _) in enumerate(msgs) if h["gap"]] == list(range(20, len(msgs), 20))
+        for i, (head, arrays) in enumerate(msgs):
+            original = a[stream][10 + i % 20]
+            assert head["position"] == original[0]["position"] + (i // 20) * 2400  # the belt runs on
+            assert arrays["lines"].tobytes() == original[1]["lines"].tobytes()
+    assert sink["gap_flags"] == sum(h["gap"] for s in ("rgb", "hsi") for h, _ in b[s])
+
+
+def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
+    # 90 frames of 32 lines at the demo's 2133 lines/s: 1.35 s as recorded.
+    rec = f"""
+[nodes.record]
+kind = "record"
+params = {{ path = "{tmp_path}/paced.mcap" }}
+
+[[edges]]
+from = "rgbcam.out"
+to = "record.in"
+"""
+    graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64, count = 90", f"{HSI}, count = 1",
+                          f'report = "{tmp_path}/sink.json"', rec)
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("run", "--config", str(cfg), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recorded_rate = 2133.33 / 32
+    rates = {}
+    for speed in ("1", "3"):
+        res = sortline("replay", str(tmp_path / "paced.mcap"), "--config", str(cfg), "--speed", speed,
+                       "--streams", "rgb", timeout=60)
+        assert res.returncode == 0, res.stderr[-3000:]
+        sink = load_json(tmp_path / "sink.json")
+        assert sink["received"] == 90 and sink["corrupt"] == 0
+        rates[speed] = sink["rate_per_s"]
+    assert rates["1"] == pytest.approx(recorded_rate, rel=0.15), rates
+    assert rates["3"] == pytest.approx(3 * recorded_rate, rel=0.2), rates
+
+
+def test_a_slow_disk_holds_the_lossless_input_back_loudly_and_loses_nothing(tmp_path, run_dir):
+    # The recording goes into a pipe that this test drains at about 4 MB/s: a disk far
+    # slower than the camera. Uncompressed, 600 frames of 24 KiB are 15 MB.
+    fifo = tmp_path / "slow.mcap"
+    os.mkfifo(fifo)
+    rec = f"""
+[nodes.record]
+kind = "record"
+params = {{ path = "{fifo}", overwrite = true, compression = "none", queue_mb = 0.5, chunk_mb = 0.25 }}
+
+[[edges]]
+from = "rgbcam.out"
+to = "record.in"
+"""
+    graph = sources_graph("camera = 'rgb', lines = 32, pixels = 256, count = 600, paced = false",
+                          f"{HSI}, count = 1", f'report = "{tmp_path}/sink.json"', rec)
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    received = bytearray()
+
+    def drain():
+        with open(fifo, "rb") as fh:
+            while block := fh.read(64 * 1024):
+                received.extend(block)
+                time.sleep(0.016)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    t0 = time.monotonic()
+    res = sortline("run", "--config", str(cfg), "--report", str(tmp_path / "run.json"), timeout=120)
+    elapsed = time.monotonic() - t0
+    reader.join(30)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the disk is not keeping up with the recording" in res.stderr
+    run = load_json(tmp_path / "run.json")
+    assert run["nodes"]["record"]["status"]["stalls"] > 0
+    assert sum(v for k, v in run["nodes"]["record"]["metrics"].items()
+               if k.startswith("sortline_record_stall_seconds_total")) > 0.5
+    (tmp_path / "got.mcap").write_bytes(received)
+    got = read_all(tmp_path / "got.mcap")
+    assert [h["seq"] for h, _ in got["rgb"]] == list(range(600))  # nothing dropped
+    assert all(np.array_equal(a["lines"], pattern((32, 256, 3), "uint8", h["seq"])) for h, a in got["rgb"])
+    assert elapsed > 2.0  # the camera was held to the pipe's pace
+    assert load_json(tmp_path / "sink.json")["received"] == 601  # and the one HSI frame
+
+
+def test_inspect_prints_the_streams_and_draws_the_belt(tmp_path):
+    src = tmp_path / "truth.mcap"
+    written = write_truth_recording(src)
+    res = sortline("inspect", str(src), "--png", str(tmp_path / "belt.png"), "--from", "0", "--length-mm", "60",
+                   timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "figures from a scan of every message" in out  # written without sortline's end-of-file figures
+    # 40 messages of 8 lines; the rgb stream skips 2 messages (240 ticks) at seq 20, position 2640.
+    assert "stream rgb: 40 messages, 320 lines" in out and "1 gaps at 2640" in out
+    assert "(positions 0..5040)" in out and "stream hsi: 10 messages, 80 lines" in out
+    assert "attachment config.toml" in out
+    picture = cv2.imread(str(tmp_path / "belt.png"))
+    rows = 64  # 60 mm * 16 ticks/mm / 15 ticks per line
+    assert picture.shape == (rows, 90 + 32 + 6 + 32 + 6 + 32, 3)
+    rgb = np.concatenate([a["lines"] for _, a in written["rgb"][:8]])
+    assert np.array_equal(picture[:, 90:122], rgb[..., ::-1])
+    palette = np.array([[40, 40, 40], [255, 0, 0], [0, 200, 0], [0, 0, 255]], dtype=np.uint8)
+    labels = np.concatenate([a["labels"] for _, a in written["truth"][:8]])
+    assert np.array_equal(picture[:, 90 + 76:], palette[labels][..., ::-1])
+    # The HSI camera scans 50 mm upstream: its line at position p shows what RGB sees at p + 800
+    # ticks, so the first HSI message (positions 0..480) fills HSI rows 13..15 (60 ticks each),
+    # RGB rows 52..63.
+    hsi = picture[:, 90 + 38:90 + 70]
+    assert [r for r in range(rows) if hsi[r].any()] == list(range(52, 64))
+
+
+def test_bad_recording_and_recorder_settings_stop_with_a_clear_error(tmp_path, run_dir):
+    not_mcap = tmp_path / "notes.mcap"
+    not_mcap.write_text("not a recording")
+    graph = sources_graph(RGB, HSI, "")
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("replay", str(not_mcap), "--config", str(cfg), timeout=60)
+    assert res.returncode == 78 and "not an MCAP file" in res.stderr
+    res = sortline("run", "--config", str(cfg), "--record", str(tmp_path / "no" / "dir" / "x.mcap"), timeout=60)
+    assert res.returncode == 78
+    assert f"nodes.record.params.path = '{tmp_path}/no/dir/x.mcap': directory" in res.stderr
+    assert "restart 1" not in res.stderr
