@@ -170,6 +170,14 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser, record_help: str) -> None:
+    """What every command that runs a graph takes."""
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
+    p.add_argument("--record", metavar="FILE", default=None, help=record_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,11 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start every node of the configured graph as its own process, restart "
                        "one that dies (with backoff), print a status table, stop them all cleanly on "
                        "SIGTERM/SIGINT or after --seconds.")
-    p.add_argument("--config", required=True, help="machine configuration (TOML)")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
-    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
-    p.add_argument("--record", metavar="FILE", default=None,
-                   help="also record every source's output to this MCAP file (adds a record node)")
+    _run_options(p, "also record every source's output to this MCAP file (adds a record node)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="run the graph with its sources replaced by a recording",
@@ -192,16 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "test patterns) replaced by one replay of FILE, whose outputs rgb, hsi and truth take "
                        "their edges. A damaged file replays up to the damage, then the graph ends.")
     p.add_argument("file", help="the recording (MCAP)")
-    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    _run_options(p, "record the replayed streams again to FILE")
     p.add_argument("--speed", type=float, default=1.0,
                    help="1: as recorded (default); a factor; 0: as fast as the graph accepts, lossless")
     p.add_argument("--from", dest="from_ticks", type=int, default=None, help="first belt position (encoder ticks)")
     p.add_argument("--to", dest="to_ticks", type=int, default=None, help="belt position to stop before")
     p.add_argument("--loop", action="store_true", help="start again at the end (until --seconds or a signal)")
     p.add_argument("--streams", default="", help="comma-separated recorded streams to publish (default: all)")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
-    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
-    p.add_argument("--record", metavar="FILE", default=None, help="record the replayed streams again to FILE")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("inspect", help="print what a recording holds; draw a stretch of belt",

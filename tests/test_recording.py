@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import struct
 import threading
 import time
@@ -24,7 +25,7 @@ from mcap.records import Message as McapMessage
 from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.writer import CompressionType, Writer
 
-from conftest import load_json, sortline, write_config
+from conftest import free_port, load_json, metric, pid_of, scrape, sortline, start, stop, wait_for, write_config
 from nodes.pattern import pattern
 
 N = 300  # messages per stream in the shared recording
@@ -421,3 +422,86 @@ def test_bad_recording_and_recorder_settings_stop_with_a_clear_error(tmp_path, r
     assert res.returncode == 78
     assert f"nodes.record.params.path = '{tmp_path}/no/dir/x.mcap': directory" in res.stderr
     assert "restart 1" not in res.stderr
+
+
+def test_the_graph_rewrites_for_replay_and_recording(tmp_path, run_dir):
+    from pipeline.config import ConfigError, config_toml, load_config
+    from pipeline.graph import replay_graph, with_recorder
+
+    graph = sources_graph(RGB, HSI, "", truth="stream = 'truth'").replace('to = "sink.in"\n',
+                                                                         'to = "sink.in"\npolicy = "latest"\n')
+    settings = load_config(write_config(tmp_path / "c.toml", graph, run_dir))
+
+    fast = replay_graph(settings, "belt.mcap", speed=0)
+    assert set(fast.nodes) == {"sink", "replay"}
+    assert fast.nodes["replay"].params == {"path": str(Path("belt.mcap").absolute()), "speed": 0}
+    assert sorted((e.src, e.dst, e.policy) for e in fast.edges) == [
+        ("replay.hsi", "sink.in", "lossless"), ("replay.rgb", "sink.in", "lossless"),
+        ("replay.truth", "sink.in", "lossless")]
+    paced = replay_graph(settings, "belt.mcap", speed=1.0)
+    assert {e.policy for e in paced.edges} == {"latest"}  # paced: the edges as configured
+
+    recorded = with_recorder(fast, "out.mcap", chunk_mb=2)
+    assert recorded.nodes["record"].params == {"path": str(Path("out.mcap").absolute()), "chunk_mb": 2}
+    assert sorted((e.src, e.policy) for e in recorded.edges if e.dst == "record.in") == [
+        ("replay.hsi", "lossless"), ("replay.rgb", "lossless"), ("replay.truth", "lossless")]
+    # What `sortline replay` runs: the derived graph written out and read back, checked like any config.
+    (tmp_path / "derived.toml").write_text(config_toml(recorded))
+    assert load_config(tmp_path / "derived.toml").model_dump() == recorded.model_dump()
+
+    with pytest.raises(ConfigError, match="already has a node of that name"):
+        with_recorder(recorded, "again.mcap")
+    odd = load_config(write_config(tmp_path / "odd.toml", sources_graph(RGB, "stream = 'nir'", ""), run_dir))
+    with pytest.raises(ConfigError, match=r"edges\[1\].from = 'hsicam.out': no recorded stream"):
+        replay_graph(odd, "belt.mcap")
+
+
+def test_a_recorder_killed_mid_run_leaves_a_file_that_replays_and_its_restart_writes_a_new_one(tmp_path, run_dir):
+    from pipeline.config import load_config
+    from pipeline.graph import topo_order
+
+    port = free_port()
+    rec = f"""
+[nodes.record]
+kind = "record"
+params = {{ path = "{tmp_path}/a.mcap", flush_s = 0.3 }}
+
+[[edges]]
+from = "rgbcam.out"
+to = "record.in"
+"""
+    graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64", f"{HSI}, count = 1", "", rec)
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {port}\n")
+    record_port = port + topo_order(load_config(cfg)).index("record")
+    sup = start("run", "--config", str(cfg), "--seconds", "30")
+    try:
+        recorded = lambda: metric(scrape(record_port), "sortline_record_messages_total")  # noqa: E731
+        wait_for(lambda: recorded() >= 100, timeout=20)  # 1.5 s of frames, several closed chunks
+        os.kill(pid_of("node", "record", str(cfg)), signal.SIGKILL)  # a power cut, as the recorder sees it
+        wait_for(lambda: (tmp_path / "a.1.mcap").exists() and recorded() >= 20, timeout=20)
+    finally:
+        rc, out, err = stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert "record died (signal 9)" in err and f"{tmp_path}/a.mcap exists" in err
+    cut = sortline("inspect", "--verify", str(tmp_path / "a.mcap"), timeout=60)
+    assert cut.returncode == 2 and "the recording was cut short" in cut.stdout, cut.stdout
+    # What the cut file holds is every frame from the first on, up to the last chunk closed
+    # before the kill (flush_s = 0.3 s: at most some 20 frames of 66/s are lost).
+    assert "stream rgb: " in cut.stdout and ", seq 0.." in cut.stdout and ", 0 gaps" in cut.stdout
+    kept = read_frames_of(tmp_path / "a.mcap")
+    assert kept == list(range(len(kept))) and len(kept) >= 80
+    after = sortline("inspect", str(tmp_path / "a.1.mcap"), timeout=60)
+    assert after.returncode == 0 and "figures from the recorder's summary" in after.stdout, after.stdout
+
+
+def read_frames_of(path: Path) -> list[int]:
+    """Sequence numbers of the rgb frames in a file without its end, read with the mcap library."""
+    seqs = []
+    with open(path, "rb") as fh:
+        try:
+            for record in StreamReader(fh).records:
+                if isinstance(record, McapMessage):
+                    seqs.append(decode(record.data)[0]["seq"])
+        except Exception:  # the cut: everything before it has been read
+            pass
+    return seqs
