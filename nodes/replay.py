@@ -46,6 +46,9 @@ class Replay(Node):
 
         @model_validator(mode="after")
         def _range(self):
+            unknown = set(self.streams) - set(Replay.outputs)
+            if unknown:
+                raise ValueError(f"streams {sorted(unknown)}: a replay publishes {', '.join(Replay.outputs)}")
             if self.from_ticks is not None and self.to_ticks is not None and self.to_ticks <= self.from_ticks:
                 raise ValueError(f"to_ticks ({self.to_ticks}) must be above from_ticks ({self.from_ticks})")
             return self

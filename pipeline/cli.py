@@ -30,7 +30,7 @@ def _config(path: str):
 def cmd_run(args) -> int:
     settings = _config(args.config)
     if args.record:
-        return _run_rewritten(settings, args, lambda s: with_recorder(s, args.record))
+        return run_rewritten(settings, args, lambda s: with_recorder(s, args.record))
     return _supervise(settings, args.config, args)
 
 
@@ -42,10 +42,10 @@ def _supervise(settings, config_path, args) -> int:
     return Supervisor(settings, config_path, seconds=args.seconds, report=args.report).run()
 
 
-def _run_rewritten(settings, args, rewrite) -> int:
-    """Run a graph derived from the configured one. Node processes read their
-    configuration from a file: the derived one is written to the runtime
-    directory for the length of the run."""
+def run_rewritten(settings, args, rewrite) -> int:
+    """Run the graph `rewrite(settings)` under the supervisor (args: seconds,
+    report). Node processes read their configuration from a file: the derived
+    one is written to the runtime directory for the length of the run."""
     import tempfile
 
     from pipeline.config import config_toml
@@ -82,7 +82,7 @@ def cmd_replay(args) -> int:
         s = replay_graph(s, args.file, **params)
         return with_recorder(s, args.record) if args.record else s
 
-    return _run_rewritten(settings, args, rewrite)
+    return run_rewritten(settings, args, rewrite)
 
 
 def cmd_inspect(args) -> int:

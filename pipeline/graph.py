@@ -164,13 +164,16 @@ def source_nodes(settings: Settings) -> list[str]:
 
 
 def with_recorder(settings: Settings, path: str, node: str = "record", **params) -> Settings:
-    """The graph plus a `record` node writing `path`, fed by a lossless edge from
-    every output port of every source node (one recorded stream each)."""
+    """The graph plus a `record` node writing `path` (with the record node's
+    `params`), fed by a lossless edge from every output port of every source
+    node (one recorded stream each)."""
     from pipeline.config import ConfigError, EdgeConfig, NodeConfig
 
     if node in settings.nodes:
         raise ConfigError([f"nodes.{node}: the graph already has a node of that name; cannot add a recorder"])
-    new_edges = [EdgeConfig.model_validate({"from": f"{src}.{port}", "to": f"{node}.in", "policy": "lossless"})
+    # Lossless, with room for a few frames of jitter in the recorder before a source waits.
+    new_edges = [EdgeConfig.model_validate({"from": f"{src}.{port}", "to": f"{node}.in", "policy": "lossless",
+                                            "hwm": 16})
                  for src in source_nodes(settings) for port in node_class(settings, src).outputs]
     if not new_edges:
         raise ConfigError(["the graph has no source node to record"])
