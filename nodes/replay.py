@@ -94,7 +94,8 @@ class Replay(Node):
         if frame.stream not in self.ports:
             if frame.stream not in self.skipped:
                 self.skipped.add(frame.stream)
-                self.log.info("recorded stream %r: no connected output of that name, skipped", frame.stream)
+                self.log.info("recorded stream %r: not replayed (no connected output of that name, or not in "
+                              "streams)", frame.stream)
             return None
         try:
             header, arrays = recording.decode_frame(frame.data)
@@ -110,7 +111,14 @@ class Replay(Node):
                 self.pass_t0, self.pass_log0 = time.monotonic_ns(), frame.log_time
             elif not self.sleep_until(self.pass_t0 + int((frame.log_time - self.pass_log0) / p.speed)):
                 return None
-        msg = self._message(frame.stream, header, arrays)
+        try:
+            msg = self._message(frame.stream, header, arrays)
+        except (MessageError, ValueError, TypeError) as exc:  # fits the file's layout, not the message contract
+            self.malformed.inc()
+            self._warn("recording", f"{p.path}: skipped a frame of stream {frame.stream!r}: {exc}")
+            for out in self.out.values():
+                out.abandon_unsent()
+            return None
         if msg is None:
             return None
         self.pass_count += 1

@@ -21,6 +21,8 @@ from pipeline import recording
 FALSE_COLOUR_NM = (1600.0, 1300.0, 1100.0)  # shown as R, G, B
 SCALE_W = 90
 GAP_W = 6
+TITLE_H = 18  # a strip above the panels naming them
+SCALE_STEPS_MM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 def hsi_bands(bands: int, wavelength_nm) -> list[int]:
@@ -94,10 +96,34 @@ def render(path: str, start_ticks: int, length_mm: float) -> tuple[np.ndarray, d
     blank = np.zeros((rows, width, 3), dtype=np.uint8)
     rgb = panels["rgb"][..., ::-1] if "rgb" in panels else blank  # R,G,B lines to OpenCV's B,G,R
     hsi_view = _hsi_view(hsi_rows, rows, width, start_ticks, tpl, hsi_cam)
-    labels = _label_view(panels.get("truth"), palette, width) if "truth" in panels else blank
-    picture = np.concatenate([_scale(rows, start_ticks, tpl, ticks_per_mm), rgb, _gap(rows), hsi_view, _gap(rows),
-                              labels], axis=1)
+    labels = blank
+    if "truth" in panels:
+        labels = _label_view(panels["truth"], palette, width)
+        labels[~filled["truth"]] = 0  # no truth there: black, not the colour of class 0
+    panels_row = np.concatenate([_scale(rows, start_ticks, tpl, ticks_per_mm), rgb, _gap(rows), hsi_view, _gap(rows),
+                                 labels], axis=1)
+    hsi_title = "HSI " + "/".join(f"{nm:.0f}" for nm in _band_nm(hsi_rows, hsi_cam)) if hsi_rows else "HSI"
+    titles = [("mm", 0), ("RGB", SCALE_W), (hsi_title, SCALE_W + width + GAP_W),
+              ("labels", SCALE_W + 2 * (width + GAP_W))]
+    picture = np.concatenate([_title(panels_row.shape[1], titles), panels_row], axis=0)
     return picture, {"rows": rows, "streams": sorted([*panels, *(["hsi"] if hsi_rows else [])])}
+
+
+def _band_nm(hsi_rows, hsi_cam) -> list[float]:
+    """Wavelengths (or, without a known range, band numbers) shown as R, G, B."""
+    bands = hsi_rows[0][2].shape[2]
+    shown = hsi_bands(bands, hsi_cam.get("wavelength_nm"))
+    if not hsi_cam.get("wavelength_nm"):
+        return [float(b) for b in shown]
+    lo, hi = hsi_cam["wavelength_nm"]
+    return [lo + b * (hi - lo) / (bands - 1) for b in shown]
+
+
+def _title(width: int, titles) -> np.ndarray:
+    strip = np.full((TITLE_H, width, 3), 255, dtype=np.uint8)
+    for text, x in titles:
+        cv2.putText(strip, text, (x + 2, TITLE_H - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
 
 
 def _place(canvas, filled, lines, first, ticks_per_line, start_ticks, tpl) -> None:
@@ -140,20 +166,19 @@ def _gap(rows: int) -> np.ndarray:
 
 
 def _scale(rows: int, start_ticks: int, tpl: int, ticks_per_mm: float) -> np.ndarray:
-    """Tick marks every 50 mm (labelled every 100 mm) of belt position."""
+    """Belt position in mm: a labelled mark at least every 40 rows or so, a short one halfway."""
     scale = np.full((rows, SCALE_W, 3), 255, dtype=np.uint8)
-    first_mm = int(np.ceil(start_ticks / ticks_per_mm / 50.0)) * 50
-    mm = first_mm
-    while True:
-        row = int(round((mm * ticks_per_mm - start_ticks) / tpl))
-        if row >= rows:
-            break
-        major = mm % 100 == 0
+    rows_per_mm = ticks_per_mm / tpl
+    step = next((s for s in SCALE_STEPS_MM if s * rows_per_mm >= 40), SCALE_STEPS_MM[-1])
+    half = step / 2
+    mm = np.ceil(start_ticks / ticks_per_mm / half) * half
+    while (row := int(round((mm * ticks_per_mm - start_ticks) / tpl))) < rows:
+        major = mm % step == 0
         cv2.line(scale, (SCALE_W - (20 if major else 10), row), (SCALE_W - 1, row), (0, 0, 0), 1)
         if major:
-            cv2.putText(scale, f"{mm} mm", (2, min(max(row + 4, 10), rows - 2)), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+            cv2.putText(scale, f"{mm:.0f} mm", (2, min(max(row + 4, 10), rows - 2)), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
                         (0, 0, 0), 1, cv2.LINE_AA)
-        mm += 50
+        mm += half
     return scale
 
 

@@ -138,6 +138,16 @@ def describe(info) -> str:
                    f"{duration:.2f} s{belt}, seq {s.first_seq}..{s.last_seq}, {gaps}")
     if not info.streams:
         out.append("  no messages")
+    else:
+        streams = info.streams.values()
+        first = min(s.first_time_ns for s in streams)
+        duration = (max(s.last_time_ns for s in streams) - first) / 1e9
+        total = f"  all: {sum(s.messages for s in streams)} messages, {duration:.2f} s"
+        placed = [s for s in streams if s.first_position is not None]
+        if ticks_per_mm and placed:
+            span = max(s.end_position for s in placed) - min(s.first_position for s in placed)
+            total += f", belt {span / ticks_per_mm / 1000:.2f} m"
+        out.append(total)
     for name, data in sorted(info.attachments.items()):
         out.append(f"  attachment {name}: {len(data)} bytes")
     return "\n".join(out)

@@ -104,10 +104,11 @@ def recorded(tmp_path_factory):
     """One run of two test-pattern cameras recorded by a record node (small chunks: many of them)."""
     tmp = tmp_path_factory.mktemp("rec")
     run_dir = Path(f"/dev/shm/sl-rec-{os.getpid()}")
+    (tmp / "spectral.cal").write_bytes(bytes(range(256)) * 4)
     record = f"""
 [nodes.record]
 kind = "record"
-params = {{ path = "{tmp}/a.mcap", chunk_mb = 0.25 }}
+params = {{ path = "{tmp}/a.mcap", chunk_mb = 0.25, calibration = ["{tmp}/spectral.cal"] }}
 
 [[edges]]
 from = "rgbcam.out"
@@ -154,6 +155,7 @@ def test_a_recording_holds_every_message_and_reads_with_the_mcap_library_alone(r
         attachments = {a.name: a.data for a in reader.iter_attachments()}
     import tomllib
 
+    assert attachments["calibration/spectral.cal"] == (tmp / "spectral.cal").read_bytes()
     config = tomllib.loads(attachments["config.toml"].decode())
     assert config["cameras"]["hsi"]["bands"] == 224 and config["nodes"]["record"]["kind"] == "record"
     sink = load_json(tmp / "sink.json")
@@ -294,7 +296,9 @@ def test_replay_range_and_loop_keep_counting_and_flag_each_wrap(recorded, tmp_pa
     res = sortline("replay", str(tmp / "a.mcap"), "--config", str(cfg), "--speed", "0", "--from", "1200",
                    "--to", "3600", "--loop", "--seconds", "4", "--record", str(tmp_path / "b.mcap"), timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = read_all(tmp / "a.mcap"), read_all(tmp_path / "b.mcap")  # b has its summary: finished on SIGTERM
+    with open(tmp_path / "b.mcap", "rb") as fh:
+        assert make_reader(fh).get_summary() is not None  # the recorder finished the file on SIGTERM
+    a, b = read_all(tmp / "a.mcap"), read_all(tmp_path / "b.mcap")
     sink = load_json(tmp_path / "sink.json")
     assert sink["lost"] == 0 and sink["reordered"] == 0
     for stream in ("rgb", "hsi"):
@@ -320,6 +324,10 @@ params = {{ path = "{tmp_path}/paced.mcap" }}
 [[edges]]
 from = "rgbcam.out"
 to = "record.in"
+
+[[edges]]
+from = "hsicam.out"
+to = "record.in"
 """
     graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64, count = 90", f"{HSI}, count = 1",
                           f'report = "{tmp_path}/sink.json"', rec)
@@ -334,6 +342,7 @@ to = "record.in"
         assert res.returncode == 0, res.stderr[-3000:]
         sink = load_json(tmp_path / "sink.json")
         assert sink["received"] == 90 and sink["corrupt"] == 0
+        assert res.stderr.count("recorded stream 'hsi': not replayed") == 1
         rates[speed] = sink["rate_per_s"]
     assert rates["1"] == pytest.approx(recorded_rate, rel=0.15), rates
     assert rates["3"] == pytest.approx(3 * recorded_rate, rel=0.2), rates
@@ -398,7 +407,8 @@ def test_inspect_prints_the_streams_and_draws_the_belt(tmp_path):
     assert "attachment config.toml" in out
     picture = cv2.imread(str(tmp_path / "belt.png"))
     rows = 64  # 60 mm * 16 ticks/mm / 15 ticks per line
-    assert picture.shape == (rows, 90 + 32 + 6 + 32 + 6 + 32, 3)
+    assert picture.shape == (18 + rows, 90 + 32 + 6 + 32 + 6 + 32, 3)  # a title strip, then the panels
+    picture = picture[18:]
     rgb = np.concatenate([a["lines"] for _, a in written["rgb"][:8]])
     assert np.array_equal(picture[:, 90:122], rgb[..., ::-1])
     palette = np.array([[40, 40, 40], [255, 0, 0], [0, 200, 0], [0, 0, 255]], dtype=np.uint8)
