@@ -40,6 +40,8 @@ from pipeline.node import Node, _RateLimitedLog
 
 EX_IOERR = 74  # sysexits.h: the file cannot be written; the supervisor restarts the node (a new file)
 PLAUSIBLE_AGE_NS = 60 * 10**9  # an acquisition time older than this is from another host's clock
+SPARE_ROUND = 64 * 1024  # frame buffers come in multiples of this, so that one fits the next frame
+SPARE_MAX = 64  # frame buffers kept for reuse
 
 RECORDED_BYTES = Counter("sortline_record_bytes", "Bytes of frames recorded", ["node", "stream"])
 RECORDED = Counter("sortline_record_messages", "Messages recorded", ["node", "stream"])
@@ -141,6 +143,7 @@ class Recorder(Node):
         self.stats: dict[str, recording.StreamStats] = {}
         self.limit = int(p.queue_mb * 2**20)
         self.queue: deque = deque()
+        self.spare: list[bytearray] = []  # frame buffers the writer is done with
         self.queued = 0
         self.cond = threading.Condition()
         self.closing = False
@@ -159,7 +162,7 @@ class Recorder(Node):
                            self.path, self.failure)
             sys.exit(EX_IOERR)
         h = msg.header
-        frame = recording.encode_frame(h, msg.arrays)  # the one copy out of the slot
+        frame = recording.encode_frame(h, msg.arrays, self._buffer)  # the one copy out of the slot
         arrival = time.time_ns()
         log_time = arrival
         if h.trace:  # the source's acquisition time, on this host's clock, paces a replay best
@@ -171,6 +174,15 @@ class Recorder(Node):
         RECORDED.labels(self.name, h.stream).inc()
         RECORDED_BYTES.labels(self.name, h.stream).inc(len(frame))
         return None
+
+    def _buffer(self, nbytes: int) -> bytearray:
+        """A frame buffer, reused: a fresh one costs a page fault per 4 KiB, which
+        in a virtual machine is as slow as the copy itself."""
+        for i, buf in enumerate(self.spare):
+            if len(buf) >= nbytes:
+                del self.spare[i]
+                return buf
+        return bytearray(-(-nbytes // SPARE_ROUND) * SPARE_ROUND)
 
     def _put(self, item) -> None:
         n = len(item[-1])
@@ -213,9 +225,11 @@ class Recorder(Node):
                     stream, log_time, arrival, seq, frame = item
                     channel = self._channel(stream)
                     self.writer.add_message(channel, log_time=log_time, data=frame, publish_time=arrival,
-                                            sequence=seq & 0xFFFFFFFF)
+                                            sequence=seq & 0xFFFFFFFF)  # copies the frame
                     with self.cond:
                         self.queued -= len(frame)
+                        if len(self.spare) < SPARE_MAX:
+                            self.spare.append(frame.obj)
                         self._queued.set(self.queued)
                         self.cond.notify_all()
                 if time.monotonic() >= next_flush:

@@ -77,8 +77,9 @@ class Damage(Exception):
 
 # One frame.
 
-def encode_frame(header: Header, arrays: dict[str, np.ndarray]) -> bytearray:
-    """The frame of a message: one copy of its arrays, into one buffer."""
+def encode_frame(header: Header, arrays: dict[str, np.ndarray], alloc=bytearray) -> memoryview:
+    """The frame of a message: one copy of its arrays, into one buffer from
+    `alloc(nbytes)` (which may be longer; the frame is its first nbytes)."""
     specs, offset = [], 0
     for name, array in arrays.items():
         spec = next((s for s in header.arrays if s.name == name), None)
@@ -87,7 +88,7 @@ def encode_frame(header: Header, arrays: dict[str, np.ndarray]) -> bytearray:
         offset += array.nbytes
     head = encode_header(msgspec.structs.replace(header, arrays=specs, slot=None))
     start = _LEN.size + len(head)
-    buf = bytearray(start + offset)
+    buf = memoryview(alloc(start + offset))[:start + offset]
     _LEN.pack_into(buf, 0, len(head))
     buf[_LEN.size:start] = head
     dst = np.frombuffer(buf, dtype=np.uint8)
