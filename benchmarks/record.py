@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as one flat JSON object")
-    parser.add_argument("--runs", type=int, default=None, help="runs per case; medians are reported (default 3, --quick 1)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs per case; medians are reported (default 3, --quick 1)")
     parser.add_argument("--dir", default=None, help="where to write the files (default: the system's temp dir, a disk)")
     args = parser.parse_args(argv)
     settings, streams = demo_streams()

@@ -70,8 +70,8 @@ class Replay(Node):
         self.span = (math.inf, -math.inf)  # belt positions the first pass covered
         self.grid = 1  # a shift keeps every stream's lines on their grid: a multiple of each ticks_per_line
         self._start_pass()
-        self.log.info("replaying %s at %s to %s", p.path,
-                      "full speed" if p.speed == 0 else f"{p.speed:g}x the recorded pace", ", ".join(sorted(self.ports)))
+        pace = "full speed" if p.speed == 0 else f"{p.speed:g}x the recorded pace"
+        self.log.info("replaying %s at %s to %s", p.path, pace, ", ".join(sorted(self.ports)))
 
     def _start_pass(self) -> None:
         self.frames = recording.frames(self.params.path)
@@ -104,7 +104,8 @@ class Replay(Node):
             self._warn("recording", f"{p.path}: skipped a frame of stream {frame.stream!r} that does not decode: {exc}")
             return None
         end = header.position + recording.lines_of(header) * header.ticks_per_line
-        if (p.from_ticks is not None and end <= p.from_ticks) or (p.to_ticks is not None and header.position >= p.to_ticks):
+        before = p.from_ticks is not None and end <= p.from_ticks
+        if before or (p.to_ticks is not None and header.position >= p.to_ticks):
             return None
         if p.speed > 0:
             if not self.pass_count:

@@ -52,7 +52,8 @@ def render(path: str, start_ticks: int, length_mm: float) -> tuple[np.ndarray, d
     info = recording.contents(path)
     cfg = info.config()
     belt, cams = cfg.get("belt", {}), cfg.get("cameras", {})
-    ticks_per_mm = float(belt.get("ticks_per_mm") or info.metadata.get(recording.META_RUN, {}).get("belt_ticks_per_mm", 0))
+    run_meta = info.metadata.get(recording.META_RUN, {})
+    ticks_per_mm = float(belt.get("ticks_per_mm") or run_meta.get("belt_ticks_per_mm", 0))
     if not ticks_per_mm:
         raise ValueError(f"{path}: no belt.ticks_per_mm in the attached configuration")
     rgb_stats = info.streams.get("rgb")

@@ -35,40 +35,26 @@ DEFAULTS = {"position": 0, "ticks_per_line": 0, "device_ts_ns": 0, "host_ts": Fa
             "arrays": [], "trace": [], "meta": {}, "schema": 1}
 
 
+def node_toml(name: str, kind: str, params: str = "") -> str:
+    return f'\n[nodes.{name}]\nkind = "{kind}"\nparams = {{ {params} }}\n'
+
+
+def edge_toml(src: str, dst: str) -> str:
+    return f'\n[[edges]]\nfrom = "{src}"\nto = "{dst}"\n'
+
+
+def recorder(params: str, *sources: str) -> str:
+    """A record node fed by each of these source nodes."""
+    return node_toml("record", "record", params) + "".join(edge_toml(f"{src}.out", "record.in") for src in sources)
+
+
 def sources_graph(rgb: str, hsi: str, sink: str, extra: str = "", truth: str = "") -> str:
     """Test-pattern cameras into a sink (a replay takes the cameras' places)."""
-    graph = f"""
-[nodes.rgbcam]
-kind = "pattern"
-params = {{ {rgb} }}
-
-[nodes.hsicam]
-kind = "pattern"
-params = {{ {hsi} }}
-
-[nodes.sink]
-kind = "sink"
-params = {{ {sink} }}
-
-[[edges]]
-from = "rgbcam.out"
-to = "sink.in"
-
-[[edges]]
-from = "hsicam.out"
-to = "sink.in"
-"""
-    if truth:
-        graph += f"""
-[nodes.truthsrc]
-kind = "pattern"
-params = {{ {truth} }}
-
-[[edges]]
-from = "truthsrc.out"
-to = "sink.in"
-"""
-    return graph + extra
+    sources = {"rgbcam": rgb, "hsicam": hsi, **({"truthsrc": truth} if truth else {})}
+    return (node_toml("sink", "sink", sink)
+            + "".join(node_toml(name, "pattern", params) + edge_toml(f"{name}.out", "sink.in")
+                      for name, params in sources.items())
+            + extra)
 
 
 # Reading a recording the way an outside tool would (docs/recording.md).
@@ -105,19 +91,8 @@ def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rec")
     run_dir = Path(f"/dev/shm/sl-rec-{os.getpid()}")
     (tmp / "spectral.cal").write_bytes(bytes(range(256)) * 4)
-    record = f"""
-[nodes.record]
-kind = "record"
-params = {{ path = "{tmp}/a.mcap", chunk_mb = 0.25, calibration = ["{tmp}/spectral.cal"] }}
-
-[[edges]]
-from = "rgbcam.out"
-to = "record.in"
-
-[[edges]]
-from = "hsicam.out"
-to = "record.in"
-"""
+    record = recorder(f"path = '{tmp}/a.mcap', chunk_mb = 0.25, calibration = ['{tmp}/spectral.cal']",
+                      "rgbcam", "hsicam")
     graph = sources_graph(f"{RGB}, count = {N}", f"{HSI}, count = {N}", f'report = "{tmp}/sink.json"', record)
     cfg = write_config(tmp / "c.toml", graph, run_dir)
     res = sortline("run", "--config", str(cfg), "--report", str(tmp / "run.json"), timeout=120)
@@ -316,19 +291,7 @@ def test_replay_range_and_loop_keep_counting_and_flag_each_wrap(recorded, tmp_pa
 
 def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
     # 90 frames of 32 lines at the demo's 2133 lines/s: 1.35 s as recorded.
-    rec = f"""
-[nodes.record]
-kind = "record"
-params = {{ path = "{tmp_path}/paced.mcap" }}
-
-[[edges]]
-from = "rgbcam.out"
-to = "record.in"
-
-[[edges]]
-from = "hsicam.out"
-to = "record.in"
-"""
+    rec = recorder(f"path = '{tmp_path}/paced.mcap'", "rgbcam", "hsicam")
     graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64, count = 90", f"{HSI}, count = 1",
                           f'report = "{tmp_path}/sink.json"', rec)
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)
@@ -353,15 +316,8 @@ def test_a_slow_disk_holds_the_lossless_input_back_loudly_and_loses_nothing(tmp_
     # slower than the camera. Uncompressed, 600 frames of 24 KiB are 15 MB.
     fifo = tmp_path / "slow.mcap"
     os.mkfifo(fifo)
-    rec = f"""
-[nodes.record]
-kind = "record"
-params = {{ path = "{fifo}", overwrite = true, compression = "none", queue_mb = 0.5, chunk_mb = 0.25 }}
-
-[[edges]]
-from = "rgbcam.out"
-to = "record.in"
-"""
+    rec = recorder(f"path = '{fifo}', overwrite = true, compression = 'none', queue_mb = 0.5, chunk_mb = 0.25",
+                   "rgbcam")
     graph = sources_graph("camera = 'rgb', lines = 32, pixels = 256, count = 600, paced = false",
                           f"{HSI}, count = 1", f'report = "{tmp_path}/sink.json"', rec)
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)
@@ -471,15 +427,7 @@ def test_a_recorder_killed_mid_run_leaves_a_file_that_replays_and_its_restart_wr
     from pipeline.graph import topo_order
 
     port = free_port()
-    rec = f"""
-[nodes.record]
-kind = "record"
-params = {{ path = "{tmp_path}/a.mcap", flush_s = 0.3 }}
-
-[[edges]]
-from = "rgbcam.out"
-to = "record.in"
-"""
+    rec = recorder(f"path = '{tmp_path}/a.mcap', flush_s = 0.3", "rgbcam")
     graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64", f"{HSI}, count = 1", "", rec)
     cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {port}\n")
     record_port = port + topo_order(load_config(cfg)).index("record")
@@ -515,3 +463,18 @@ def read_frames_of(path: Path) -> list[int]:
         except Exception:  # the cut: everything before it has been read
             pass
     return seqs
+
+
+def test_a_recorder_that_cannot_write_says_so_and_is_restarted_while_the_graph_runs_on(tmp_path, run_dir):
+    # /dev/full: every write fails with "No space left on device", as on a full disk.
+    rec = recorder("path = '/dev/full', overwrite = true, flush_s = 0.2", "rgbcam")
+    graph = sources_graph("camera = 'rgb', lines = 32, pixels = 64", f"{HSI}, count = 1",
+                          f'report = "{tmp_path}/sink.json"', rec)
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("run", "--config", str(cfg), "--seconds", "4", "--report", str(tmp_path / "run.json"), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cannot write /dev/full ([Errno 28] No space left on device)" in res.stderr
+    assert "record died (exit code 74); restart 1" in res.stderr
+    run = load_json(tmp_path / "run.json")
+    assert run["nodes"]["record"]["restarts"] >= 1
+    assert load_json(tmp_path / "sink.json")["received"] > 10  # the camera and the sink ran on
