@@ -201,9 +201,10 @@ def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
             except StopIteration:
                 return
             except Exception as exc:  # the parser of a damaged file may fail in any way
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if fh.tell() >= size and type(exc).__name__ in ("EndOfFile", "error"):
+                if fh.tell() >= size:  # the record ran into the end of the file
                     reason = "the file ends in the middle of a record: the recording was cut short"
+                else:
+                    reason = f"the record after it is corrupted: {type(exc).__name__}: {exc}"
                 raise Damage(path, valid_to, size, reason, count) from None
             valid_to = fh.tell()
             if isinstance(record, Channel):
