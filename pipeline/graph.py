@@ -177,8 +177,9 @@ def with_recorder(settings: Settings, path: str, node: str = "record", **params)
                  for src in source_nodes(settings) for port in node_class(settings, src).outputs]
     if not new_edges:
         raise ConfigError(["the graph has no source node to record"])
-    nodes = {**settings.nodes, node: NodeConfig(kind="record", params={"path": str(Path(path).absolute()), **params})}
-    return settings.model_copy(update={"nodes": nodes, "edges": [*settings.edges, *new_edges]})
+    recorder = NodeConfig(kind="record", params={"path": str(Path(path).absolute()), **params})
+    return settings.model_copy(update={"nodes": {**settings.nodes, node: recorder},
+                                       "edges": [*settings.edges, *new_edges]})
 
 
 def replay_graph(settings: Settings, path: str, node: str = "replay", **params) -> Settings:
