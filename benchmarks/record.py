@@ -8,9 +8,12 @@ scene plus sensor noise, HSI as 12-bit raw counts, so that lz4 finds what it
 would find in real frames (little).
 
 - record: sortline's record node itself (nodes/record.py, its writer thread,
-  lz4 chunks of 1 MiB), fed messages as fast as it takes them, from the
-  first message until the file is finished and fsynced.
+  pipeline/mcap_writer.py with lz4 chunks of 1 MiB), fed messages as fast as
+  it takes them, from the first message until the file is finished and fsynced.
 - record, no compression: the same with `compression = "none"`.
+- mcap library: the same frames, encoded beforehand, written by the mcap
+  library's own Writer (lz4, 1 MiB chunks) in one thread, then fsynced: what
+  the recorder would manage with it (why it has its own writer).
 - plain: the same frame bytes written with one `write` each to a file on
   the same disk, then fsynced: what the disk and the page cache allow.
 - replay: the recording read back as the replay node does (record by record,
@@ -94,10 +97,36 @@ def run_record(settings, streams, pairs: int, path: Path, compression: str = "lz
     return total / seconds / 1e6, node.stalls
 
 
+def encoded(streams) -> list[bytes]:
+    """The frames of VARIANTS pairs of messages, encoded beforehand."""
+    return [bytes(recording.encode_frame(m.header, m.arrays)) for m in messages(streams, VARIANTS)]
+
+
+def run_mcap_library(streams, pairs: int, path: Path) -> float:
+    from mcap.writer import CompressionType, Writer
+
+    frames, per = encoded(streams), len(streams)
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        writer = Writer(fh, chunk_size=1 << 20, compression=CompressionType.LZ4)
+        writer.start()
+        schema = writer.register_schema(recording.SCHEMA_NAME, recording.SCHEMA_ENCODING, b"")
+        channels = [writer.register_channel(name, recording.MESSAGE_ENCODING, schema) for name, *_ in streams]
+        for i in range(pairs):
+            for j in range(per):
+                frame = frames[(i % VARIANTS) * per + j]
+                writer.add_message(channels[j], log_time=i, data=frame, publish_time=i)
+                total += len(frame)
+        writer.finish()
+        fh.flush()
+        os.fsync(fh.fileno())
+    return total / (time.perf_counter() - t0) / 1e6
+
+
 def run_plain(streams, pairs: int, path: Path) -> float:
     # The same frames, encoded beforehand: this path only writes.
-    frames = [bytes(recording.encode_frame(m.header, m.arrays)) for m in messages(streams, VARIANTS)]
-    per = len(streams)
+    frames, per = encoded(streams), len(streams)
     total = 0
     t0 = time.perf_counter()
     with open(path, "wb") as fh:
@@ -137,7 +166,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)  # the recorder's stall warnings are expected here: it is fed flat out
 
     work = Path(tempfile.mkdtemp(prefix="sortline-bench-", dir=args.dir))
-    rec, rec_none, plain, replay, stalls = [], [], [], [], []
+    rec, rec_none, library, plain, replay, stalls = [], [], [], [], [], []
     try:
         for _ in range(runs):
             mb_s, n_stalls = run_record(settings, streams, pairs, work / "rec.mcap")
@@ -147,6 +176,7 @@ def main(argv=None) -> int:
             size = (work / "rec.mcap").stat().st_size
             plain.append(run_plain(streams, pairs, work / "plain.bin"))
             rec_none.append(run_record(settings, streams, pairs, work / "none.mcap", "none")[0])
+            library.append(run_mcap_library(streams, pairs, work / "library.mcap"))
             plain_size = (work / "plain.bin").stat().st_size
     finally:
         for f in work.iterdir():
@@ -156,6 +186,7 @@ def main(argv=None) -> int:
     figures = {
         "record_mb_s": statistics.median(rec),
         "record_none_mb_s": statistics.median(rec_none),
+        "mcap_library_mb_s": statistics.median(library),
         "plain_write_mb_s": statistics.median(plain),
         "replay_mb_s": statistics.median(replay),
         "demo_3ms_mb_s": demo_rate,
@@ -175,6 +206,7 @@ def main(argv=None) -> int:
           f"{figures['record_margin']:.1f}x the demo rate, {figures['record_stalls']} stalls, "
           f"file {figures['size_ratio']:.2f} of the raw size")
     print(f"  record, no compression                     {figures['record_none_mb_s']:8.0f} MB/s")
+    print(f"  mcap library's Writer (lz4, one thread)    {figures['mcap_library_mb_s']:8.0f} MB/s")
     print(f"  plain write (same bytes, fsync)            {figures['plain_write_mb_s']:8.0f} MB/s")
     print(f"  record_vs_plain_write                      {figures['record_vs_plain_write']:8.2f}")
     print(f"  replay (read, lz4, crc, copy out)          {figures['replay_mb_s']:8.0f} MB/s  "
