@@ -8,7 +8,9 @@ from importlib import import_module
 
 KINDS = {
     "pattern": "nodes.pattern:PatternSource",
+    "record": "nodes.record:Recorder",
     "relay": "nodes.relay:Relay",
+    "replay": "nodes.replay:Replay",
     "sink": "nodes.sink:Sink",
     "simulate": "nodes.simulate:Simulate",
     "register": "nodes.register:Register",

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import EX_CONFIG, ConfigError, load_config
+from pipeline.graph import with_recorder
 
 DESCRIPTION = """\
 sortline: a streaming pipeline for sensor-based sorting machines.
@@ -27,12 +28,129 @@ def _config(path: str):
 
 
 def cmd_run(args) -> int:
+    settings = _config(args.config)
+    if args.record:
+        return run_rewritten(settings, args, lambda s: with_recorder(s, args.record))
+    return _supervise(settings, args.config, args)
+
+
+def _supervise(settings, config_path, args) -> int:
     from pipeline.supervisor import Supervisor
 
-    settings = _config(args.config)
     print(f"sortline: profile {settings.profile}, graph {settings.graph.name}, "
           f"{len(settings.nodes)} nodes; latency budget {settings.budget_derivation()}", flush=True)
-    return Supervisor(settings, args.config, seconds=args.seconds, report=args.report).run()
+    return Supervisor(settings, config_path, seconds=args.seconds, report=args.report).run()
+
+
+def run_rewritten(settings, args, rewrite) -> int:
+    """Run the graph `rewrite(settings)` under the supervisor (args: seconds,
+    report). Node processes read their configuration from a file: the derived
+    one is written to the runtime directory for the length of the run."""
+    import tempfile
+
+    from pipeline.config import config_toml
+    from pipeline.graph import prepare_runtime_dir
+
+    try:
+        derived = rewrite(settings)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"sortline: config error: {line}", file=sys.stderr)
+        return EX_CONFIG
+    run_dir = prepare_runtime_dir(derived.runtime_dir())
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="graph-", dir=run_dir) as fh:
+        fh.write(config_toml(derived))
+        fh.flush()
+        return _supervise(_config(fh.name), fh.name, args)
+
+
+def cmd_replay(args) -> int:
+    from pipeline.graph import replay_graph
+    from pipeline.recording import check_mcap
+
+    why = check_mcap(args.file)
+    if why:
+        print(f"sortline: {args.file}: {why}", file=sys.stderr)
+        return EX_CONFIG
+    settings = _config(args.config)
+    params = {"speed": args.speed, "loop": args.loop}
+    params.update({k: v for k, v in (("from_ticks", args.from_ticks), ("to_ticks", args.to_ticks)) if v is not None})
+    if args.streams:
+        params["streams"] = args.streams.split(",")
+
+    def rewrite(s):
+        s = replay_graph(s, args.file, **params)
+        return with_recorder(s, args.record) if args.record else s
+
+    return run_rewritten(settings, args, rewrite)
+
+
+def cmd_inspect(args) -> int:
+    from pipeline import recording
+
+    why = recording.check_mcap(args.file)
+    if why:
+        print(f"sortline: {args.file}: {why}", file=sys.stderr)
+        return 1
+    info = recording.contents(args.file, verify=args.verify)
+    print(describe(info))
+    if args.png:
+        from pipeline.belt_image import save
+
+        start = args.from_ticks
+        if start is None:
+            firsts = [s.first_position for s in info.streams.values() if s.first_position is not None]
+            start = min(firsts) if firsts else 0
+        try:
+            saved = save(args.file, args.png, start, args.length_mm)
+        except (ValueError, OSError) as exc:
+            print(f"sortline: {exc}", file=sys.stderr)
+            return 1
+        print(f"picture: {args.png}, {saved['rows']} RGB lines from position {start} "
+              f"({args.length_mm:g} mm), streams {', '.join(saved['streams']) or 'none'}")
+    return 2 if info.damage else 0
+
+
+def describe(info) -> str:
+    """What `sortline inspect` prints about a recording."""
+    from pipeline import recording
+
+    meta = info.metadata.get(recording.META_RUN, {})
+    cfg = info.config()
+    ticks_per_mm = float(cfg.get("belt", {}).get("ticks_per_mm") or meta.get("belt_ticks_per_mm") or 0)
+    out = [f"{info.path}: {info.size / 1e6:.1f} MB, "
+           + ("figures from the recorder's summary" if info.from_summary else "figures from a scan of every message")]
+    if meta:
+        out.append("  recorded by sortline {sortline_version}, profile {profile}, graph {graph}, "
+                   "started {start_time}, {compression}".format_map({k: meta.get(k, "?") for k in (
+                       "sortline_version", "profile", "graph", "start_time", "compression")}))
+    if info.damage:
+        out.append(f"  DAMAGED: {info.damage}")
+    for name, s in sorted(info.streams.items()):
+        duration = (s.last_time_ns - s.first_time_ns) / 1e9
+        belt = ""
+        if ticks_per_mm and s.first_position is not None:
+            belt = f", belt {(s.end_position - s.first_position) / ticks_per_mm / 1000:.2f} m " \
+                   f"(positions {s.first_position}..{s.end_position})"
+        gaps = f"{s.gap_count} gaps" + (f" at {', '.join(map(str, s.gaps[:10]))}"
+                                        + (" ..." if s.gap_count > 10 else "") if s.gap_count else "")
+        out.append(f"  stream {name}: {s.messages} messages, {s.lines} lines, {s.bytes / 1e6:.1f} MB, "
+                   f"{duration:.2f} s{belt}, seq {s.first_seq}..{s.last_seq}, {gaps}")
+    if not info.streams:
+        out.append("  no messages")
+    else:
+        streams = info.streams.values()
+        first = min(s.first_time_ns for s in streams)
+        duration = (max(s.last_time_ns for s in streams) - first) / 1e9
+        total = f"  all: {sum(s.messages for s in streams)} messages, {duration:.2f} s"
+        placed = [s for s in streams if s.first_position is not None]
+        if ticks_per_mm and placed:
+            span = max(s.end_position for s in placed) - min(s.first_position for s in placed)
+            total += f", belt {span / ticks_per_mm / 1000:.2f} m"
+        out.append(total)
+    for name, data in sorted(info.attachments.items()):
+        out.append(f"  attachment {name}: {len(data)} bytes")
+    return "\n".join(out)
 
 
 def cmd_node(args) -> int:
@@ -62,6 +180,14 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser, record_help: str) -> None:
+    """What every command that runs a graph takes."""
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
+    p.add_argument("--record", metavar="FILE", default=None, help=record_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,10 +198,35 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start every node of the configured graph as its own process, restart "
                        "one that dies (with backoff), print a status table, stop them all cleanly on "
                        "SIGTERM/SIGINT or after --seconds.")
-    p.add_argument("--config", required=True, help="machine configuration (TOML)")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
-    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
+    _run_options(p, "also record every source's output to this MCAP file (adds a record node)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="run the graph with its sources replaced by a recording",
+                       description="Run the configured graph with its source nodes (cameras, simulator, "
+                       "test patterns) replaced by one replay of FILE, whose outputs rgb, hsi and truth take "
+                       "their edges. A damaged file replays up to the damage, then the graph ends.")
+    p.add_argument("file", help="the recording (MCAP)")
+    _run_options(p, "record the replayed streams again to FILE")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="1: as recorded (default); a factor; 0: as fast as the graph accepts, lossless")
+    p.add_argument("--from", dest="from_ticks", type=int, default=None, help="first belt position (encoder ticks)")
+    p.add_argument("--to", dest="to_ticks", type=int, default=None, help="belt position to stop before")
+    p.add_argument("--loop", action="store_true", help="start again at the end (until --seconds or a signal)")
+    p.add_argument("--streams", default="", help="comma-separated recorded streams to publish (default: all)")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("inspect", help="print what a recording holds; draw a stretch of belt",
+                       description="Print a recording's streams (messages, lines, duration, belt length, "
+                       "gaps) and attachments; with --png, save a picture of a stretch of belt: RGB, a "
+                       "false-colour HSI view and the labels. Exit code 2: the file is damaged.")
+    p.add_argument("file", help="the recording (MCAP)")
+    p.add_argument("--verify", action="store_true",
+                   help="read every message and check every chunk's checksum (default: trust the summary)")
+    p.add_argument("--png", default=None, help="save a picture of the belt here")
+    p.add_argument("--from", dest="from_ticks", type=int, default=None,
+                   help="first belt position of the picture (encoder ticks; default: the start)")
+    p.add_argument("--length-mm", type=float, default=500.0, help="length of belt in the picture (default 500)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("node", help="run one node in this process (what a systemd unit starts)",
                        description="Run one node of the configured graph in the foreground.")

@@ -12,7 +12,9 @@ SORTLINE_BELT__SPEED_M_S=3 or SORTLINE_GRAPH__RUNTIME_DIR=/run/sortline.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import tomllib
 from pathlib import Path
@@ -279,3 +281,49 @@ def load_config(path: str | os.PathLike) -> Settings:
     resolved = {k: str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v
                 for k, v in cal.model_dump().items()}
     return settings.model_copy(update={"calibration": CalibrationFiles(**resolved)})
+
+
+def config_toml(settings: Settings) -> str:
+    """The configuration as TOML that load_config reads back to the same Settings
+    (with SORTLINE_* overrides applied): what a recording attaches, and what a
+    rewritten graph (replay, --record) runs from."""
+    data = settings.model_dump(mode="json", by_alias=True, exclude_none=True)
+    lines: list[str] = []
+    _toml_table(lines, [], data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's string escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(lines: list[str], path: list[str], table: dict) -> None:
+    def is_tables(v):
+        return isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+
+    for key, value in table.items():
+        if not isinstance(value, dict) and not is_tables(value):
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in table.items():
+        sub = [*path, _toml_key(key)]
+        if isinstance(value, dict):
+            lines += ["", f"[{'.'.join(sub)}]"]
+            _toml_table(lines, sub, value)
+        elif is_tables(value):
+            for item in value:
+                lines += ["", f"[[{'.'.join(sub)}]]"]
+                _toml_table(lines, sub, item)

@@ -152,3 +152,69 @@ def prepare_runtime_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         path.chmod(0o700)
     return path
+
+
+# Rewrites of a configured graph (for `sortline replay`, `--record`). Each
+# returns new Settings; run them through config.config_toml, as node
+# processes read their configuration from a file.
+
+def source_nodes(settings: Settings) -> list[str]:
+    """Nodes without inputs: cameras, simulators, test patterns, replays."""
+    return [name for name in settings.nodes if not node_class(settings, name).inputs]
+
+
+def with_recorder(settings: Settings, path: str, node: str = "record", **params) -> Settings:
+    """The graph plus a `record` node writing `path` (with the record node's
+    `params`), fed by a lossless edge from every output port of every source
+    node (one recorded stream each)."""
+    from pipeline.config import ConfigError, EdgeConfig, NodeConfig
+
+    if node in settings.nodes:
+        raise ConfigError([f"nodes.{node}: the graph already has a node of that name; cannot add a recorder"])
+    # Lossless, with room for a few frames of jitter in the recorder before a source waits.
+    new_edges = [EdgeConfig.model_validate({"from": f"{src}.{port}", "to": f"{node}.in", "policy": "lossless",
+                                            "hwm": 16})
+                 for src in source_nodes(settings) for port in node_class(settings, src).outputs]
+    if not new_edges:
+        raise ConfigError(["the graph has no source node to record"])
+    recorder = NodeConfig(kind="record", params={"path": str(Path(path).absolute()), **params})
+    return settings.model_copy(update={"nodes": {**settings.nodes, node: recorder},
+                                       "edges": [*settings.edges, *new_edges]})
+
+
+def replay_graph(settings: Settings, path: str, node: str = "replay", **params) -> Settings:
+    """The graph with its source nodes replaced by one replay of `path`.
+
+    Each edge that left a source now leaves the replay output of the stream
+    that source produced: the source's port name when it is one of the
+    replay's outputs ("rgb", "hsi", "truth"), else its `stream` or `camera`
+    parameter. With speed 0 ("as fast as accepted") those edges become
+    lossless, since only back-pressure makes that mean every message.
+    """
+    from nodes.replay import Replay
+    from pipeline.config import ConfigError, NodeConfig
+
+    sources = set(source_nodes(settings))
+    if not sources:
+        raise ConfigError(["the graph has no source node for the replay to replace"])
+    new_edges, problems = [], []
+    for i, edge in enumerate(settings.edges):
+        src, port = edge.src.split(".")
+        if src not in sources:
+            new_edges.append(edge)
+            continue
+        src_params = settings.nodes[src].params
+        stream = port if port in Replay.outputs else src_params.get("stream") or src_params.get("camera")
+        if stream not in Replay.outputs:
+            problems.append(f"edges[{i}].from = '{edge.src}': no recorded stream to take its place "
+                            f"(a replay publishes {', '.join(Replay.outputs)})")
+            continue
+        update = {"src": f"{node}.{stream}"}
+        if params.get("speed", 1.0) == 0:
+            update.update(policy="lossless", pattern="pushpull")
+        new_edges.append(edge.model_copy(update=update))
+    if problems:
+        raise ConfigError(problems)
+    nodes = {name: cfg for name, cfg in settings.nodes.items() if name not in sources}
+    nodes[node] = NodeConfig(kind="replay", params={"path": str(Path(path).absolute()), **params})
+    return settings.model_copy(update={"nodes": nodes, "edges": new_edges})

@@ -91,6 +91,11 @@ class Node:
         """A source has no more data: end-of-stream goes downstream, the node exits 0."""
         self.finished = True
 
+    def keep_alive(self) -> None:
+        """Heartbeat from inside a long wait in step/process (a node held back is not stuck)."""
+        if self._runner is not None:
+            self._runner._heartbeat()
+
     def sleep_until(self, t_ns: int) -> bool:
         """Wait for a monotonic time; False if the node was asked to stop first."""
         while True:

@@ -1,0 +1,167 @@
+"""Replay: a recording published again through the same messages.
+
+Each output publishes the recorded stream of its name. Pacing is as
+recorded (speed 1), faster or slower by a factor, or, with speed 0, as fast
+as the graph accepts (lossless edges make that "every message"). A position
+range keeps the messages with lines in [from_ticks, to_ticks). With `loop`
+the recording starts again at its end: sequence numbers keep counting,
+positions move on by the recorded span (the belt never runs backwards) and
+the first message of each stream after the wrap carries gap=True, so that
+nothing downstream splices two passes together.
+
+Arrays and header fields come back exactly as recorded, except the trace
+(which starts anew here) and the shared-memory slot. A file cut short or
+corrupted replays every valid message up to the damage; then the node logs
+one error naming the file, the byte offset and the reason, and ends the
+stream: the graph finishes, nothing restarts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline import metrics, recording
+from pipeline.config import ConfigError, Section
+from pipeline.messages import MessageError
+from pipeline.node import Node, _RateLimitedLog
+
+# Header fields a replayed message takes from the recording (trace and slot start anew).
+KEPT = ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "meta")
+
+
+class Replay(Node):
+    outputs = ("rgb", "hsi", "truth")
+
+    class Params(Section):
+        path: str = Field(min_length=1, description="the recording (MCAP) to replay")
+        speed: float = Field(1.0, ge=0, description="1: as recorded; a factor; 0: as fast as the graph accepts")
+        from_ticks: int | None = Field(None, description="first belt position to replay (encoder ticks)")
+        to_ticks: int | None = Field(None, description="belt position to stop before")
+        loop: bool = False
+        streams: list[str] = Field([], description="recorded streams to publish; empty: every connected one")
+
+        @model_validator(mode="after")
+        def _range(self):
+            unknown = set(self.streams) - set(Replay.outputs)
+            if unknown:
+                raise ValueError(f"streams {sorted(unknown)}: a replay publishes {', '.join(Replay.outputs)}")
+            if self.from_ticks is not None and self.to_ticks is not None and self.to_ticks <= self.from_ticks:
+                raise ValueError(f"to_ticks ({self.to_ticks}) must be above from_ticks ({self.from_ticks})")
+            return self
+
+    def setup(self) -> None:
+        p = self.params
+        why = recording.check_mcap(p.path)
+        if why:
+            raise ConfigError([f"nodes.{self.name}.params.path = {p.path!r}: {why}"])
+        self.ports = {port for port, out in self.out.items() if out.edges and (not p.streams or port in p.streams)}
+        self.skipped: set[str] = set()
+        self.published = 0
+        self.passes = 0
+        self.damaged = False
+        self.malformed = metrics.MALFORMED.labels(self.name, "recording")
+        self._warn = _RateLimitedLog(self.log)
+        self.seq_next: dict[str, int] = {}  # per stream: the sequence number after the last one sent
+        self.shift = 0  # ticks added to positions in this pass
+        self.span = (math.inf, -math.inf)  # belt positions the first pass covered
+        self.grid = 1  # a shift keeps every stream's lines on their grid: a multiple of each ticks_per_line
+        self._start_pass()
+        pace = "full speed" if p.speed == 0 else f"{p.speed:g}x the recorded pace"
+        self.log.info("replaying %s at %s to %s", p.path, pace, ", ".join(sorted(self.ports)))
+
+    def _start_pass(self) -> None:
+        self.frames = recording.frames(self.params.path)
+        self.pass_t0 = 0  # monotonic time of the first message of this pass
+        self.pass_log0 = 0
+        self.pass_count = 0
+        self.wrapped = set(self.seq_next)  # streams whose next message follows a wrap
+
+    def step(self):
+        p = self.params
+        try:
+            frame = next(self.frames)
+        except StopIteration:
+            return self._end_of_file()
+        except recording.Damage as exc:
+            self.damaged = True
+            self.log.error("%s; stopping the replay there", exc)
+            self.finish()
+            return None
+        if frame.stream not in self.ports:
+            if frame.stream not in self.skipped:
+                self.skipped.add(frame.stream)
+                self.log.info("recorded stream %r: not replayed (no connected output of that name, or not in "
+                              "streams)", frame.stream)
+            return None
+        try:
+            header, arrays = recording.decode_frame(frame.data)
+        except MessageError as exc:
+            self.malformed.inc()
+            self._warn("recording", f"{p.path}: skipped a frame of stream {frame.stream!r} that does not decode: {exc}")
+            return None
+        end = header.position + recording.lines_of(header) * header.ticks_per_line
+        before = p.from_ticks is not None and end <= p.from_ticks
+        if before or (p.to_ticks is not None and header.position >= p.to_ticks):
+            return None
+        if p.speed > 0:
+            if not self.pass_count:
+                self.pass_t0, self.pass_log0 = time.monotonic_ns(), frame.log_time
+            elif not self.sleep_until(self.pass_t0 + int((frame.log_time - self.pass_log0) / p.speed)):
+                return None
+        try:
+            msg = self._message(frame.stream, header, arrays)
+        except (MessageError, ValueError, TypeError) as exc:  # fits the file's layout, not the message contract
+            self.malformed.inc()
+            self._warn("recording", f"{p.path}: skipped a frame of stream {frame.stream!r}: {exc}")
+            for out in self.out.values():
+                out.abandon_unsent()
+            return None
+        if msg is None:
+            return None
+        self.pass_count += 1
+        self.published += 1
+        return [(frame.stream, msg)]
+
+    def _message(self, stream: str, header, arrays):
+        fields = {f: getattr(header, f) for f in KEPT}
+        if self.passes == 0:
+            self.span = (min(self.span[0], header.position),
+                         max(self.span[1], header.position + recording.lines_of(header) * header.ticks_per_line))
+            self.grid = math.lcm(self.grid, max(header.ticks_per_line, 1))
+        else:
+            fields["position"] += self.shift
+            fields["seq"] = self.seq_next.get(stream, header.seq)
+            if stream in self.wrapped:
+                fields["gap"] = True
+                self.wrapped.discard(stream)
+        msg = self.out[stream].new({name: (a.shape, a.dtype) for name, a in arrays.items()},
+                                   schema=header.schema, **fields)
+        if msg is None:
+            return None
+        for name, a in arrays.items():
+            np.copyto(msg.arrays[name], a)
+        msg.t_in_ns = time.monotonic_ns()  # the replay is this message's acquisition
+        self.seq_next[stream] = fields["seq"] + 1
+        return msg
+
+    def _end_of_file(self):
+        if not self.params.loop:
+            self.finish()
+            return None
+        if not self.pass_count:
+            self.log.warning("%s: nothing to replay in the position range; stopping", self.params.path)
+            self.finish()
+            return None
+        self.passes += 1
+        self.shift += -(-(self.span[1] - self.span[0]) // self.grid) * self.grid
+        self._start_pass()
+        return None
+
+    def status(self) -> dict:
+        return {"published": getattr(self, "published", 0), "passes": getattr(self, "passes", 0) + 1,
+                "damaged": int(getattr(self, "damaged", False))}
+
