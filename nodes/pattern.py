@@ -75,6 +75,8 @@ class PatternSource(Node):
             ticks_per_line=self.ticks_per_line, device_ts_ns=first_line_ns, host_ts=True,
         )
         if msg is None:
+            if not self.stopping:
+                self.seq += 1   # dropped (and counted) for a full bounded consumer: that frame is gone
             return None
         pattern(self.shape, p.dtype, self.seq, out=msg.arrays["lines"])
         msg.t_in_ns = complete_ns if p.paced else time.monotonic_ns()

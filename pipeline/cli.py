@@ -85,6 +85,41 @@ def cmd_replay(args) -> int:
     return run_rewritten(settings, args, rewrite)
 
 
+def cmd_simulate(args) -> int:
+    """The synthetic belt alone, recorded: both cameras and the truth, for --seconds of belt."""
+    from pipeline.config import NodeConfig
+
+    settings = _config(args.config)
+    # The config's own simulate node (if any) gives the defaults: the same belt as `sortline run`.
+    base = next((n.params for n in settings.nodes.values() if n.kind == "simulate"), {})
+    params = {**base, "seconds": args.seconds, "paced": args.paced}
+    params.update({k: v for k, v in (("seed", args.seed), ("scene", args.scene), ("speed_m_s", args.speed),
+                                     ("occupancy", args.occupancy), ("drop_rate", args.drop_rate)) if v is not None})
+
+    def rewrite(s):
+        alone = s.model_copy(update={"nodes": {"belt": NodeConfig(kind="simulate", params=params)}, "edges": []})
+        return with_recorder(alone, args.record)
+
+    # --seconds is belt time here; the graph ends by itself when the belt has run that long.
+    return run_rewritten(settings, argparse.Namespace(seconds=None, report=args.report), rewrite)
+
+
+def cmd_calibrate(args) -> int:
+    from calibration import commands
+    from calibration.spectral import CalibrationError
+
+    settings = _config(args.config)
+    try:
+        if args.what == "spectral":
+            return commands.spectral(settings, args.dark, args.white, args.out, args.white_reflectance)
+        if args.what == "spatial":
+            return commands.spatial(settings, args.recording, args.out, args.png)
+        return commands.check(settings, args.recording, args.png, args.max_across_hsi_px, args.max_along_lines)
+    except (CalibrationError, OSError) as exc:
+        print(f"sortline: calibrate {args.what}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_inspect(args) -> int:
     from pipeline import recording
 
@@ -214,6 +249,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="start again at the end (until --seconds or a signal)")
     p.add_argument("--streams", default="", help="comma-separated recorded streams to publish (default: all)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("simulate", help="record the synthetic belt: both cameras and the ground truth",
+                       description="Run the synthetic belt (the config's simulate node settings, if it has "
+                       "one, else the defaults) for --seconds of belt time and record its rgb, hsi and truth "
+                       "streams to an MCAP file. Unpaced unless --paced: as fast as the recorder writes.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--seconds", type=float, required=True, help="belt time to simulate")
+    p.add_argument("--record", metavar="FILE", required=True, help="the MCAP file to write")
+    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same bytes (default: the config's, else 1)")
+    p.add_argument("--scene", choices=["belt", "target", "white", "dark"], default=None,
+                   help="belt (objects), target (calibration board), white or dark (spectral references)")
+    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--occupancy", type=float, default=None, help="fraction of the belt covered")
+    p.add_argument("--drop-rate", type=float, default=None, help="chance a frame is lost (a gap)")
+    p.add_argument("--paced", action="store_true", help="at the belt's own pace instead of as fast as possible")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("calibrate", help="make or check calibration files from recordings",
+                       description="spectral: dark and white references of the HSI camera; spatial: the "
+                       "RGB-HSI co-registration from a recording of the calibration target; check: measure "
+                       "the residuals of the config's spatial calibration on a new target recording "
+                       "(exit 1: out of limits, recalibrate). See docs/calibration.md.")
+    csub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    c = csub.add_parser("spectral", help="dark and white references -> spectral calibration file")
+    c.add_argument("--config", required=True, help="machine configuration (TOML)")
+    c.add_argument("--dark", required=True, help="recording with the lamp off (MCAP)")
+    c.add_argument("--white", required=True, help="recording of a white tile under the whole line (MCAP)")
+    c.add_argument("--white-reflectance", type=float, default=0.92, help="the tile's reflectance (default 0.92)")
+    c.add_argument("--out", required=True, help="the calibration file to write (.npz)")
+    c = csub.add_parser("spatial", help="target recording -> spatial calibration file")
+    c.add_argument("recording", help="recording of the calibration target passing under both cameras (MCAP)")
+    c.add_argument("--config", required=True, help="machine configuration (TOML)")
+    c.add_argument("--out", required=True, help="the calibration file to write (.json)")
+    c.add_argument("--png", default=None, help="draw the residuals across the belt here")
+    c = csub.add_parser("check", help="residuals of the config's spatial calibration on a new target recording")
+    c.add_argument("recording", help="recording of the calibration target (MCAP)")
+    c.add_argument("--config", required=True, help="machine configuration (TOML), with calibration.spatial set")
+    c.add_argument("--png", default=None, help="draw the residuals across the belt here")
+    c.add_argument("--max-across-hsi-px", type=float, default=0.3, help="limit across the belt (default 0.3)")
+    c.add_argument("--max-along-lines", type=float, default=1.0, help="limit along the belt (default 1)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("inspect", help="print what a recording holds; draw a stretch of belt",
                        description="Print a recording's streams (messages, lines, duration, belt length, "

@@ -120,7 +120,7 @@ class EdgeConfig(Section):
 
     src: str = Field(alias="from", pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+$")
     dst: str = Field(alias="to", pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+$")
-    policy: Literal["lossless", "latest"] = "lossless"
+    policy: Literal["lossless", "bounded", "latest"] = "lossless"
     pattern: Literal["pushpull", "pubsub"] = "pushpull"
     transport: Literal["auto", "shm", "inline"] = "auto"
     address: str = Field("", description="what the consumer connects to; empty: ipc in the runtime directory")

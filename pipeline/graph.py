@@ -26,7 +26,7 @@ class Edge:
     src_port: str
     dst: str
     dst_port: str
-    policy: str  # "lossless" | "latest"
+    policy: str  # "lossless" | "bounded" | "latest"
     pattern: str  # "pushpull" | "pubsub"
     shm: bool  # arrays through the shared-memory pool, header through the socket
     hwm: int

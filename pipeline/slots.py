@@ -22,7 +22,9 @@ A slot is free when every lossless lane has done >= sent. A `latest` lane
 never holds a slot for long: when no slot is free the producer reuses the
 oldest one that no consumer is reading at that moment (a queued message
 that the reader will then find overwritten, and count, instead of one it
-is halfway through). When a consumer dies, the producer stops waiting for
+is halfway through). A `bounded` lane keeps its queued slots, like a
+lossless one, but the producer never waits for them: with no slot free,
+acquire() returns None at once and the new message is dropped. When a consumer dies, the producer stops waiting for
 its lane (everything sent to it up to that moment counts as done), so a
 killed consumer never wedges its producer.
 
@@ -89,13 +91,16 @@ class _Control:
 class SlotPool:
     """The producer's side of a pool."""
 
-    def __init__(self, path: str, n_slots: int, slot_size: int, lossless_lanes: list[bool]):
+    def __init__(self, path: str, n_slots: int, slot_size: int, lossless_lanes: list[bool],
+                 bounded_lanes: list[bool] | None = None):
         self.path = path
         self.segment = os.path.basename(path)
         self.n_slots = n_slots
         self.slot_size = align(slot_size)
         self.n_lanes = len(lossless_lanes)
         self.lossless = list(lossless_lanes)
+        # Lanes whose queued messages are never overwritten.
+        self.kept = [a or b for a, b in zip(self.lossless, bounded_lanes or [False] * self.n_lanes)]
         self._base = _Control.bytes_for(n_slots, self.n_lanes)
         size = self._base + n_slots * self.slot_size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -116,10 +121,11 @@ class SlotPool:
         self.reclaimed_lanes = 0
 
     def acquire(self, nbytes: int, stop: Callable[[], bool]) -> int | None:
-        """A slot to write `nbytes` into, or None when stopping.
+        """A slot to write `nbytes` into, or None when stopping or when bounded lanes hold every slot.
 
-        Blocks while a lossless lane's consumer still holds every slot;
-        returns at once otherwise (reusing the oldest slot if it must).
+        Blocks while a lossless lane's consumer still holds a slot and none
+        is free; returns at once otherwise (reusing the oldest slot of a
+        latest lane if it must).
         """
         if nbytes > self.slot_size:
             raise ValueError(f"{nbytes} bytes do not fit a {self.slot_size}-byte slot")
@@ -127,12 +133,14 @@ class SlotPool:
         pause = 20e-6
         while True:
             slot = self._pick()
+            if slot is None:
+                self._reap_dead_consumers()   # a consumer that died holding slots gives them back
+                slot = self._pick()
             if slot is not None:
                 self._writing[slot] = True
                 self._c.w[self._c.gen0 + slot] = 0
                 return slot
-            self._reap_dead_consumers()
-            if stop():
+            if stop() or not self._lossless_holds_any():
                 return None
             time.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE_S)
@@ -152,7 +160,7 @@ class SlotPool:
             held = [self._held(lane, slot) for lane in lanes]
             if not any(held):
                 free.append(slot)
-            elif not any(h and self.lossless[lane] for lane, h in enumerate(held)):
+            elif not any(h and self.kept[lane] for lane, h in enumerate(held)):
                 overwritable.append(slot)
         if free:
             # The slot freed last is the one still in the caches.
@@ -164,6 +172,10 @@ class SlotPool:
         if not overwritable:
             return None
         return min(overwritable, key=lambda s: w[c.gen0 + s])
+
+    def _lossless_holds_any(self) -> bool:
+        return any(self._held(lane, slot) for lane in range(self.n_lanes) if self.lossless[lane]
+                   for slot in range(self.n_slots))
 
     def _release_lane(self, lane: int) -> None:
         """Everything sent to this lane so far counts as done: its reader is gone."""

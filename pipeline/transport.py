@@ -5,10 +5,14 @@ connects one socket per edge arriving at a port. Each edge has a policy:
 
 - lossless: the sender waits (on the socket's high-water mark, and on the
   slot pool) until the consumer takes the message. Replay and recording.
-- latest: the sender never waits. A full queue drops the new message at the
-  sender; a consumer that falls behind drains its queue and keeps only the
-  newest message; a shared-memory slot may be reused under a slow reader,
-  who then finds it overwritten. Every such loss is counted per edge.
+- bounded: the sender never waits: a camera cannot be paused. The consumer
+  reads every queued message in order; once `hwm` messages are queued, a new
+  one is dropped at the sender. Camera streams into the register node.
+- latest: the sender never waits, as with bounded, and a consumer that falls
+  behind drains its queue and keeps only the newest message (displays,
+  stages that only care about now).
+  On both, a shared-memory slot may be reused under a slow reader, who then
+  finds it overwritten. Every such loss is counted per edge.
 
 Same-host edges carry only the header through ZeroMQ and the arrays through
 a shared-memory slot pool (pipeline.slots); other edges carry the arrays as
@@ -110,8 +114,9 @@ class Output:
         """A message with writable arrays of the given (shape, dtype), ready to fill.
 
         Header fields come from `like` (the input this output derives from) and
-        are overridden by `fields`. Returns None only when the node is stopping
-        while a lossless consumer still holds every slot.
+        are overridden by `fields`. Returns None when the node is stopping
+        while a lossless consumer still holds every slot, and when bounded
+        consumers hold every slot (the message is dropped and counted).
         """
         base = {} if like is None else {
             f: getattr(like.header, f)
@@ -133,6 +138,10 @@ class Output:
             self._reclaims.inc(pool.reclaimed_lanes - reclaimed)
             log.warning("%s.%s: a consumer went away holding slots; took them back", self.node, self.port)
         if slot is None:
+            if not self._stop():  # bounded consumers hold every slot: the new message is dropped
+                for e in self._shm_edges:
+                    if e.policy == "bounded":
+                        self._dropped[e.name].inc()
             return None
         msg = Message(header, {spec.name: pool.view(slot, spec) for spec in specs})
         msg.outgoing = (pool, slot, specs)
@@ -152,10 +161,12 @@ class Output:
         self._pools_made += 1
         path = self._run_dir / f"{self.node}.{self.port}.{os.getpid()}.{self._pools_made}.slots"
         slots = max(e.slots for e in self._shm_edges)
-        lossless = [False] * (max(e.lane for e in self.edges) + 1)
+        lanes = max(e.lane for e in self.edges) + 1
+        lossless, bounded = [False] * lanes, [False] * lanes
         for e in self._shm_edges:
             lossless[e.lane] = e.policy == "lossless"
-        self._pool = SlotPool(str(path), slots, max(nbytes, 4096), lossless)
+            bounded[e.lane] = e.policy == "bounded"
+        self._pool = SlotPool(str(path), slots, max(nbytes, 4096), lossless, bounded)
         return self._pool
 
     def send(self, msg: Message, t_in_ns: int, stage: str) -> None:
@@ -204,7 +215,7 @@ class Output:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
                 return True
             except zmq.Again:
-                if edge.policy == "latest" or self._waiting():
+                if edge.policy != "lossless" or self._waiting():
                     self._dropped[edge.name].inc()
                     return False
                 sock.poll(50, zmq.POLLOUT)
@@ -305,7 +316,7 @@ class Input:
             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return []
-        if edge.policy == "lossless":
+        if edge.policy != "latest":
             return [frames]
         newer = []
         for _ in range(DRAIN_LIMIT):

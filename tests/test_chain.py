@@ -66,6 +66,24 @@ def test_latest_chain_drops_and_counts_when_the_sink_is_slow(tmp_path, run_dir, 
     assert sink["e2e"]["p99_ms"] < 100, sink["e2e"]
 
 
+def test_bounded_chain_reads_every_queued_message_and_drops_only_when_full(tmp_path, run_dir):
+    # The same overload as above on a bounded edge: the sink reads every message that
+    # was queued, in order, and the sender drops (and counts) the ones that find the queue full.
+    sent = 1600
+    graph = chain(f"lines = 4, pixels = 64, bands = 3, count = {sent}",
+                  f'delay_ms = 10, report = "{tmp_path}/sink.json"', policy="bounded")
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("run", "--config", str(cfg), "--report", str(tmp_path / "run.json"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sink, run = load_json(tmp_path / "sink.json"), load_json(tmp_path / "run.json")
+    assert 50 < sink["received"] < sent * 0.5
+    assert sink["received"] + drops(run) == sent
+    reasons = {k.split('reason="')[1].rstrip('"}') for n in run["nodes"].values() for k, v in n["metrics"].items()
+               if k.startswith("sortline_edge_drops_total") and v > 0}
+    assert reasons == {"queue_full"}                  # never a stale drop: the consumer reads all it got
+    assert sink["reordered"] == 0 and sink["corrupt"] == 0
+
+
 def test_killed_consumer_holding_slots_is_restarted_and_the_producer_carries_on(tmp_path, run_dir):
     # Lossless and a sink slower than the camera: the camera's slot pool is full of
     # messages the relay holds or has queued when the relay is killed.

@@ -53,6 +53,19 @@ def test_lossless_lane_holds_slots_until_released(run_dir):
     assert pool.acquire(1024, always) == leases[1].ref.index
 
 
+def test_bounded_lane_keeps_its_queue_and_never_makes_the_producer_wait(run_dir):
+    pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [False], [True])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    first, second = fill(pool, 1), fill(pool, 2)
+    never = lambda: False  # noqa: E731 - a lossless pool would block forever here
+    assert pool.acquire(1024, never) is None     # full: the new message is dropped, at once
+    for ref, value in ((first, 1), (second, 2)):  # nothing queued was overwritten
+        lease, arrays = reader.lease(ref, SPEC)
+        assert (arrays["a"] == value).all()
+        lease.release()
+    assert pool.acquire(1024, never) in (0, 1)
+
+
 def test_latest_lane_overwrites_queued_messages_not_the_one_being_read(run_dir):
     pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [False])
     reader = SlotReader(str(run_dir / "p.slots"))

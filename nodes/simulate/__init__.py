@@ -136,6 +136,8 @@ class Simulate(Node):
         paced: bool = Field(True, description="false: as fast as the graph accepts (recording, training data)")
         seconds: float = Field(0.0, ge=0, description="belt time to simulate, then end the stream; 0: no end")
         drop_rate: float = Field(0.0, ge=0, le=0.5, description="chance a frame is lost (a gap), per message")
+        max_lag_ms: float = Field(100.0, gt=0, description="paced: a frame this late is lost, as a camera's "
+                                  "buffers overrun when the host cannot keep up")
 
         @field_validator("mix")
         @classmethod
@@ -156,6 +158,7 @@ class Simulate(Node):
         self.seq = {"rgb": 0, "hsi": 0}       # next message number (contiguous)
         self.gap = {"rgb": False, "hsi": False}
         self.dropped = {"rgb": 0, "hsi": 0}
+        self.overruns = 0
         self.want_truth = bool(self.out["truth"].edges)
         self.t0 = 0
         self.meta = {
@@ -189,6 +192,11 @@ class Simulate(Node):
             self.dropped[stream] += 1
             self.gap[stream] = True
             return None
+        if p.paced and time.monotonic_ns() - complete_ns > p.max_lag_ms * 1e6:
+            # Behind the belt (this machine is too busy): a camera would lose frames, not fall behind.
+            self.overruns += 1
+            self.gap[stream] = True
+            return None
         cam = self.cam[stream]
         fields = dict(seq=self.seq[stream], position=start, ticks_per_line=cam.ticks_per_line,
                       device_ts_ns=self.t0 + int(self.sim.motion.time_s(start) * 1e9), host_ts=True,
@@ -197,6 +205,7 @@ class Simulate(Node):
         msg = self.out[stream].new({"lines": ((cam.lines_per_frame, cam.pixels, cam.bands), dtype)},
                                    stream=stream, meta=self.meta[stream], **fields)
         if msg is None:
+            self.gap[stream] = True     # no room downstream (counted there): this frame is lost
             return None
         getattr(self.sim, stream)(frame, out=msg.arrays["lines"])
         msg.t_in_ns = complete_ns if p.paced else time.monotonic_ns()
@@ -217,4 +226,5 @@ class Simulate(Node):
 
     def status(self) -> dict:
         return {"rgb": self.seq["rgb"], "hsi": self.seq["hsi"], "dropped": sum(self.dropped.values()),
+                "overruns": self.overruns,
                 "belt_m": round(self._span("rgb")[0] / self.settings.belt.ticks_per_mm / 1000, 2)}
