@@ -93,6 +93,11 @@ class Model(Section):
     threads: int = Field(1, ge=1, le=64)
 
 
+class GenICamSettings(Section):
+    cti: list[str] = Field([], description="GenTL producers (.cti files) every acquire node loads; "
+                           "empty: those in GENICAM_GENTL64_PATH")
+
+
 class Budget(Section):
     margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
 
@@ -155,6 +160,7 @@ class Settings(BaseSettings):
     ejector: Ejector = Ejector()
     model: Model = Model()
     budget: Budget = Budget()
+    genicam: GenICamSettings = GenICamSettings()
     graph: GraphSettings = GraphSettings()
     metrics: MetricsSettings = MetricsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
