@@ -20,6 +20,14 @@ from harvesters.core import Callback, ImageAcquirer
 from nodes.acquire import convert, features
 from nodes.acquire.device import DeviceInfo, devices, producers, select
 
+# How often the fetch loop looks for a frame. The genicam binding holds the GIL
+# while it waits inside the producer, so a blocking wait there would stall the
+# node's main loop for as long; instead each look returns at once, and the
+# thread sleeps (GIL released) between looks. 0.5 ms adds at most that much
+# latency, and costs a few percent of a core.
+POLL_S = 0.0005
+LOOK_S = 1e-5  # try_fetch's own timeout: long enough for one immediate look, no longer
+
 # Chunks sortline reads, by their SFNC ChunkSelector names.
 CHUNKS = ("FrameID", "Timestamp", "EncoderValue")
 
@@ -63,6 +71,7 @@ class Camera:
                 raise features.FeatureError(f"{label}: {exc}") from None
             self.ts_hz = self._timestamp_hz(node_map)
             self.ia.num_buffers = max(buffers, self.ia.min_num_buffers)
+            self.ia.timeout_period_on_update_event_data_call = 0  # ms: look, do not wait (see POLL_S)
             self.incomplete = _Counter()
             self.ia.add_callback(ImageAcquirer.Events.INCOMPLETE_BUFFER, self.incomplete)
         except BaseException:
@@ -110,9 +119,11 @@ class Camera:
         """The next complete frame, or None when none came within timeout_s. Its data is a
         view into the producer's buffer: copy it out, then `requeue` it at once. Raises the
         producer's exception when the device has gone away."""
-        buf = self.ia.try_fetch(timeout=timeout_s)
-        if buf is None:
-            return None
+        deadline = time.monotonic() + timeout_s
+        while (buf := self.ia.try_fetch(timeout=LOOK_S)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S)
         host_ns = time.monotonic_ns()
         try:
             module = buf.module
