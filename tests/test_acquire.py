@@ -111,15 +111,16 @@ class Collector:
         return self
 
 
-def check_continuity(headers, frame_ticks):
+def check_continuity(headers):
+    """seq contiguous; each message starts where the previous one's lines end, unless flagged."""
     seqs = [h.seq for h in headers]
     assert seqs == list(range(len(seqs))), "seq must be contiguous"
     for prev, h in zip(headers, headers[1:]):
-        step = h.position - prev.position
+        end = prev.position + prev.arrays[0].shape[0] * prev.ticks_per_line
         if h.gap:
-            assert step > frame_ticks, (prev.position, h.position)
+            assert h.position > end, (prev.seq, end, h.position)
         else:
-            assert step == frame_ticks, (prev.seq, prev.position, h.position)
+            assert h.position == end, (prev.seq, end, h.position)
 
 
 def test_cameras_lists_the_producers_devices_and_their_features():
@@ -169,6 +170,16 @@ def test_a_required_feature_missing_or_rejected_stops_startup_naming_it(tmp_path
     assert expected in res.stderr
 
 
+def test_a_producer_that_does_not_load_stops_startup(tmp_path, run_dir):
+    junk = tmp_path / "junk.cti"
+    junk.write_bytes(b"not a shared library")
+    cfg = camera_config(tmp_path, run_dir, acquire_node(cti=[str(junk)]))
+    res = sortline("node", "camera", "--config", str(cfg), timeout=60)
+    assert res.returncode == 78, res.stderr
+    assert f"nodes.camera.params: GenTL producer could not be loaded: GenTL exception: Failed to load CTI file; {junk}" \
+        in res.stderr
+
+
 def test_a_device_geometry_that_does_not_fit_the_camera_config_stops_startup(tmp_path, run_dir):
     features = [("Width", 640), *RGB_FEATURES[1:4]]
     cfg = camera_config(tmp_path, run_dir, acquire_node(features))
@@ -189,7 +200,7 @@ def test_rgb_frames_become_messages_with_contiguous_positions(tmp_path, run_dir)
     assert got.ended and len(got.headers) == count
     assert got.shapes == {((RGB["lines"], RGB["pixels"], 3), "uint8")}
     frame_ticks = RGB["lines"] * RGB["ticks"]
-    check_continuity(got.headers, frame_ticks)
+    check_continuity(got.headers)
     assert not any(h.gap for h in got.headers)
     # Frame ids start at 1 on every start: the first message is at position 0.
     assert [h.position for h in got.headers[:3]] == [0, frame_ticks, 2 * frame_ticks]
@@ -219,7 +230,8 @@ def test_a_hyperspectral_frame_becomes_one_line_of_pixels_by_bands(tmp_path, run
     assert len(got.headers) == count
     # demo profile: HSI messages of 8 lines (8 pushbroom frames), 160 pixels x 224 bands, 60 ticks per line.
     assert got.shapes == {((8, 160, 224), "uint8")}
-    check_continuity(got.headers, 8 * 60)
+    check_continuity(got.headers)
+    assert [h.position for h in got.headers[:2]] == [0, 8 * 60]
     assert got.headers[0].stream == "hsi" and got.headers[0].meta["pixel_format"] == "Mono8"
 
 
@@ -315,7 +327,7 @@ def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with
     assert [f for f, _ in result["injected"]] == ["stall", "stop", "destroy"], result["injected"]
     assert got.ended and len(got.headers) == count
     frame_ticks = RGB["lines"] * RGB["ticks"]
-    check_continuity(got.headers, frame_ticks)  # seq contiguous; positions step by one frame except at gaps
+    check_continuity(got.headers)
     gaps = [h for h in got.headers if h.gap]
     assert len(gaps) == 3, [(h.seq, h.position) for h in gaps]
     # Each gap comes after its fault was injected, in order.
@@ -332,3 +344,30 @@ def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with
     assert stall.position - prev.position == (status["lost_device"] + 1) * frame_ticks
     assert status["lost_device"] > 20
     assert status["lost_outage"] > 0  # estimated from the frame rate over each outage
+
+
+def test_a_gap_inside_a_hyperspectral_message_ends_it_early_and_flags_the_next(tmp_path, run_dir):
+    # Eight pushbroom frames make a message; a stalled fetch loses frames in the middle of one.
+    count = 40
+    cfg = camera_config(tmp_path, run_dir, acquire_node(HSI_FEATURES, camera="hsi", serial="2",
+                                                        layout="spectral_rows", count=count))
+    collector = Collector(cfg)
+    child = mp.get_context("spawn").Process(target=_camera_with_faults,
+                                            args=(str(cfg), ["stall"], str(tmp_path / "out.json")))
+    child.start()
+    got = collector.run(timeout=90)
+    child.join(30)
+    result = load_json(tmp_path / "out.json")
+    assert child.exitcode == 0 and result["rc"] == 0 and got.ended and len(got.headers) == count
+    check_continuity(got.headers)
+    gaps = [h for h in got.headers if h.gap]
+    assert len(gaps) == 1
+    before = got.headers[gaps[0].seq - 1]
+    lines_before = before.arrays[0].shape[0]
+    lost = result["status"]["lost_device"]
+    assert lost > 20
+    # The message before the gap holds only the lines that came; the next starts after the lost ones.
+    assert gaps[0].position == before.position + (lines_before + lost) * 60
+    assert 1 <= lines_before <= 8
+    assert all(h.arrays[0].shape[0] == 8 for h in got.headers if h is not before)
+    assert {h.arrays[0].shape[1:] for h in got.headers} == {(160, 224)}

@@ -102,7 +102,8 @@ class Acquisition:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"acquire-{name}", daemon=True)
         self.camera: Camera | None = None
-        self.state = "starting"
+        self.state = "starting"  # starting | acquiring | lost | reconnecting
+        self.error = ""  # why the camera was lost, or why the last reconnect failed
         # Prometheus counters, and the same totals as plain numbers for the heartbeat.
         self.counts = dict.fromkeys(("frames", "lost_device", "lost_ring_full", "lost_outage", "gaps", "reconnects"), 0)
         self._metrics = {"frames": FRAMES.labels(name), "gaps": GAPS.labels(name),
@@ -174,7 +175,7 @@ class Acquisition:
         self._last_frame_ns = time.monotonic_ns()
         self.connected = True
         self._connected.set(1)
-        self.state = "acquiring"
+        self.state, self.error = "acquiring", ""
 
     def _close(self) -> None:
         if self.camera is not None:
@@ -272,7 +273,7 @@ class Acquisition:
 
     def _lost(self, why: str) -> None:
         self.log.error("camera %s lost: %s; reconnecting", self.camera.info.label() if self.camera else "", why)
-        self.state = f"lost: {why}"
+        self.state, self.error = "lost", why
         self._lost_at = self._last_frame_ns / 1e9  # the outage began with the last frame that came
         with self.lock:
             if self._batch is not None:
@@ -283,15 +284,17 @@ class Acquisition:
         delay, attempt = self._backoff_s, 0
         while not self._stop.wait(delay if attempt else 0):
             attempt += 1
+            camera = None
             try:
                 camera = self._open()
                 if camera.shape != self.frame_shape:
-                    camera.close()
                     raise ValueError(f"the device now delivers {camera.shape}, not {self.frame_shape}")
                 with self.lock:
                     self._start(camera)
             except Exception as exc:
-                self.state = f"reconnecting (attempt {attempt}): {exc}"
+                if camera is not None and camera is not self.camera:
+                    camera.close()
+                self.state, self.error = "reconnecting", f"attempt {attempt}: {exc}"
                 if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8...: enough to see, not a flood
                     self.log.warning("camera %s: reconnect attempt %d failed: %s", self.name, attempt, exc)
                 delay = min(delay * 2, self._backoff_max_s)

@@ -21,9 +21,9 @@ from nodes.acquire.features import readable
 class DeviceError(Exception):
     """No device, or more than one, matches a selection; or no producer loads."""
 
-    def __init__(self, text: str, ambiguous: bool = False):
+    def __init__(self, text: str, final: bool = False):
         super().__init__(text)
-        self.ambiguous = ambiguous  # more than one device matches: waiting will not help
+        self.final = final  # waiting will not help (several devices match, a producer is missing)
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,43 @@ def producers(cti: list[str]) -> Harvester:
     paths = tuple(os.path.abspath(p) for p in cti)
     if not paths:
         raise DeviceError("no GenTL producer given: set [genicam] cti = [\"/path/to/vendor.cti\"] "
-                          "(or the node's cti param, or GENICAM_GENTL64_PATH)")
+                          "(or the node's cti param, or GENICAM_GENTL64_PATH)", final=True)
     for p in paths:
         if not os.path.isfile(p):
-            raise DeviceError(f"GenTL producer {p}: no such file")
+            raise DeviceError(f"GenTL producer {p}: no such file", final=True)
     if _harvester is not None and paths != _loaded:
         close()
     if _harvester is None:
         # harvesters logs (with tracebacks) events that sortline counts and
         # reports itself, e.g. a fetch on a device that has just gone away.
+        # A producer that fails to load is only logged by harvesters: catch that here.
         quiet = logging.getLogger("sortline.harvesters")
-        quiet.setLevel(logging.CRITICAL)
-        h = Harvester(logger=quiet)
-        for p in paths:
-            h.add_file(p)
+        quiet.propagate = False
+        quiet.setLevel(logging.WARNING)
+        failures = _Collect()
+        quiet.addHandler(failures)
+        try:
+            h = Harvester(logger=quiet)
+            for p in paths:
+                h.add_file(p)
+            h.update()
+        finally:
+            quiet.removeHandler(failures)
+            quiet.setLevel(logging.CRITICAL)
+        if failures.messages:
+            h.reset()
+            raise DeviceError(f"GenTL producer could not be loaded: {failures.messages[0]}", final=True)
         _harvester, _loaded = h, paths
     return _harvester
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def close() -> None:
@@ -107,7 +128,7 @@ def select(found: list[DeviceInfo], serial: str = "", user_name: str = "", model
     if not matches:
         raise DeviceError(f"no device matches {what}; found {len(found)}: {listing}")
     raise DeviceError(f"{len(matches)} devices match {what}, choose one by serial or user_name; "
-                      f"found {len(found)}: {listing}", ambiguous=True)
+                      f"found {len(found)}: {listing}", final=True)
 
 
 # `sortline cameras`: what a user needs to write a camera's configuration.

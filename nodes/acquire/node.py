@@ -79,7 +79,7 @@ class Acquire(Node):
                 break
             except device.DeviceError as exc:
                 # A camera still booting may appear shortly; a wrong selector never will.
-                if time.monotonic() >= deadline or exc.ambiguous or self.stopping:
+                if time.monotonic() >= deadline or exc.final or self.stopping:
                     raise ConfigError([f"{where}: {exc}"]) from None
                 time.sleep(0.5)
             except (FeatureError, ValueError) as exc:
@@ -130,8 +130,11 @@ class Acquire(Node):
         if acq is None or not hasattr(acq, "ring"):
             return {}
         c = acq.counts
-        return {"connected": int(acq.connected), "state": acq.state, "messages": self.seq, "fps": round(acq.fps, 1),
-                "lost": c["lost_device"] + c["lost_ring_full"] + c["lost_outage"], **c, "queued": acq.ring.queued()}
+        status = {"connected": int(acq.connected), "state": acq.state, "messages": self.seq, "fps": round(acq.fps, 1),
+                  "lost": c["lost_device"] + c["lost_ring_full"] + c["lost_outage"], **c, "queued": acq.ring.queued()}
+        if acq.error:
+            status["error"] = acq.error
+        return status
 
     def teardown(self) -> None:
         if hasattr(self, "acq"):
