@@ -39,7 +39,8 @@ DELIVERED = Counter("sortline_camera_producer_delivered", "Frames the producer d
 INCOMPLETE = Counter("sortline_camera_incomplete_buffers", "Incomplete buffers the producer delivered (discarded)",
                      ["camera"])
 
-COUNTERS_EVERY_S = 0.5  # how often the producer's own statistics are read
+COUNTERS_EVERY_S = 0.5
+WAITING_S = 1.0  # no frame for this long: the status says "waiting"  # how often the producer's own statistics are read
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Acquisition:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"acquire-{name}", daemon=True)
         self.camera: Camera | None = None
-        self.state = "starting"  # starting | acquiring | lost | reconnecting
+        self.state = "starting"  # starting | acquiring | waiting | lost | reconnecting
         self.error = ""  # why the camera was lost, or why the last reconnect failed
         # Prometheus counters, and the same totals as plain numbers for the heartbeat.
         self.counts = dict.fromkeys(("frames", "lost_device", "lost_ring_full", "lost_outage", "gaps", "reconnects"), 0)
@@ -201,10 +202,14 @@ class Acquisition:
                 return
             frame = camera.fetch(self._fetch_timeout_s)
             if frame is None:
-                stalled = (time.monotonic_ns() - self._last_frame_ns) / 1e9
-                if stalled > self._stall_timeout_s:
-                    raise TimeoutError(f"no frame for {stalled:.1f} s")
+                silent = (time.monotonic_ns() - self._last_frame_ns) / 1e9
+                if self._stall_timeout_s and silent > self._stall_timeout_s:
+                    raise TimeoutError(f"no frame for {silent:.1f} s")
+                if silent > WAITING_S and self.state == "acquiring":
+                    self.state = "waiting"  # no frames, e.g. a triggered camera on a stopped belt
                 return
+            if self.state == "waiting":
+                self.state = "acquiring"
             try:
                 self._take_frame(camera, frame)
             finally:

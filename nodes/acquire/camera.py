@@ -24,8 +24,11 @@ from nodes.acquire.device import DeviceInfo, devices, producers, select
 # while it waits inside the producer, so a blocking wait there would stall the
 # node's main loop for as long; instead each look returns at once, and the
 # thread sleeps (GIL released) between looks. 0.5 ms adds at most that much
-# latency, and costs a few percent of a core.
+# latency; each look costs ~0.1 ms of CPU, so after IDLE_AFTER_S without a
+# frame (a triggered camera on a stopped belt) it looks every IDLE_POLL_S.
 POLL_S = 0.0005
+IDLE_AFTER_S = 0.05
+IDLE_POLL_S = 0.005
 LOOK_S = 1e-5  # try_fetch's own timeout: long enough for one immediate look, no longer
 
 # Chunks sortline reads, by their SFNC ChunkSelector names.
@@ -78,6 +81,7 @@ class Camera:
             self.close()
             raise
         self._stream = None
+        self._last_frame_s = 0.0
 
     def _enable_chunks(self, node_map) -> set[str]:
         offered = features.readable(node_map, "ChunkSelector")
@@ -121,10 +125,12 @@ class Camera:
         producer's exception when the device has gone away."""
         deadline = time.monotonic() + timeout_s
         while (buf := self.ia.try_fetch(timeout=LOOK_S)) is None:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return None
-            time.sleep(POLL_S)
+            time.sleep(POLL_S if now - self._last_frame_s < IDLE_AFTER_S else IDLE_POLL_S)
         host_ns = time.monotonic_ns()
+        self._last_frame_s = host_ns / 1e9
         try:
             module = buf.module
             return Fetched(self._frame_id(module), self._chunk("EncoderValue"), self._device_ts(module), host_ns,

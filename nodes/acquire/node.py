@@ -44,7 +44,8 @@ class Acquire(Node):
         buffers: int = Field(8, ge=2, le=256, description="GenTL buffers announced to the producer")
         ring: int = Field(16, ge=2, le=1024, description="message slots between the acquisition thread and the graph")
         fetch_timeout_s: float = Field(0.1, gt=0, le=5)
-        stall_timeout_s: float = Field(2.0, gt=0, le=600, description="no frame for this long: the camera is lost")
+        stall_timeout_s: float = Field(2.0, ge=0, le=600, description="no frame for this long: the camera is lost "
+                                       "and reopened; 0: never (a triggered camera on a belt that stops)")
         reconnect_backoff_s: float = Field(0.5, gt=0, le=60)
         reconnect_backoff_max_s: float = Field(10.0, gt=0, le=600)
         startup_wait_s: float = Field(5.0, ge=0, le=600, description="how long setup looks for the device")
