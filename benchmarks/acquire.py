@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,9 +177,7 @@ def node(frames: int) -> dict:
     inp.close()
     readers.close()
     ctx.term()
-    for leftover in run_dir.iterdir():
-        leftover.unlink()
-    run_dir.rmdir()
+    shutil.rmtree(run_dir)
     fps = steady_rate(stamps)
     frame_ticks = HEIGHT * settings.cameras.rgb.ticks_per_line
     lost = (positions[-1] - positions[0]) // frame_ticks + 1 - len(positions)
