@@ -142,7 +142,7 @@ class Acquisition:
         self._batch: Batch | None = None
         self._pending_gap = False
         self._period_s = 0.0  # frame period, measured; estimates what an outage cost
-        self._last_frame_ns = self._last_counters = 0
+        self._last_frame_ns = 0
         self._counters_at = 0.0
         self._has_ids = True
         self.camera = camera

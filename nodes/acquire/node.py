@@ -131,7 +131,8 @@ class Acquire(Node):
         if acq is None or not hasattr(acq, "ring"):
             return {}
         c = acq.counts
-        status = {"connected": int(acq.connected), "state": acq.state, "messages": self.seq, "fps": round(acq.fps, 1),
+        status = {"connected": int(acq.connected), "state": acq.state, "fps": round(acq.fps, 1),
+                  "frames": c["frames"], "messages": self.seq,
                   "lost": c["lost_device"] + c["lost_ring_full"] + c["lost_outage"], **c, "queued": acq.ring.queued()}
         if acq.error:
             status["error"] = acq.error
