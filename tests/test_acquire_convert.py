@@ -101,9 +101,17 @@ def test_positions_from_encoder_values_with_wrap_and_gap():
     t = BeltTracker(frame_lines=4, ticks_per_line=10, encoder_bits=16)
     values = [65_480, 65_520, 24, 64, 184, 224]  # wraps after 65_520; 104..144 missing
     placed = [t.place(None, v) for v in values]
-    assert [p.position for p in placed] == [0, 40, 80, 120, 240, 280]
+    assert [p.position - values[0] for p in placed] == [0, 40, 80, 120, 240, 280]  # the encoder's own count
     assert [p.gap for p in placed] == [False, False, False, False, True, False]
     assert placed[4].lost == 2
+
+
+def test_with_frame_ids_and_encoder_values_the_ids_count_losses_and_the_encoder_places():
+    t = BeltTracker(frame_lines=4, ticks_per_line=10)
+    # A free-running camera on a belt that speeds up: encoder steps grow, ids stay contiguous.
+    placed = [t.place(i, v) for i, v in ((1, 1000), (2, 1040), (3, 1100), (5, 1250))]
+    assert [p.position for p in placed] == [1000, 1040, 1100, 1250]
+    assert [(p.lost, p.gap) for p in placed] == [(0, False), (0, False), (0, False), (1, True)]
 
 
 def test_after_a_restart_positions_continue_past_the_outage_and_the_next_frame_is_flagged():
@@ -114,6 +122,20 @@ def test_after_a_restart_positions_continue_past_the_outage_and_the_next_frame_i
     first, second = t.place(1, None), t.place(2, None)
     assert (first.position, first.gap, first.lost) == (180 + 600, True, 0)
     assert (second.position, second.gap) == (840, False)
+
+
+def test_after_a_restart_an_encoder_that_kept_counting_places_exactly():
+    t = BeltTracker(frame_lines=1, ticks_per_line=60)
+    for i, v in ((1, 600), (2, 660)):
+        t.place(i, v)
+    t.restart(missed_frames=3)  # estimated; the encoder knows better
+    back = t.place(1, 660 + 60 * 11)
+    assert (back.position, back.gap) == (1320, True)
+    reset = BeltTracker(frame_lines=1, ticks_per_line=60)
+    reset.place(1, 5000)
+    reset.restart(missed_frames=2)
+    after = reset.place(1, 7)  # the camera's counter was reset: fall back on the estimate
+    assert (after.position, after.gap) == (5000 + 60 + 2 * 60, True)
 
 
 def test_a_frame_id_that_goes_backwards_is_a_gap_of_unknown_size():

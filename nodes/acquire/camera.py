@@ -144,13 +144,12 @@ class Camera:
         frame.buffer.queue()
 
     def _frame_id(self, module) -> int | None:
-        chunk = self._chunk("FrameID")
-        if chunk is not None:
-            return chunk
+        # The buffer's frame id first: GenTL gives it 64 bits, where some devices' FrameID
+        # chunk has 16 and wraps (it would read as a restart every 65536 frames).
         try:
             return int(module.frame_id)
         except GenTLError:
-            return None
+            return self._chunk("FrameID")
 
     def _chunk(self, name: str) -> int | None:
         if name not in self.chunks:
