@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import re
 import threading
 import time
 
@@ -26,13 +25,14 @@ from conftest import load_json, metric, sortline, start, stop, wait_for, write_c
 
 VIKY = os.path.join(os.path.dirname(genicam.__file__), "viky.cti")
 RGB = {"lines": 100, "ticks": 15, "pixels": 800}
-# 100 frames/s, half of viky's rate, and a deep ring: on a loaded 2-core machine a consumer can
-# pause for a few frames, and these tests check continuity, not how much load drops frames.
+# 100 frames/s, half of viky's rate, 16 buffers and a deep ring: on a loaded 2-core machine the
+# node or its consumer can pause for tens of ms, and these tests check continuity, not how much
+# load it takes to lose frames (benchmarks/acquire.py measures that).
 RGB_FEATURES = [("Width", 800), ("Height", 100), ("PixelFormat", "RGBa8"), ("AcquisitionFrameRate", 100.0),
                 # What a line-scan camera has and viky lacks: optional, so skipped with a log line.
                 ("TriggerSelector", "LineStart", False), ("TriggerMode", "On", False),
                 ("TriggerSource", "Encoder0", False), ("AcquisitionLineRate", 20000.0, False)]
-HSI_FEATURES = [("Width", 160), ("Height", 224), ("PixelFormat", "Mono8"), ("AcquisitionFrameRate", 200.0)]
+HSI_FEATURES = [("Width", 160), ("Height", 224), ("PixelFormat", "Mono8"), ("AcquisitionFrameRate", 100.0)]
 
 
 def toml(value) -> str:
@@ -41,7 +41,7 @@ def toml(value) -> str:
 
 def acquire_node(features=RGB_FEATURES, name="camera", **params) -> str:
     lines = [f"[nodes.{name}]", 'kind = "acquire"', "", f"[nodes.{name}.params]"]
-    lines += [f"{k} = {toml(v)}" for k, v in {"serial": "1", "ring": 64, **params}.items()]
+    lines += [f"{k} = {toml(v)}" for k, v in {"serial": "1", "ring": 64, "buffers": 16, **params}.items()]
     lines.append("features = [")
     for name_, value, *required in features:
         opt = f", required = {toml(required[0])}" if required else ""
@@ -312,18 +312,27 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
         json.dump({"rc": rc, "status": node.status(), "recovered": recovered, "injected": injected}, fh)
 
 
+def run_with_faults(cfg, faults: list[str], out) -> tuple[Collector, dict]:
+    collector = Collector(cfg)
+    child = mp.get_context("spawn").Process(target=_camera_with_faults, args=(str(cfg), faults, str(out)),
+                                            daemon=True)
+    child.start()
+    try:
+        got = collector.run(timeout=90)
+        child.join(30)
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    result = load_json(out)
+    assert result["rc"] == 0
+    return got, result
+
+
 def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with_gaps_flagged(tmp_path, run_dir):
     count = 400
     cfg = camera_config(tmp_path, run_dir, acquire_node(count=count, stall_timeout_s=1.0, reconnect_backoff_s=0.2))
-    collector = Collector(cfg)
-    child = mp.get_context("spawn").Process(
-        target=_camera_with_faults, args=(str(cfg), ["stall", "stop", "destroy"], str(tmp_path / "out.json")))
-    child.start()
-    got = collector.run(timeout=90)
-    child.join(30)
-    assert child.exitcode == 0
-    result = load_json(tmp_path / "out.json")
-    assert result["rc"] == 0
+    got, result = run_with_faults(cfg, ["stall", "stop", "destroy"], tmp_path / "out.json")
     assert [f for f, _ in result["injected"]] == ["stall", "stop", "destroy"], result["injected"]
     assert got.ended and len(got.headers) == count
     frame_ticks = RGB["lines"] * RGB["ticks"]
@@ -351,14 +360,8 @@ def test_a_gap_inside_a_hyperspectral_message_ends_it_early_and_flags_the_next(t
     count = 40
     cfg = camera_config(tmp_path, run_dir, acquire_node(HSI_FEATURES, camera="hsi", serial="2",
                                                         layout="spectral_rows", count=count))
-    collector = Collector(cfg)
-    child = mp.get_context("spawn").Process(target=_camera_with_faults,
-                                            args=(str(cfg), ["stall"], str(tmp_path / "out.json")))
-    child.start()
-    got = collector.run(timeout=90)
-    child.join(30)
-    result = load_json(tmp_path / "out.json")
-    assert child.exitcode == 0 and result["rc"] == 0 and got.ended and len(got.headers) == count
+    got, result = run_with_faults(cfg, ["stall"], tmp_path / "out.json")
+    assert got.ended and len(got.headers) == count
     check_continuity(got.headers)
     gaps = [h for h in got.headers if h.gap]
     assert len(gaps) == 1
