@@ -262,7 +262,7 @@ def test_a_graph_slower_than_the_camera_drops_counts_and_flags_the_gap(tmp_path,
     assert res.returncode == 0, res.stderr[-3000:]
     sink, run = load_json(tmp_path / "sink.json"), load_json(tmp_path / "run.json")
     status = run["nodes"]["camera"]["status"]
-    assert status["lost_ring_full"] > 100 and status["lost_device"] == 0 and status["reconnects"] == 0
+    assert status["lost_ring_full"] > 100 and status["reconnects"] == 0
     assert sink["lost"] == 0  # seq stays contiguous: nothing was lost between camera and sink
     assert 1 <= sink["gap_flags"] <= status["gaps"]
     assert "ring full: the graph downstream does not keep up; frame dropped" in res.stderr
