@@ -80,9 +80,11 @@ class Acquire(Node):
                 break
             except device.DeviceError as exc:
                 # A camera still booting may appear shortly; a wrong selector never will.
-                if time.monotonic() >= deadline or exc.final or self.stopping:
+                if time.monotonic() >= deadline or exc.final:
                     raise ConfigError([f"{where}: {exc}"]) from None
-                time.sleep(0.5)
+                if not self.sleep_until(time.monotonic_ns() + 500_000_000):
+                    self.log.info("stopped while looking for the camera: %s", exc)
+                    raise SystemExit(0)
             except (FeatureError, ValueError) as exc:
                 raise ConfigError([f"{where}: {exc}"]) from None
         shape = camera.shape
