@@ -18,7 +18,7 @@ from genicam.gentl import GenericException as GenTLError
 from harvesters.core import Callback, ImageAcquirer
 
 from nodes.acquire import convert, features
-from nodes.acquire.device import DeviceInfo, devices, producers, select
+from nodes.acquire.device import DeviceError, DeviceInfo, devices, producers, select
 
 # How often the fetch loop looks for a frame. The genicam binding holds the GIL
 # while it waits inside the producer, so a blocking wait there would stall the
@@ -60,7 +60,10 @@ class Camera:
         h = producers(cti)
         self.info: DeviceInfo = select(devices(h), **selector)
         self.log = log
-        self.ia: ImageAcquirer = h.create(self.info.index)
+        try:
+            self.ia: ImageAcquirer = h.create(self.info.index)
+        except Exception as exc:  # e.g. ResourceInUseException: another process has it open
+            raise DeviceError(f"{self.info.label()} could not be opened: {exc}") from None
         try:
             node_map = self.ia.remote_device.node_map
             label = self.info.label()
