@@ -274,6 +274,7 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
     once the node is acquiring again after the previous one."""
     import logging
 
+    from nodes.acquire import device
     from pipeline.config import load_config
     from pipeline.node import Runner
 
@@ -300,11 +301,27 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
                         acq.camera.ia.remote_device.node_map.AcquisitionStop.execute()
                     elif fault == "destroy":  # the device goes away under the node
                         acq.camera.ia.destroy()
+                    elif fault == "unplug":  # ... and is not on the bus for the first three attempts
+                        acq._open = absent_for(3, acq._open)
+                        acq.camera.ia.destroy()
+                if fault == "unplug":
+                    wait_for(lambda: acq.state == "reconnecting" and acq.error.startswith("attempt 3:"),
+                             timeout=30, every=0.01)
+                    injected.append(("unplug: " + acq.error, -1))
             frames = node.acq.counts["frames"]
             wait_for(lambda: acquiring_beyond(frames + 10), timeout=30, every=0.01)
             recovered.update(node.status())
         except BaseException as exc:
             injected.append((f"injector failed: {exc!r}", -1))
+
+    def absent_for(attempts: int, open_camera):
+        def absent():
+            if attempts > len(tried):
+                tried.append(1)
+                device.select([], serial="1")  # what opening meets when the device is not listed
+            return open_camera()
+        tried = []
+        return absent
 
     threading.Thread(target=inject, daemon=True).start()
     rc = runner.run()
@@ -330,20 +347,25 @@ def run_with_faults(cfg, faults: list[str], out) -> tuple[Collector, dict]:
 
 
 def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with_gaps_flagged(tmp_path, run_dir):
+    # In turn: the fetch thread held up for 0.5 s (frames lost in the producer), the camera
+    # stopping without an error (stall timeout), the device destroyed under the node, and
+    # the device destroyed and missing from the device list for three reconnect attempts.
     count = 400
     cfg = camera_config(tmp_path, run_dir, acquire_node(count=count, stall_timeout_s=1.0, reconnect_backoff_s=0.2))
-    got, result = run_with_faults(cfg, ["stall", "stop", "destroy"], tmp_path / "out.json")
-    assert [f for f, _ in result["injected"]] == ["stall", "stop", "destroy"], result["injected"]
+    got, result = run_with_faults(cfg, ["stall", "stop", "destroy", "unplug"], tmp_path / "out.json")
+    unplugged = result["injected"].pop()[0]
+    assert unplugged == "unplug: attempt 3: no device matches serial '1'; found 0: none"
+    assert [f for f, _ in result["injected"]] == ["stall", "stop", "destroy", "unplug"], result["injected"]
     assert got.ended and len(got.headers) == count
     frame_ticks = RGB["lines"] * RGB["ticks"]
     check_continuity(got.headers)
     gaps = [h for h in got.headers if h.gap]
-    assert len(gaps) == 3, [(h.seq, h.position) for h in gaps]
+    assert len(gaps) == 4, [(h.seq, h.position) for h in gaps]
     # Each gap comes after its fault was injected, in order.
     for (fault, seq_at), h in zip(result["injected"], gaps):
         assert h.seq >= seq_at, (fault, seq_at, h.seq)
     status = result["status"]
-    assert status["gaps"] == 3 and status["reconnects"] == 2
+    assert status["gaps"] == 4 and status["reconnects"] == 3
     assert result["recovered"]["connected"] == 1 and result["recovered"]["state"] == "acquiring"
     assert status["connected"] == 0  # stopped at the end of the stream
     # The stall is seen in the frame ids: exactly the frames the ids skip are counted lost,
