@@ -281,7 +281,7 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     runner = Runner(load_config(cfg), "camera")
     node = runner.node
-    injected, recovered = [], {}
+    injected, recovered, during = [], {}, {}
 
     def acquiring_beyond(frames: int) -> bool:
         acq = getattr(node, "acq", None)
@@ -308,6 +308,7 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
                     wait_for(lambda: acq.state == "reconnecting" and acq.error.startswith("attempt 3:"),
                              timeout=30, every=0.01)
                     injected.append(("unplug: " + acq.error, -1))
+                    during.update(node.status())  # the health a heartbeat carries meanwhile
             frames = node.acq.counts["frames"]
             wait_for(lambda: acquiring_beyond(frames + 10), timeout=30, every=0.01)
             recovered.update(node.status())
@@ -326,7 +327,8 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
     threading.Thread(target=inject, daemon=True).start()
     rc = runner.run()
     with open(out, "w") as fh:
-        json.dump({"rc": rc, "status": node.status(), "recovered": recovered, "injected": injected}, fh)
+        json.dump({"rc": rc, "status": node.status(), "recovered": recovered, "during": during,
+                   "injected": injected}, fh)
 
 
 def run_with_faults(cfg, faults: list[str], out) -> tuple[Collector, dict]:
@@ -355,6 +357,9 @@ def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with
     got, result = run_with_faults(cfg, ["stall", "stop", "destroy", "unplug"], tmp_path / "out.json")
     unplugged = result["injected"].pop()[0]
     assert unplugged == "unplug: attempt 3: no device matches serial '1'; found 0: none"
+    during = result["during"]
+    assert during["connected"] == 0 and during["state"] == "reconnecting" and during["fps"] == 0
+    assert during["error"] == unplugged.removeprefix("unplug: ")
     assert [f for f, _ in result["injected"]] == ["stall", "stop", "destroy", "unplug"], result["injected"]
     assert got.ended and len(got.headers) == count
     frame_ticks = RGB["lines"] * RGB["ticks"]
