@@ -1,10 +1,10 @@
 """One open camera: configure it, start it, fetch its frames, read its counters.
 
 A `Camera` lives from one connection to the next: when the device goes away
-the acquisition thread closes it and opens a new one. Frames are fetched with
-short `try_fetch` timeouts from the caller's own thread (never harvesters'
-background thread, which drops buffers without a count), copied once, and
-the buffer goes straight back to the producer.
+the acquisition thread closes it and opens a new one. Frames are fetched on
+the caller's own thread (never harvesters' background thread, which drops
+buffers without a count), copied once, and the buffer goes straight back to
+the producer.
 """
 
 from __future__ import annotations
