@@ -25,12 +25,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 WIDTH = HEIGHT = 800
 RATE = 200.0
-BUFFERS = 8
+BUFFERS = 16  # the node's default
 
 
 def viky() -> str:
@@ -91,6 +94,19 @@ def bare(frames: int, results) -> None:
     h.reset()
     results.put({"fps": fps, "cpu": cpu / seconds, "lost": ids[-1] - ids[0] + 1 - len(ids),
                  "mb_s": fps * WIDTH * HEIGHT * 4 / 1e6})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lost_by_reason(port: int) -> dict[str, float]:
+    """The node's own count of lost frames by reason (the whole run, warm-up included)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.findall(r'^sortline_camera_lost_frames_total\{camera="camera",reason="(\w+)"\} (\S+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
 
 
 def steady_rate(stamps_ns: list[int]) -> float:
@@ -148,7 +164,9 @@ def node(frames: int) -> dict:
     readers = SlotReaders(run_dir)
     inp = Input(ctx, "sink", "in", inputs_of(settings, "sink")["in"], readers)
     sock = next(iter(inp.sockets))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "node", "camera", "--config", str(cfg)],
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "node", "camera", "--config", str(cfg),
+                             "--metrics-port", str(port)],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     stamps, positions, gaps, latency = [], [], 0, []
     t0 = c0 = None
@@ -170,6 +188,7 @@ def node(frames: int) -> dict:
             latency.append(now - msg.header.trace[0].t_in_ns)
             if len(stamps) == frames:
                 c1, stop_ns = cpu_seconds(proc.pid), now
+                lost_by = lost_by_reason(port)  # the node is still up: it waits for us to read its end
         msg.release()
     _, err = proc.communicate(timeout=30)
     if proc.returncode:
@@ -184,6 +203,7 @@ def node(frames: int) -> dict:
     lat_ms = np.array(latency) / 1e6
     return {"fps": fps, "mb_s": fps * WIDTH * HEIGHT * 3 / 1e6,
             "cpu": (c1 - c0) / ((stop_ns - t0) / 1e9), "lost": lost, "gaps": gaps,
+            **{f"lost_{reason}": n for reason, n in lost_by.items()},
             "latency_p50_ms": float(np.percentile(lat_ms, 50)), "latency_p99_ms": float(np.percentile(lat_ms, 99))}
 
 
@@ -221,7 +241,9 @@ def main(argv=None) -> int:
         print(f"{prefix:<6} {figures[f'{prefix}_fps']:>9.1f} {figures[f'{prefix}_mb_s']:>8.0f} "
               f"{figures[f'{prefix}_cpu'] * 100:>5.0f}% {figures[f'{prefix}_lost']:>5.0f}   {what}")
     print(f"node: fetch to consumer latency p50 {figures['node_latency_p50_ms']:.2f} ms, "
-          f"p99 {figures['node_latency_p99_ms']:.2f} ms; gap-flagged messages {figures['node_gaps']:.0f}")
+          f"p99 {figures['node_latency_p99_ms']:.2f} ms; gap-flagged messages {figures['node_gaps']:.0f}; "
+          f"the node's own loss counts: " + ", ".join(f"{k.removeprefix('node_lost_')} {v:.0f}"
+                                                     for k, v in figures.items() if k.startswith("node_lost_")))
     print(f"acquire_vs_bare (node frames/s / bare frames/s): {figures['acquire_vs_bare']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -25,7 +25,7 @@ from conftest import load_json, metric, sortline, start, stop, wait_for, write_c
 
 VIKY = os.path.join(os.path.dirname(genicam.__file__), "viky.cti")
 RGB = {"lines": 100, "ticks": 15, "pixels": 800}
-# 100 frames/s, half of viky's rate, 16 buffers and a deep ring: on a loaded 2-core machine the
+# 100 frames/s, half of viky's rate, and a deep ring: on a loaded 2-core machine the
 # node or its consumer can pause for tens of ms, and these tests check continuity, not how much
 # load it takes to lose frames (benchmarks/acquire.py measures that).
 RGB_FEATURES = [("Width", 800), ("Height", 100), ("PixelFormat", "RGBa8"), ("AcquisitionFrameRate", 100.0),
@@ -41,7 +41,7 @@ def toml(value) -> str:
 
 def acquire_node(features=RGB_FEATURES, name="camera", **params) -> str:
     lines = [f"[nodes.{name}]", 'kind = "acquire"', "", f"[nodes.{name}.params]"]
-    lines += [f"{k} = {toml(v)}" for k, v in {"serial": "1", "ring": 64, "buffers": 16, **params}.items()]
+    lines += [f"{k} = {toml(v)}" for k, v in {"serial": "1", "ring": 64, **params}.items()]
     lines.append("features = [")
     for name_, value, *required in features:
         opt = f", required = {toml(required[0])}" if required else ""

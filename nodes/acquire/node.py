@@ -41,7 +41,8 @@ class Acquire(Node):
             "a pushbroom frame is one line, with bands along its rows / columns")
         reverse_bands: bool = Field(False, description="the sensor's spectral axis runs from long to short wavelengths")
         chunks: bool = Field(True, description="read frame id, timestamp and encoder value chunks where offered")
-        buffers: int = Field(8, ge=2, le=256, description="GenTL buffers announced to the producer")
+        buffers: int = Field(16, ge=2, le=256, description="GenTL buffers announced to the producer: how many "
+                             "frames it can hold while the node is held up (harvesters' own default is 3)")
         ring: int = Field(16, ge=2, le=1024, description="message slots between the acquisition thread and the graph")
         fetch_timeout_s: float = Field(0.1, gt=0, le=5)
         stall_timeout_s: float = Field(2.0, ge=0, le=600, description="no frame for this long: the camera is lost "
