@@ -7,6 +7,7 @@ compute step (see pipeline.node).
 from importlib import import_module
 
 KINDS = {
+    "acquire": "nodes.acquire.node:Acquire",
     "pattern": "nodes.pattern:PatternSource",
     "record": "nodes.record:Recorder",
     "relay": "nodes.relay:Relay",

@@ -223,6 +223,17 @@ def _run_options(p: argparse.ArgumentParser, record_help: str) -> None:
     p.add_argument("--record", metavar="FILE", default=None, help=record_help)
 
 
+def cmd_cameras(args) -> int:
+    from nodes.acquire.listing import list_cameras, producers_of, selections_of
+
+    if args.config:
+        settings = _config(args.config)
+        return list_cameras(args.cti or producers_of(settings), selections_of(settings))
+    from nodes.acquire.device import default_cti
+
+    return list_cameras(args.cti or default_cti())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "its derivation, and the graph's edges.")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("cameras", help="list the cameras the GenTL producers offer, with their key features",
+                       description="List the devices of the GenTL producers named by --config (its [genicam] "
+                       "section and acquire nodes) or by --cti: vendor, model, serial, and the features a camera "
+                       "configuration needs (size, pixel formats, rates, trigger, chunks). With --config, also "
+                       "which device each acquire node selects.")
+    p.add_argument("--config", help="machine configuration (TOML)")
+    p.add_argument("--cti", action="append", default=[], metavar="PATH",
+                   help="a GenTL producer (.cti); repeat for several (default: GENICAM_GENTL64_PATH)")
+    p.set_defaults(func=cmd_cameras)
     return parser
 
 

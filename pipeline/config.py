@@ -101,6 +101,11 @@ class CalibrationFiles(Section):
     spatial: str = Field("", description="RGB-HSI co-registration (sortline calibrate spatial)")
 
 
+class GenICamSettings(Section):
+    cti: list[str] = Field([], description="GenTL producers (.cti files) every acquire node loads; "
+                           "empty: those in GENICAM_GENTL64_PATH")
+
+
 class Budget(Section):
     margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
 
@@ -164,6 +169,7 @@ class Settings(BaseSettings):
     model: Model = Model()
     calibration: CalibrationFiles = CalibrationFiles()
     budget: Budget = Budget()
+    genicam: GenICamSettings = GenICamSettings()
     graph: GraphSettings = GraphSettings()
     metrics: MetricsSettings = MetricsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()

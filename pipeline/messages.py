@@ -161,6 +161,8 @@ def _peek_version(buf) -> int:
 def check_specs(specs: list[ArraySpec]) -> None:
     if len(specs) > MAX_ARRAYS:
         raise MessageError("size", f"{len(specs)} arrays, at most {MAX_ARRAYS}")
+    if len({spec.name for spec in specs}) != len(specs):  # arrays are looked up by name
+        raise MessageError("header", f"array names repeat: {[spec.name for spec in specs]}")
     for spec in specs:
         if spec.dtype not in DTYPES:
             raise MessageError("size", f"array {spec.name!r}: dtype {spec.dtype!r} not allowed")

@@ -40,6 +40,14 @@ def header(**kw) -> Header:
     return Header(**{**base, **kw})
 
 
+def test_a_header_naming_an_array_twice_is_refused(tmp_path):
+    # Found by the property test below: the second array would have hidden the first.
+    twice = [ArraySpec("", "uint8", (0, 0)), ArraySpec("", "float16", (0,))]
+    with pytest.raises(MessageError, match="array names repeat") as exc:
+        SlotReaders(tmp_path).decode([encode_header(header(arrays=twice)), b"", b""])
+    assert exc.value.kind == "header"
+
+
 def test_round_trip_through_a_socket_is_zero_copy(pair, tmp_path):
     a, b = pair
     rgb = np.arange(64 * 640 * 3, dtype=np.uint8).reshape(64, 640, 3)
