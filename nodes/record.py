@@ -97,6 +97,31 @@ class Recorder(Node):
             self.log.warning("%s exists (an earlier run, or this node before a restart): recording to %s",
                              kept, path)
         self.path = path
+        try:
+            self._start_file(path)
+        except OSError as exc:   # a full or failing disk already at the file's start
+            self.log.error("cannot write %s (%s): stopping", path, exc)
+            sys.exit(EX_IOERR)
+        self.channels: dict[str, int] = {}  # the writer thread's
+        self.stats: dict[str, recording.StreamStats] = {}
+        self.limit = int(p.queue_mb * 2**20)
+        self.queue: deque = deque()
+        self.spare: list[bytearray] = []  # frame buffers the writer is done with
+        self.queued = 0
+        self.cond = threading.Condition()
+        self.closing = False
+        self.failure: BaseException | None = None
+        self.stalls = 0
+        self.stall_s = 0.0
+        self._queued = QUEUED.labels(self.name)
+        self._warn = _RateLimitedLog(self.log)
+        self.thread = threading.Thread(target=self._write_loop, name="mcap-writer", daemon=True)
+        self.thread.start()
+        self.log.info("recording to %s (%s chunks of %g MiB)", path, p.compression, p.chunk_mb)
+
+    def _start_file(self, path: Path) -> None:
+        """Open the file and write what comes before the frames: schema, metadata, attachments."""
+        p = self.params
         self.fh = open(path, "wb")
         self.writer = McapWriter(self.fh, recording.PROFILE, f"sortline {sortline_version()}",
                                  chunk_size=int(p.chunk_mb * 2**20), compression=p.compression)
@@ -114,22 +139,6 @@ class Recorder(Node):
         for cal in self.calibrations:
             self.writer.add_attachment(now, now, f"calibration/{Path(cal).name}", "application/octet-stream",
                                        Path(cal).read_bytes())
-        self.channels: dict[str, int] = {}  # the writer thread's
-        self.stats: dict[str, recording.StreamStats] = {}
-        self.limit = int(p.queue_mb * 2**20)
-        self.queue: deque = deque()
-        self.spare: list[bytearray] = []  # frame buffers the writer is done with
-        self.queued = 0
-        self.cond = threading.Condition()
-        self.closing = False
-        self.failure: BaseException | None = None
-        self.stalls = 0
-        self.stall_s = 0.0
-        self._queued = QUEUED.labels(self.name)
-        self._warn = _RateLimitedLog(self.log)
-        self.thread = threading.Thread(target=self._write_loop, name="mcap-writer", daemon=True)
-        self.thread.start()
-        self.log.info("recording to %s (%s chunks of %g MiB)", path, p.compression, p.chunk_mb)
 
     def process(self, port, msg):
         if self.failure is not None:

@@ -21,9 +21,9 @@ DEMO = ROOT / "configs" / "demo.toml"
 
 
 def machine_toml() -> str:
-    """The demo profile's machine sections, without its graph."""
+    """The demo profile's machine sections, without its graph (calibration paths made absolute)."""
     text = DEMO.read_text()
-    return text[: text.index("[graph]")]
+    return text[: text.index("[graph]")].replace('"calibration/', f'"{DEMO.parent}/calibration/')
 
 
 def chain(camera: str = "", sink: str = "", policy: str = "lossless", transport: str = "auto",

@@ -120,16 +120,13 @@ def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
     spectral.save(tmp_path / "spectral.npz")
     spatial.save(tmp_path / "spatial.json")
     graph = f"""
-[calibration]
-spectral = "spectral.npz"
-spatial = "spatial.json"
-
 [nodes.belt]
 kind = "simulate"
 params = {{ seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05 }}
 
 [nodes.register]
 kind = "register"
+params = {{ spectral = "{tmp_path / 'spectral.npz'}", spatial = "{tmp_path / 'spatial.json'}" }}
 
 [nodes.sink]
 kind = "sink"
@@ -175,7 +172,8 @@ to = "register.rgb"
 from = "belt.hsi"
 to = "register.hsi"
 """
-    cfg = write_config(tmp_path / "nocal.toml", graph.replace("[nodes.belt]", '[calibration]\nspatial = "nowhere.json"\nspectral = "nowhere.npz"\n\n[nodes.belt]'), run_dir)
+    graph = graph.replace('kind = "register"', 'kind = "register"\nparams = { spatial = "nowhere.json", spectral = "nowhere.npz" }')
+    cfg = write_config(tmp_path / "nocal.toml", graph, run_dir)
     result = sortline("node", "register", "--config", str(cfg), timeout=60)
     assert result.returncode == 78
     assert "nowhere.npz" in result.stderr and "not a readable spectral calibration" in result.stderr
