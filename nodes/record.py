@@ -149,7 +149,12 @@ class Recorder(Node):
         frame = recording.encode_frame(h, msg.arrays, self._buffer)  # the one copy out of the slot
         arrival = time.time_ns()
         log_time = arrival
-        if h.trace:  # the source's acquisition time, on this host's clock, paces a replay best
+        if h.host_ts and h.device_ts_ns:
+            # Stamped on this host's monotonic clock when its first line was taken (a camera
+            # without a clock of its own, or the simulator, whose belt may run faster than real
+            # time when unpaced): that spacing is what a replay "as recorded" reproduces.
+            log_time = arrival - (time.monotonic_ns() - h.device_ts_ns)
+        elif h.trace:  # the source's acquisition time, on this host's clock
             age = time.monotonic_ns() - h.trace[0].t_in_ns
             if 0 <= age < PLAUSIBLE_AGE_NS:
                 log_time = arrival - age
