@@ -17,9 +17,9 @@ MAX_ACROSS_HSI_PX = 0.3
 MAX_ALONG_LINES = 1.0
 
 
-def camera_frames(path: str, stream: str) -> tuple[list[tuple[int, np.ndarray]], str]:
-    """(position, lines) of one stream of a recording, and the camera serial it names."""
-    out, serial = [], ""
+def camera_frames(path: str, stream: str) -> tuple[list[tuple[int, np.ndarray]], dict]:
+    """(position, lines) of one stream of a recording, and the camera meta of its first frame (serial, ...)."""
+    out, meta = [], {}
     try:
         for frame in frames(path):
             if frame.stream != stream:
@@ -30,18 +30,22 @@ def camera_frames(path: str, stream: str) -> tuple[list[tuple[int, np.ndarray]],
                 continue
             if "lines" in arrays:
                 out.append((header.position, arrays["lines"]))
-                serial = serial or str(header.meta.get("serial", ""))
+                meta = meta or dict(header.meta)
     except Damage as exc:
         print(f"sortline: {exc}; using the {len(out)} frames before it", file=sys.stderr)
     if not out:
         raise CalibrationError(f"{path}: no {stream!r} frames in this recording")
-    return out, serial
+    return out, meta
 
 
-def spectral(settings, dark: str, white: str, out: str, white_reflectance: float) -> int:
+def spectral(settings, dark: str, white: str, out: str, white_reflectance: float,
+             exposure_us: float | None = None) -> int:
     hsi = settings.cameras.hsi
-    dark_frames, serial = camera_frames(dark, "hsi")
-    white_frames, white_serial = camera_frames(white, "hsi")
+    dark_frames, dark_meta = camera_frames(dark, "hsi")
+    white_frames, white_meta = camera_frames(white, "hsi")
+    serial, white_serial = str(dark_meta.get("serial", "")), str(white_meta.get("serial", ""))
+    if exposure_us is None:
+        exposure_us = float(white_meta.get("exposure_us", 0.0))
     if serial and white_serial and serial != white_serial:
         raise CalibrationError(f"the dark recording is from camera {serial!r}, the white one from {white_serial!r}")
     d = np.concatenate([a for _, a in dark_frames])
@@ -51,7 +55,8 @@ def spectral(settings, dark: str, white: str, out: str, white_reflectance: float
                                f"cameras.hsi is {hsi.pixels} × {hsi.bands}")
     if np.median(w.astype(np.float32) - d.mean(0)) < 50:
         raise CalibrationError("the white recording is barely brighter than the dark one: lamp off, or files swapped?")
-    ref = SpectralReference.from_frames(d, w, white_reflectance=white_reflectance, serial=serial or white_serial)
+    ref = SpectralReference.from_frames(d, w, white_reflectance=white_reflectance, serial=serial or white_serial,
+                                        exposure_us=exposure_us)
     ref.save(out)
     response = ref.white - ref.dark
     print(f"{out}: {len(d)} dark and {len(w)} white lines of camera {ref.serial or '(no serial)'}; "
@@ -62,8 +67,9 @@ def spectral(settings, dark: str, white: str, out: str, white_reflectance: float
 
 def _blobs(settings, recording: str):
     rgb, hsi, tpm = settings.cameras.rgb, settings.cameras.hsi, settings.belt.ticks_per_mm
-    rgb_frames, rgb_serial = camera_frames(recording, "rgb")
-    hsi_frames, hsi_serial = camera_frames(recording, "hsi")
+    rgb_frames, rgb_meta = camera_frames(recording, "rgb")
+    hsi_frames, hsi_meta = camera_frames(recording, "hsi")
+    rgb_serial, hsi_serial = str(rgb_meta.get("serial", "")), str(hsi_meta.get("serial", ""))
     return (blobs_from_frames(rgb_frames, rgb.ticks_per_line, rgb.mm_per_pixel, rgb.ticks_per_line / tpm),
             blobs_from_frames(hsi_frames, hsi.ticks_per_line, hsi.mm_per_pixel, hsi.ticks_per_line / tpm),
             rgb_serial, hsi_serial)

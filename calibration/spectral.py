@@ -39,7 +39,8 @@ def band_groups(n_bands: int, groups: int | list[tuple[int, int]]) -> np.ndarray
     edges = np.asarray(groups, dtype=int)
     if edges.ndim != 2 or edges.shape[1] != 2 or (edges[:, 0] >= edges[:, 1]).any() \
             or edges.min() < 0 or edges.max() > n_bands or (edges[1:, 0] < edges[:-1, 1]).any():
-        raise ValueError(f"band ranges must be increasing, non-overlapping [start, end) within 0..{n_bands}: {groups}")
+        raise ValueError(f"model.band_ranges must be increasing, non-overlapping [start, end) within "
+                         f"0..{n_bands}: {[tuple(g) for g in groups]}")
     return edges
 
 

@@ -39,6 +39,7 @@ class StripCutter:
         self.r = settings.hsi_ratio
         self.tpl_r, self.tpl_h = rgb.ticks_per_line, hsi.ticks_per_line
         self.width, self.hsi_pixels, self.bands = rgb.pixels, hsi.pixels, m.bands
+        self.groups = [tuple(r) for r in m.band_ranges] or m.bands    # explicit ranges, or N equal groups
         self.core, self.overlap = m.strip_lines, m.overlap_lines
         self.total = self.core + 2 * self.overlap
         self.spectral, self.spatial = spectral, spatial
@@ -78,7 +79,7 @@ class StripCutter:
             self.no_hsi.append((lo, position + self.along.max() + self.tpl_h))
             if self.hsi_end is not None:
                 self.breaks.append(lo)
-        self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.bands)))
+        self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.groups)))
         self.hsi_end = position + len(raw) * self.tpl_h
 
     # Output.

@@ -111,7 +111,8 @@ def cmd_calibrate(args) -> int:
     settings = _config(args.config)
     try:
         if args.what == "spectral":
-            return commands.spectral(settings, args.dark, args.white, args.out, args.white_reflectance)
+            return commands.spectral(settings, args.dark, args.white, args.out, args.white_reflectance,
+                                     args.exposure_us)
         if args.what == "spatial":
             return commands.spatial(settings, args.recording, args.out, args.png)
         return commands.check(settings, args.recording, args.png, args.max_across_hsi_px, args.max_along_lines)
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dark", required=True, help="recording with the lamp off (MCAP)")
     c.add_argument("--white", required=True, help="recording of a white tile under the whole line (MCAP)")
     c.add_argument("--white-reflectance", type=float, default=0.92, help="the tile's reflectance (default 0.92)")
+    c.add_argument("--exposure-us", type=float, default=None,
+                   help="the HSI exposure time the references were taken at, kept in the file "
+                   "(default: what the recording's frames say, if anything)")
     c.add_argument("--out", required=True, help="the calibration file to write (.npz)")
     c = csub.add_parser("spatial", help="target recording -> spatial calibration file")
     c.add_argument("recording", help="recording of the calibration target passing under both cameras (MCAP)")

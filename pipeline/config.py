@@ -93,6 +93,8 @@ class Model(Section):
     strip_lines: int = Field(128, gt=0, description="RGB lines per strip")
     overlap_lines: int = Field(16, ge=0, description="RGB lines of context on each side of a strip")
     bands: int = Field(32, gt=0, le=1024, description="HSI bands fed to the model: the camera's bands binned into this many equal groups")
+    band_ranges: list[tuple[int, int]] = Field(
+        [], description="instead of equal groups: the camera bands [start, end) averaged into each model band")
     threads: int = Field(1, ge=1, le=64)
 
 
@@ -187,9 +189,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"model.{key} = {value} must be a multiple of the RGB:HSI ratio {r}")
         if self.cameras.rgb.pixels % r:
             raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of the RGB:HSI ratio {r}")
-        if self.cameras.hsi.bands % self.model.bands:
+        if self.model.band_ranges:
+            from calibration.spectral import band_groups
+            if len(self.model.band_ranges) != self.model.bands:
+                raise ValueError(f"model.band_ranges has {len(self.model.band_ranges)} ranges; model.bands = "
+                                 f"{self.model.bands}: one range per model band")
+            band_groups(self.cameras.hsi.bands, self.model.band_ranges)   # raises with what is wrong
+        elif self.cameras.hsi.bands % self.model.bands:
             raise ValueError(f"model.bands = {self.model.bands} must divide cameras.hsi.bands = "
-                             f"{self.cameras.hsi.bands} (equal groups of bands)")
+                             f"{self.cameras.hsi.bands} (equal groups of bands), or give model.band_ranges")
         return self
 
     @classmethod

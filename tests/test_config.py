@@ -65,6 +65,8 @@ def good() -> str:
         ("width_mm = 600\n", "", "belt.width_mm: missing, this key is required"),
         ("overlap_lines = 16", "overlap_lines = 18", "model.overlap_lines = 18 must be a multiple of the RGB:HSI ratio 4"),
         ("threads = 1", "threads = 1\nbands = 30", "model.bands = 30 must divide cameras.hsi.bands = 224"),
+        ("threads = 1", "threads = 1\nbands = 2\nband_ranges = [[0, 50], [40, 90]]", "model.band_ranges must be increasing, non-overlapping"),
+        ("threads = 1", "threads = 1\nbands = 3\nband_ranges = [[0, 50], [60, 90]]", "model.band_ranges has 2 ranges; model.bands = 3"),
     ],
 )
 def test_a_bad_value_names_key_value_and_what_is_allowed(tmp_path, old, new, expected):

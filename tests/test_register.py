@@ -177,3 +177,15 @@ to = "register.hsi"
     result = sortline("node", "register", "--config", str(cfg), timeout=60)
     assert result.returncode == 78
     assert "nowhere.npz" in result.stderr and "not a readable spectral calibration" in result.stderr
+
+
+def test_band_ranges_pick_the_model_bands(settings, calibrations, belt):
+    """model.band_ranges: each model band is the mean of a chosen range of camera bands."""
+    ranges = [(10, 20), (100, 140), (200, 224)]
+    custom = settings.model_copy(update={"model": settings.model.model_copy(update={"bands": 3, "band_ranges": ranges})})
+    sim, _, _ = belt
+    _, strips, _ = run(custom, calibrations, belt)
+    top, _, hsi, _, _ = strips[2]
+    assert hsi.shape[-1] == 3
+    ideal = bin_bands(sim.strip(top // 15, 160)["hsi"], ranges)
+    assert np.median(np.abs(hsi.astype(np.float32) - ideal)) < 0.005

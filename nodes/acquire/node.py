@@ -98,6 +98,9 @@ class Acquire(Node):
         self.dtype = shape.dtype
         self.meta = {"camera": p.camera, "serial": camera.info.serial, "pixel_format": fmt.name,
                      "bit_depth": fmt.bit_depth}
+        if isinstance(camera.applied.get("ExposureTime"), (int, float)):
+            # Spectral references are only valid at the exposure they were taken at: recordings say which.
+            self.meta["exposure_us"] = float(camera.applied["ExposureTime"])
         self.seq = 0
         self.log.info("%s: %s, %dx%d %s frames -> messages %s %s, %d frames each; applied %s",
                       self.stream, camera.info.label(), shape.width, shape.height, fmt.name, self.shape,
