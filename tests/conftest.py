@@ -57,6 +57,20 @@ pattern = "{pattern}"
 """
 
 
+def node_toml(name: str, kind: str, params: str = "") -> str:
+    return f'\n[nodes.{name}]\nkind = "{kind}"\nparams = {{ {params} }}\n'
+
+
+def edge_toml(src: str, dst: str) -> str:
+    return f'\n[[edges]]\nfrom = "{src}"\nto = "{dst}"\n'
+
+
+def belt_graph(belt: str, sink: str, streams: tuple[str, ...] = ("rgb", "hsi", "truth")) -> str:
+    """The synthetic belt (node "belt") with these params, its streams into a sink."""
+    return (node_toml("belt", "simulate", belt) + node_toml("sink", "sink", sink)
+            + "".join(edge_toml(f"belt.{s}", "sink.in") for s in streams))
+
+
 def write_config(path: Path, graph: str, run_dir: Path, extra: str = "") -> Path:
     path.write_text(
         machine_toml()

@@ -27,7 +27,8 @@ from mcap.records import Message as McapMessage
 from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.writer import CompressionType, Writer
 
-from conftest import free_port, load_json, metric, pid_of, scrape, sortline, start, stop, wait_for, write_config
+from conftest import (edge_toml, free_port, load_json, metric, node_toml, pid_of, scrape, sortline, start, stop,
+                      wait_for, write_config)
 from nodes.pattern import pattern
 
 N = 300  # messages per stream in the shared recording
@@ -35,14 +36,6 @@ RGB = "camera = 'rgb', lines = 8, pixels = 64, bands = 3, paced = false"
 HSI = "camera = 'hsi', dtype = 'uint16', lines = 2, pixels = 16, bands = 224, paced = false"
 DEFAULTS = {"position": 0, "ticks_per_line": 0, "device_ts_ns": 0, "host_ts": False, "gap": False, "eos": False,
             "arrays": [], "trace": [], "meta": {}, "schema": 1}
-
-
-def node_toml(name: str, kind: str, params: str = "") -> str:
-    return f'\n[nodes.{name}]\nkind = "{kind}"\nparams = {{ {params} }}\n'
-
-
-def edge_toml(src: str, dst: str) -> str:
-    return f'\n[[edges]]\nfrom = "{src}"\nto = "{dst}"\n'
 
 
 def recorder(params: str, *sources: str) -> str:

@@ -11,7 +11,7 @@ from nodes.register import StripCutter
 from nodes.simulate import Simulation
 from nodes.simulate.cameras import Misregistration
 from pipeline.config import load_config
-from tests.conftest import DEMO, load_json, sortline, write_config
+from tests.conftest import DEMO, edge_toml, load_json, node_toml, sortline, write_config
 from tests.test_spatial import target_blobs
 
 MIS = Misregistration()
@@ -119,31 +119,12 @@ def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
     spectral, spatial = calibrations
     spectral.save(tmp_path / "spectral.npz")
     spatial.save(tmp_path / "spatial.json")
-    graph = f"""
-[nodes.belt]
-kind = "simulate"
-params = {{ seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05 }}
-
-[nodes.register]
-kind = "register"
-params = {{ spectral = "{tmp_path / 'spectral.npz'}", spatial = "{tmp_path / 'spatial.json'}" }}
-
-[nodes.sink]
-kind = "sink"
-params = {{ verify = false, report = "{tmp_path / 'sink.json'}" }}
-
-[[edges]]
-from = "belt.rgb"
-to = "register.rgb"
-
-[[edges]]
-from = "belt.hsi"
-to = "register.hsi"
-
-[[edges]]
-from = "register.out"
-to = "sink.in"
-"""
+    graph = (node_toml("belt", "simulate", "seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05")
+             + node_toml("register", "register", f'spectral = "{tmp_path / "spectral.npz"}", '
+                                                 f'spatial = "{tmp_path / "spatial.json"}"')
+             + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
+             + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi")
+             + edge_toml("register.out", "sink.in"))
     cfg = write_config(tmp_path / "reg.toml", graph, run_dir)
     result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
                       timeout=120)
@@ -157,22 +138,9 @@ to = "sink.in"
 
 
 def test_missing_calibration_is_a_config_error(tmp_path, run_dir):
-    graph = """
-[nodes.belt]
-kind = "simulate"
-
-[nodes.register]
-kind = "register"
-
-[[edges]]
-from = "belt.rgb"
-to = "register.rgb"
-
-[[edges]]
-from = "belt.hsi"
-to = "register.hsi"
-"""
-    graph = graph.replace('kind = "register"', 'kind = "register"\nparams = { spatial = "nowhere.json", spectral = "nowhere.npz" }')
+    graph = (node_toml("belt", "simulate")
+             + node_toml("register", "register", 'spatial = "nowhere.json", spectral = "nowhere.npz"')
+             + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi"))
     cfg = write_config(tmp_path / "nocal.toml", graph, run_dir)
     result = sortline("node", "register", "--config", str(cfg), timeout=60)
     assert result.returncode == 78

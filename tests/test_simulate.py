@@ -9,7 +9,7 @@ from nodes.simulate import Simulation
 from nodes.simulate.belt import BeltMotion
 from nodes.simulate.materials import CLASS_ID, ENDMEMBER
 from pipeline.config import load_config
-from tests.conftest import DEMO, load_json, sortline, write_config
+from tests.conftest import DEMO, belt_graph, load_json, sortline, write_config
 
 
 @pytest.fixture(scope="module")
@@ -134,27 +134,8 @@ def test_belt_motion_drifts_but_keeps_its_mean():
 def test_node_publishes_every_frame_and_flags_gaps(tmp_path, run_dir, settings):
     """simulate -> sink over real sockets, unpaced and lossless, with frames lost on purpose."""
     seconds, rate = 0.6, 0.1
-    graph = f"""
-[nodes.belt]
-kind = "simulate"
-params = {{ seed = 3, paced = false, seconds = {seconds}, drop_rate = {rate} }}
-
-[nodes.sink]
-kind = "sink"
-params = {{ verify = false, report = "{tmp_path / 'sink.json'}" }}
-
-[[edges]]
-from = "belt.rgb"
-to = "sink.in"
-
-[[edges]]
-from = "belt.hsi"
-to = "sink.in"
-
-[[edges]]
-from = "belt.truth"
-to = "sink.in"
-"""
+    graph = belt_graph(f"seed = 3, paced = false, seconds = {seconds}, drop_rate = {rate}",
+                       f'verify = false, report = "{tmp_path / "sink.json"}"')
     cfg = write_config(tmp_path / "sim.toml", graph, run_dir)
     result = sortline("run", "--config", str(cfg), "--seconds", "60", timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -12,7 +12,7 @@ from calibration.spectral import SpectralReference
 from nodes.simulate import Simulation
 from pipeline.config import load_config
 from pipeline.recording import decode_frame, frames
-from tests.conftest import DEMO, ROOT, machine_toml, sortline, write_config
+from tests.conftest import DEMO, ROOT, belt_graph, machine_toml, sortline, write_config
 
 
 def messages(path: Path) -> dict[str, list]:
@@ -52,26 +52,7 @@ def test_same_seed_same_recording_and_it_replays_bit_for_bit(tmp_path, run_dir):
         assert (ht.seq, ht.position) == (h.seq, h.position)
 
     # Replay it as fast as the graph takes it, recording again: every message comes back.
-    cfg = write_config(tmp_path / "g.toml", """
-[nodes.belt]
-kind = "simulate"
-
-[nodes.sink]
-kind = "sink"
-params = { verify = false }
-
-[[edges]]
-from = "belt.rgb"
-to = "sink.in"
-
-[[edges]]
-from = "belt.hsi"
-to = "sink.in"
-
-[[edges]]
-from = "belt.truth"
-to = "sink.in"
-""", run_dir)
+    cfg = write_config(tmp_path / "g.toml", belt_graph("", "verify = false"), run_dir)
     res = sortline("replay", str(tmp_path / "a.mcap"), "--config", str(cfg), "--speed", "0",
                    "--record", str(tmp_path / "again.mcap"), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
