@@ -211,6 +211,8 @@ class EjectPlan(Node):
         command_lead_ms: float = Field(25.0, ge=0, description="time the ejector needs before a command's "
                                        "deadline (its send-ahead and its own latency): windows that would "
                                        "start sooner are clipped")
+        timing: bool = Field(True, description="false: never clip (scoring decisions on a belt that waits for "
+                             "the pipeline)")
 
     def setup(self) -> None:
         s, p = self.settings, self.params
@@ -264,7 +266,7 @@ class EjectPlan(Node):
         # rest is. Such windows start later (counted as clipped); none is sent doomed to be late.
         earliest = self.finder.next_line * self.bar.tpl + self.lead_ticks
         for v, a, b in valve_windows(obj, self.bar, self.before, self.after):
-            if a < earliest:
+            if a < earliest and self.params.timing:
                 self.clipped += 1
                 if b <= earliest:
                     continue

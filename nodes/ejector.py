@@ -103,6 +103,8 @@ class Ejector(Node):
         send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "
                                      "deadline (the driver and controller must hold them that long)")
         merge_gap_mm: float = Field(5.0, ge=0, description="windows on one valve closer than this become one pulse")
+        timing: bool = Field(True, description="false: send every window at once, by position only (scoring "
+                             "decisions on a belt that waits for the pipeline; never on a machine)")
 
     def setup(self) -> None:
         s, p = self.settings, self.params
@@ -144,6 +146,12 @@ class Ejector(Node):
         if h.trace:
             self.decision_ms[self.n_decision % 4096] = (time.monotonic_ns() - h.trace[0].t_in_ns) / 1e6
             self.n_decision += 1
+        if not self.params.timing:
+            for lo, hi, open_pos, close_pos, obj, cls in windows:
+                duration = (close_pos - open_pos) / self.track.nominal     # ns at the nominal speed
+                for valve in range(int(lo), int(hi) + 1):
+                    self._send([int(open_pos), 0, valve, int(close_pos), int(obj), int(cls)], 0, duration, 0)
+            return None
         with self.lock:
             for lo, hi, open_pos, close_pos, obj, cls in windows:
                 for valve in range(int(lo), int(hi) + 1):
@@ -174,7 +182,7 @@ class Ejector(Node):
     def _send(self, w, t_cmd: float, duration: float, now: int) -> None:
         self.seq += 1
         try:
-            self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + self.realtime_offset),
+            self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + self.realtime_offset) if t_cmd else 0,
                                      int(duration / 1000), w[4]))
         except OSError as exc:
             self.log.error("valve driver: %s (command for object %d lost)", exc, w[4])
@@ -182,10 +190,11 @@ class Ejector(Node):
         self.sent += 1
         self._commands.inc()
         self._open_s.inc(duration / 1e9)
-        lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
-        self.lead_ms[self.n_lead % 4096] = lead
-        self.n_lead += 1
-        self._lead.observe(max(lead, 0) / 1e3)
+        if self.params.timing:
+            lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
+            self.lead_ms[self.n_lead % 4096] = lead
+            self.n_lead += 1
+            self._lead.observe(max(lead, 0) / 1e3)
         if w[4] not in self.recent_set:
             if len(self.recent) == self.recent.maxlen:
                 self.recent_set.discard(self.recent[0])

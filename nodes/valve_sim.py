@@ -48,6 +48,8 @@ class ValveSim(Node):
         targets: list[str] = Field(["PET"], min_length=1, description="classes that should be ejected")
         hit_fraction: float = Field(0.5, gt=0, le=1, description="share of an object's area the air must cover")
         report: str = Field("", description="write the score here (JSON) when the node stops")
+        by_position: bool = Field(False, description="place the air by the commands' encoder positions, not "
+                                  "their times (scoring decisions alone, with an ejector whose timing is off)")
 
     def setup(self) -> None:
         s, p = self.settings, self.params
@@ -61,6 +63,7 @@ class ValveSim(Node):
         self.lock = threading.Lock()
         self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
         self.commands = self.late_arrivals = 0
+        self.last_command = time.monotonic()
         self.bad: dict[str, int] = {}
         self.air_s = 0.0
         self.pending: list[tuple[int, np.ndarray, np.ndarray]] = []    # truth chunks not yet scored
@@ -105,6 +108,14 @@ class ValveSim(Node):
             t_cmd = c.open_at_ns - self.realtime_offset
             with self.lock:
                 self.commands += 1
+                self.last_command = time.monotonic()
+                if self.params.by_position:
+                    a = c.open_pos - self.bar.travel_ticks
+                    b = a + c.duration_us * 1000 * self.track.nominal
+                    self.air_s += c.duration_us / 1e6 * (c.valve_hi - c.valve_lo + 1)
+                    for v in range(c.valve_lo, c.valve_hi + 1):
+                        self.air[v].append((a, b))
+                    continue
                 if arrived > t_cmd:
                     self.late_arrivals += 1   # a controller would drop it: no air
                     continue
@@ -123,12 +134,24 @@ class ValveSim(Node):
             if pair is not None:
                 with self.lock:
                     self.track.update(*pair)
-                self._score_settled(pair[0])
+                if not self.params.by_position:
+                    self._score_settled(pair[0])
             return None
         labels, ids = msg.arrays.get("labels"), msg.arrays.get("instances")
         if labels is None or ids is None:
             raise ValueError("a truth message needs 'labels' and 'instances'")
         self.pending.append((h.position, labels.copy(), ids.copy()))
+        return None
+
+    def end_of_stream(self):
+        if self.params.by_position:
+            # Commands come when the pipeline gets to them, not on the belt's clock: wait until they stop,
+            # then score everything (on a moving belt, what never passed the bar is left out instead).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not self.stopping and time.monotonic() - self.last_command < 1.0:
+                time.sleep(0.05)
+            while self.pending:
+                self._score(*self.pending.pop(0))
         return None
 
     def _score_settled(self, encoder_pos: int) -> None:

@@ -134,7 +134,12 @@ def cmd_score(args) -> int:
                         params["occupancy"] = occupancy
                     nodes[kinds["simulate"]] = sim.model_copy(update={"params": params})
                     vs = nodes[kinds["valve_sim"]]
-                    nodes[kinds["valve_sim"]] = vs.model_copy(update={"params": {**vs.params, "report": str(score_path)}})
+                    nodes[kinds["valve_sim"]] = vs.model_copy(update={"params": {
+                        **vs.params, "report": str(score_path), "by_position": args.unpaced}})
+                    if args.unpaced:   # no clock to keep: commands go at once, placed by position
+                        for name, node in nodes.items():
+                            if node.kind in ("ejector", "eject_plan"):
+                                nodes[name] = node.model_copy(update={"params": {**node.params, "timing": False}})
                     # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow.
                     belt = s.belt.model_copy(update={"speed_m_s": speed})
                     edges = s.edges
