@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/sortline run --config configs/demo.toml --seconds 20
+	$(VENV)/bin/sortline score --config configs/demo.toml --seconds 30
 
 test: $(STAMP)
 	$(PY) -m pytest -q
