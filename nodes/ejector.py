@@ -53,18 +53,18 @@ class Schedule:
         self.latency_ns, self.ahead_ns = latency_ms * 1e6, ahead_ms * 1e6
         self.min_pulse_ns, self.max_pulse_ns = min_pulse_ms * 1e6, max_pulse_ms * 1e6
         self.merge_ticks = merge_ticks
-        self.heap: list[list] = []              # [open_pos, n, valve, close_pos, object, cls]
+        self.heap: list[list] = []              # [open_pos, n, valve, close_pos, object, cls, t_exposure]
         self.last: dict[int, list] = {}         # valve -> its latest pending window
         self.n = 0
         self.clamped = 0
 
-    def add(self, valve: int, open_pos: int, close_pos: int, obj: int, cls: int) -> None:
+    def add(self, valve: int, open_pos: int, close_pos: int, obj: int, cls: int, t_exposure: int = 0) -> None:
         w = self.last.get(valve)
         if w is not None and w[0] <= open_pos <= w[3] + self.merge_ticks:
             w[3] = max(w[3], close_pos)         # overlaps or nearly touches the pending one: one pulse
             return
         self.n += 1
-        w = [open_pos, self.n, valve, close_pos, obj, cls]
+        w = [open_pos, self.n, valve, close_pos, obj, cls, t_exposure]
         heapq.heappush(self.heap, w)
         self.last[valve] = w
 
@@ -74,7 +74,8 @@ class Schedule:
         return track.time_at(self.heap[0][0]) - self.open_ns - self.latency_ns - self.ahead_ns
 
     def due(self, now_ns: float, track: EncoderTrack) -> tuple[list, list]:
-        """Windows to send now as (window, t_cmd, duration_ns), and windows whose deadline has passed."""
+        """Windows to send now as (window, t_cmd, duration_ns), and (window, deadline) of those whose deadline
+        has passed."""
         send, late = [], []
         while self.heap:
             w = self.heap[0]
@@ -86,7 +87,7 @@ class Schedule:
             if self.last.get(w[2]) is w:
                 del self.last[w[2]]
             if now_ns > deadline:
-                late.append(w)
+                late.append((w, deadline))
                 continue
             duration = track.time_at(w[3]) - self.close_ns - t_cmd
             if not self.min_pulse_ns <= duration <= self.max_pulse_ns:
@@ -103,6 +104,8 @@ class Ejector(Node):
         send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "
                                      "deadline (the driver and controller must hold them that long)")
         merge_gap_mm: float = Field(5.0, ge=0, description="windows on one valve closer than this become one pulse")
+        samples: str = Field("", description="write every command's exposure, send and deadline times here (.npz) "
+                             "when the node stops, for `sortline hil`")
         timing: bool = Field(True, description="false: send every window at once, by position only (scoring "
                              "decisions on a belt that waits for the pipeline; never on a machine)")
 
@@ -124,6 +127,11 @@ class Ejector(Node):
         self.lead_ms = np.zeros(4096)
         self.decision_ms = np.zeros(4096)
         self.n_lead = self.n_decision = 0
+        # For `sortline hil`: per command (exposure, sent, deadline, missed), per decision its whole trace.
+        self.samples = np.zeros((1 << 20, 4)) if p.samples else None
+        self.n_samples = 0
+        self.traces: list | None = [] if p.samples else None
+        self.stages: list[str] = []
         # Monotonic → realtime for the datagram's absolute time (the controller's clock is PTP, not ours).
         self.realtime_offset = time.time_ns() - time.monotonic_ns()
         self._late, self._commands = LATE.labels(self.name), COMMANDS.labels(self.name)
@@ -143,19 +151,24 @@ class Ejector(Node):
                     self.track.update(*pair)
             return None
         windows = h.meta.get("windows", [])
+        t_exposure = h.trace[0].t_in_ns if h.trace else 0
         if h.trace:
-            self.decision_ms[self.n_decision % 4096] = (time.monotonic_ns() - h.trace[0].t_in_ns) / 1e6
+            now = time.monotonic_ns()
+            self.decision_ms[self.n_decision % 4096] = (now - t_exposure) / 1e6
             self.n_decision += 1
+            if self.traces is not None and windows:
+                self.traces.append([now] + [t for e in h.trace for t in (e.t_in_ns, e.t_out_ns)])
+                self.stages = self.stages or [e.stage for e in h.trace]
         if not self.params.timing:
             for lo, hi, open_pos, close_pos, obj, cls in windows:
                 duration = (close_pos - open_pos) / self.track.nominal     # ns at the nominal speed
                 for valve in range(int(lo), int(hi) + 1):
-                    self._send([int(open_pos), 0, valve, int(close_pos), int(obj), int(cls)], 0, duration, 0)
+                    self._send([int(open_pos), 0, valve, int(close_pos), int(obj), int(cls), 0], 0, duration, 0)
             return None
         with self.lock:
             for lo, hi, open_pos, close_pos, obj, cls in windows:
                 for valve in range(int(lo), int(hi) + 1):
-                    self.schedule.add(valve, int(open_pos), int(close_pos), int(obj), int(cls))
+                    self.schedule.add(valve, int(open_pos), int(close_pos), int(obj), int(cls), t_exposure)
         self.wake.set()
         return None
 
@@ -170,9 +183,10 @@ class Ejector(Node):
                     nxt = self.schedule.next_send_ns(self.track)
             for w, t_cmd, duration in send:
                 self._send(w, t_cmd, duration, now)
-            for w in late:
+            for w, deadline in late:
                 self.late += 1
                 self._late.inc()
+                self._sample(w[6], now, deadline, missed=True)
                 self.log.warning("late: valve %d for object %d (%s) missed its deadline; not sent",
                                  w[2], w[4], CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else w[5])
             wait = 0.005 if nxt is None else min(max((nxt - time.monotonic_ns()) / 1e9, 0.0002), 0.005)
@@ -190,6 +204,7 @@ class Ejector(Node):
         self.sent += 1
         self._commands.inc()
         self._open_s.inc(duration / 1e9)
+        self._sample(w[6], time.monotonic_ns(), t_cmd - self.schedule.latency_ns, missed=False)
         if self.params.timing:
             lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
             self.lead_ms[self.n_lead % 4096] = lead
@@ -201,6 +216,14 @@ class Ejector(Node):
             self.recent.append(w[4])
             self.recent_set.add(w[4])
             EJECTIONS.labels(self.name, CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else str(w[5])).inc()
+
+    def _sample(self, t_exposure: int, t_sent: int, deadline: float, missed: bool) -> None:
+        """One command for the latency report (preallocated: no allocation in the sender's loop)."""
+        if self.samples is None or not t_exposure:
+            return
+        i = self.n_samples % len(self.samples)
+        self.samples[i] = (t_exposure, t_sent, deadline, missed)
+        self.n_samples += 1
 
     def end_of_stream(self):
         # Windows still ahead of the bar go out when due: wait for the last one (the belt keeps moving).
@@ -218,6 +241,12 @@ class Ejector(Node):
             self.wake.set()
             self.sender.join(timeout=1)
             self.driver.close()
+            if self.samples is not None:
+                n = min(self.n_samples, len(self.samples))
+                width = max((len(t) for t in self.traces), default=1)
+                traces = np.array([t for t in self.traces if len(t) == width], dtype=np.int64).reshape(-1, width)
+                np.savez(self.params.samples, commands=self.samples[:n], traces=traces,
+                         stages=np.array(self.stages), late=self.late, sent=self.sent)
 
     def status(self) -> dict:
         if not hasattr(self, "schedule"):
