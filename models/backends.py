@@ -18,6 +18,7 @@ they exist on NVIDIA machines alone.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +208,7 @@ def exported(checkpoint_path: Path, shape) -> Path:
     out = CACHE / "onnx" / f"{meta['hash']}-{shape.lines}x{shape.width}-o{shape.overlap}.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.stem + ".tmp.onnx")
+        tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.onnx")
         try:
             export(net, meta, shape, tmp)
         except ValueError as exc:

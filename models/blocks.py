@@ -164,6 +164,19 @@ class PatchMerge(nn.Module):
         return self.reduce(self.norm(x))
 
 
+def stages(dims_, depths, heads, make_block) -> nn.ModuleList:
+    """A backbone's stages: make_block(dim, heads, shift) repeated depth times per stage.
+
+    Shifts alternate over the whole backbone, not within each stage, so that a
+    stage of depth 1 still has every other stage's windows shifted.
+    """
+    out, n = nn.ModuleList(), 0
+    for dim, depth, head in zip(dims_, depths, heads):
+        out.append(nn.Sequential(*[make_block(dim, head, (n + i) % 2 == 1) for i in range(depth)]))
+        n += depth
+    return out
+
+
 def init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):

@@ -88,6 +88,7 @@ def confusion_png(path: str | Path, confusion: np.ndarray, classes: tuple[str, .
         label = np.full((cell, margin - 4, 3), 255, np.uint8)
         cv2.putText(label, classes[i][:10], (4, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
         img[4:margin, margin + i * cell:margin + (i + 1) * cell] = np.rot90(label)[:margin - 4]
+    cv2.putText(img, "truth \\ predicted, % of row", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
     cv2.imwrite(str(path), img)
 
 

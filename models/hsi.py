@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import Mlp, PatchMerge, SelfAttention, WindowBlock, dims
+from models.blocks import Mlp, PatchMerge, SelfAttention, WindowBlock, dims, stages
 
 
 class SpectralBlock(nn.Module):
@@ -52,12 +52,7 @@ class HSIBackbone(nn.Module):
         for s in range(1, len(dims_)):
             self.merges.append(PatchMerge(dims_[s - 1], dims_[s]) if merge[s - 1]
                                else nn.Linear(dims_[s - 1], dims_[s]))
-        self.stages = nn.ModuleList()
-        n = 0
-        for dim, depth, head in zip(dims_, depths, heads):
-            self.stages.append(nn.Sequential(*[SpectralBlock(dim, head, window, (n + i) % 2 == 1, mlp_ratio)
-                                               for i in range(depth)]))
-            n += depth
+        self.stages = stages(dims_, depths, heads, lambda d, h, shift: SpectralBlock(d, h, window, shift, mlp_ratio))
 
     def forward(self, x):
         """x: (B, h, w, bands), normalised. Returns per stage (B, S, H_s, W_s, C_s)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.blocks import PatchMerge, WindowBlock
+from models.blocks import PatchMerge, WindowBlock, stages
 
 
 class RGBBackbone(nn.Module):
@@ -18,14 +18,7 @@ class RGBBackbone(nn.Module):
         self.embed = nn.Conv2d(3, dims[0], kernel_size=4, stride=4)
         self.embed_norm = nn.LayerNorm(dims[0])
         self.merges = nn.ModuleList([PatchMerge(dims[s - 1], dims[s]) for s in range(1, len(dims))])
-        self.stages = nn.ModuleList()
-        n = 0
-        for dim, depth, head in zip(dims, depths, heads):
-            # Shifts alternate over the whole backbone, so a stage of depth 1 still gets
-            # every other stage's windows shifted.
-            self.stages.append(nn.Sequential(*[WindowBlock(dim, head, window, (n + i) % 2 == 1, mlp_ratio)
-                                               for i in range(depth)]))
-            n += depth
+        self.stages = stages(dims, depths, heads, lambda d, h, shift: WindowBlock(d, h, window, shift, mlp_ratio))
 
     def forward(self, x):
         """x: (B, 3, H, W), normalised. Returns [(B, H/4, W/4, C0), ..., (B, H/32, W/32, C3)]."""

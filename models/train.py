@@ -138,3 +138,8 @@ def train(args) -> Path:
     print(f"wrote {final} ({final.stat().st_size / 1e6:.1f} MB, {sum(p.numel() for p in net.parameters()):,} "
           f"parameters) after {run_info['train_seconds']:.0f} s", file=sys.stderr)
     return final
+
+
+def main(args) -> int:
+    train(args)
+    return 0

@@ -11,6 +11,7 @@ KINDS = {
     "relay": "nodes.relay:Relay",
     "sink": "nodes.sink:Sink",
     "simulate": "nodes.simulate:Simulate",
+    "infer": "nodes.infer:Infer",
 }
 
 

@@ -62,54 +62,39 @@ def cmd_check(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from models.train import train
+def _lazy(module: str):
+    """A command whose module (and torch with it) is imported only when it runs."""
+    def run(args) -> int:
+        from importlib import import_module
 
-    train(args)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from models.evaluate import main as evaluate
-
-    return evaluate(args)
-
-
-def cmd_export(args) -> int:
-    from models.export import main as export
-
-    return export(args)
-
-
-def cmd_build_engine(args) -> int:
-    from models.engine import main as build_engine
-
-    return build_engine(args)
+        return import_module(module).main(args)
+    return run
 
 
 def _model_commands(sub) -> None:
     """train, evaluate, export, build-engine: their modules import torch only when run."""
-    from models.cli_args import add_build_engine, add_evaluate, add_export, add_train
+    from models import cli_args
 
-    p = sub.add_parser("train", help="train a segmentation model (synthetic belt or SpectralWaste)",
-                       description="Train a model; seeded, resumable (--resume), safetensors checkpoints.")
-    add_train(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="mIoU, per-class IoU and confusion matrix of a model on held-out data",
-                       description="Evaluate a checkpoint on held-out data: mIoU, per-class IoU, a confusion "
-                       "matrix as a table and a PNG; --json PATH for the figures.")
-    add_evaluate(p)
-    p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("export", help="export a checkpoint to ONNX for a strip size, checked against torch",
-                       description="Export a checkpoint to ONNX at the configured strip size (strip + overlap), "
-                       "run it in ONNX Runtime and report the largest difference from torch.")
-    add_export(p)
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("build-engine", help="build a TensorRT engine from an ONNX model (on the GPU that will run it)",
-                       description="Build a TensorRT engine (FP16, or INT8 with calibration strips) with a timing "
-                       "cache and metadata; needs the .[gpu] extra on an NVIDIA machine.")
-    add_build_engine(p)
-    p.set_defaults(func=cmd_build_engine)
+    for name, module, add, short, long in (
+        ("train", "models.train", cli_args.add_train,
+         "train a segmentation model (synthetic belt or SpectralWaste)",
+         "Train a model; seeded, resumable (--resume), safetensors checkpoints."),
+        ("evaluate", "models.evaluate", cli_args.add_evaluate,
+         "mIoU, per-class IoU and confusion matrix of a model on held-out data",
+         "Evaluate a checkpoint on held-out data: mIoU, per-class IoU, a confusion matrix as a table and "
+         "a PNG; --json PATH for the figures."),
+        ("export", "models.export", cli_args.add_export,
+         "export a checkpoint to ONNX for a strip size, checked against torch",
+         "Export a checkpoint to ONNX at the configured strip size (strip + overlap), run it in ONNX "
+         "Runtime and report the largest difference from torch."),
+        ("build-engine", "models.engine", cli_args.add_build_engine,
+         "build a TensorRT engine from an ONNX model (on the GPU that will run it)",
+         "Build a TensorRT engine (FP16, or INT8 with calibration strips) with a timing cache and "
+         "metadata; needs the .[gpu] extra on an NVIDIA machine."),
+    ):
+        p = sub.add_parser(name, help=short, description=long)
+        add(p)
+        p.set_defaults(func=_lazy(module))
 
 
 def build_parser() -> argparse.ArgumentParser:

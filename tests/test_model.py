@@ -126,3 +126,16 @@ def test_onnx_export_matches_torch(tmp_path):
     assert not ops & {"Shape", "NonZero", "Loop", "If", "ScatterND"}, ops
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert outputs == {"classes": [1, 128, 640], "confidence": [1, 128, 640]}
+
+
+def test_engine_files_carry_a_header_and_junk_is_refused(tmp_path):
+    from models.engine import read_header, write_engine
+
+    header = {"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "rgb_shape": "[1, 160, 640, 3]", "precision": "fp16"}
+    path = write_engine(tmp_path / "m.engine", header, b"\x01plan-bytes")
+    back, offset = read_header(path)
+    assert back == header and path.read_bytes()[offset:] == b"\x01plan-bytes"
+    junk = tmp_path / "junk.engine"
+    junk.write_bytes(b"a serialized plan without our header")
+    with pytest.raises(checkpoint.ModelFileError, match="not a sortline engine"):
+        read_header(junk)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from calibration.spectral import bin_bands
-from conftest import DEMO, sortline, start, wait_for
+from conftest import DEMO, ROOT, sortline, start, wait_for
 from models import data as data_mod
 from models.checkpoint import read
 from models.data import Crops, SpectralWaste, SyntheticBelt
 from models.evaluate import scores
 from pipeline.config import load_config
+
+WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
 
 @pytest.fixture
 def env(tmp_path):
@@ -131,3 +133,17 @@ def test_iou_from_a_confusion_matrix():
     assert r["per_class_iou"]["b"] is None                 # absent from the set: not counted
     assert r["miou"] == pytest.approx(20 / 35)              # belt excluded, b absent
     assert r["pixel_accuracy"] == pytest.approx(70 / 85)
+
+
+def test_the_shipped_model_on_held_out_strips(tmp_path, env):
+    out, png = tmp_path / "e.json", tmp_path / "cm.png"
+    ev = sortline("evaluate", str(WEIGHTS), "--eval-strips", "12", "--json", str(out), "--png", str(png), env=env,
+                  timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(out.read_text())
+    assert result["variant"] == "fusion" and result["samples"] == 12
+    assert set(result["per_class_iou"]) == set(read(WEIGHTS)[0].classes)
+    assert result["miou"] > 0.6 and result["per_class_iou"]["belt"] > 0.95
+    assert "mIoU" in ev.stdout and "PET" in ev.stdout
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[0] > 400
