@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from models import checkpoint
 from models.config import make_config
 from models.data import Crops, batch, class_frequencies
+from models.net import SortNet
 
 
 def open_dataset(args, split: str):
@@ -92,20 +93,23 @@ def train(args) -> Path:
     data = open_dataset(args, "train")
     config = make_config(args.size, args.variant, classes=tuple(data.classes), bands=data.bands, ratio=data.ratio)
     config.check_strip(args.crop_lines, args.crop_width)
-    net = checkpoint_net = None
-    from models.net import SortNet
-
     net = SortNet(config)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run_info = {"variant": args.variant, "size": args.size, "seed": args.seed, "steps": args.steps,
+                "batch": args.batch, "crop": f"{args.crop_lines}x{args.crop_width}", "data": args.data,
+                "lr": args.lr, "warmup": args.warmup}
     start = 0
     last = out / "last.safetensors"
     if args.resume:
         if not last.exists():
             raise SystemExit(f"sortline: --resume: no {last} to resume from")
-        checkpoint_net, meta = checkpoint.load(last)
-        if checkpoint_net.config != config:
-            raise SystemExit(f"sortline: --resume: {last} was trained with another model config or dataset")
-        net.load_state_dict(checkpoint_net.state_dict())
+        stopped, meta = checkpoint.load(last)
+        before = json.loads(meta.get("train", "{}"))
+        changed = {k: (before.get(k), v) for k, v in run_info.items() if before.get(k) != v}
+        if stopped.config != config or changed:
+            raise SystemExit(f"sortline: --resume: {last} was started with other settings "
+                             f"{changed or 'for another model or dataset'}; resume with the same ones")
+        net.load_state_dict(stopped.state_dict())
         checkpoint.restore_optimizer(opt, last)
         start = int(meta["step"])
         print(f"resuming at step {start} from {last}", file=sys.stderr)
@@ -115,8 +119,6 @@ def train(args) -> Path:
     weights = torch.tensor(weights / weights[freq > 0].mean(), dtype=torch.float32)
     crops = Crops(data, args.crop_lines, args.crop_width, args.seed, align=config.hsi_patch)
     progress = Progress(args.steps, start, args.log_every)
-    run_info = {"variant": args.variant, "size": args.size, "seed": args.seed, "steps": args.steps,
-                "batch": args.batch, "crop": f"{args.crop_lines}x{args.crop_width}", "data": args.data}
     t0 = time.monotonic()
     net.train()
     for step in range(start, args.steps):

@@ -108,6 +108,10 @@ def test_training_is_seeded_resumable_and_the_loss_falls(tmp_path, env):
     a, b = read(tmp_path / "a" / "model.safetensors"), read(tmp_path / "b" / "model.safetensors")
     assert a[2]["hash"] == b[2]["hash"]                                      # the same weights, bit for bit
     assert a[2]["step"] == "40" and a[0].variant == "rgb"
+    # Resuming with other settings would not be the same run: refused, saying which.
+    (tmp_path / "b" / "model.safetensors").unlink()
+    other = sortline(*common, "--out", str(tmp_path / "b"), "--resume", "--lr", "1e-3", env=env, timeout=300)
+    assert other.returncode != 0 and "'lr': (0.004, 0.001)" in other.stderr
 
 
 def test_a_spectralwaste_model_trains_and_evaluates(tmp_path, env):
