@@ -29,6 +29,21 @@ def test_every_variant_gives_logits_at_rgb_resolution(variant):
     assert out.shape == (1, 10, 64, 128) and torch.isfinite(out).all()
 
 
+def test_deployed_gives_the_argmax_and_its_softmax_probability():
+    """The exported head computes confidence as 1 / sum(exp(logit - max)): check it is max softmax."""
+    from models.net import Deployed
+
+    net = SortNet(make_config("tiny", "fusion")).eval()
+    x = inputs(lines=96)
+    with torch.no_grad():
+        logits = net(*x)[:, :, 16:-16]
+        classes, conf = Deployed(net, 16).eval()(*x)
+    prob = logits.softmax(1)
+    assert classes.shape == (1, 64, 128) and classes.dtype == torch.int32
+    assert torch.equal(classes.long(), prob.argmax(1))
+    assert torch.allclose(conf, prob.max(1).values, atol=1e-6)
+
+
 def test_sizes():
     tiny = {v: count_params(SortNet(make_config("tiny", v))) for v in ("fusion", "rgb", "hsi")}
     assert 1.0e6 < tiny["fusion"] < 2.5e6          # the design point: ~2 M parameters or fewer
