@@ -41,17 +41,18 @@ class Backend:
         self.meta = meta
 
     def expect(self, rgb_shape, hsi_shape, classes=None) -> None:
-        """Refuse a model made for other strips or classes (ModelFileError naming both)."""
+        """Refuse a model made for other strips or classes (a ModelFileError saying which)."""
         problems = []
         if tuple(rgb_shape) != self.rgb_shape:
             problems.append(f"RGB input {self.rgb_shape}, the strips are {tuple(rgb_shape)}")
         if tuple(hsi_shape) != self.hsi_shape:
             problems.append(f"HSI input {self.hsi_shape}, the strips are {tuple(hsi_shape)}")
-        if classes is not None and tuple(classes) != self.classes:
-            problems.append(f"classes {list(self.classes)}, expected {list(classes)}")
         if problems:
-            raise ModelFileError(f"{self.name} model {self.model_hash} was made for other strips: " + "; ".join(problems)
-                                 + " (export or build it again for this machine config)")
+            problems[-1] += " (export or build it again for this machine config)"
+        if classes is not None and tuple(classes) != self.classes:
+            problems.append(f"classes {list(self.classes)}, expected {list(classes)} (train it for these classes)")
+        if problems:
+            raise ModelFileError(f"{self.name} model {self.model_hash} does not fit: " + "; ".join(problems))
 
     def run(self, rgb: np.ndarray, hsi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if rgb.shape != self.rgb_shape[1:] or hsi.shape != self.hsi_shape[1:]:

@@ -40,6 +40,8 @@ class Infer(Node):
         backend: Literal["", "onnxruntime", "onnxruntime-cuda", "tensorrt", "torch"] = Field(
             "", description="empty: model.backend")
         threads: int = Field(0, ge=0, le=64, description="0: model.threads")
+        classes: list[str] = Field([], description="the class names downstream expects, in order; "
+                                   "a model with others is refused. Empty: whatever the model has")
 
     def setup(self) -> None:
         from models.backends import open_backend
@@ -56,6 +58,8 @@ class Infer(Node):
         kind = p.backend or m.backend
         try:
             self.backend = open_backend(kind, path, self.shape, p.threads or m.threads)
+            if p.classes:
+                self.backend.expect(self.shape.rgb, self.shape.hsi, p.classes)
         except ModelFileError as exc:
             raise ConfigError([f"node {self.name}: {exc}"]) from None
         except ImportError as exc:

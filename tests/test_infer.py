@@ -20,7 +20,7 @@ from pipeline.transport import Input, Output, SlotReaders
 WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
 
 
-def graph(model: str, backend: str = "onnxruntime") -> str:
+def graph(model: str, backend: str = "onnxruntime", extra: str = "") -> str:
     """A stand-in register (this test process) -> infer -> a stand-in sink (this process too)."""
     return f"""
 [nodes.register]
@@ -28,7 +28,7 @@ kind = "pattern"
 
 [nodes.infer]
 kind = "infer"
-params = {{ model = "{model}", backend = "{backend}" }}
+params = {{ model = "{model}", backend = "{backend}"{extra} }}
 
 [nodes.sink]
 kind = "sink"
@@ -56,9 +56,9 @@ def strips(settings, count: int, seed: int = 1100):
 
 
 class Harness:
-    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime"):
+    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", extra: str = ""):
         self.port = free_port()
-        self.cfg = write_config(tmp_path / "c.toml", graph(model, backend), run_dir,
+        self.cfg = write_config(tmp_path / "c.toml", graph(model, backend, extra), run_dir,
                                 extra=f"\n[metrics]\nport_base = {self.port}\n")
         self.settings = load_config(self.cfg)
         self.ctx = zmq.Context()
@@ -138,10 +138,12 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
     assert err.count("dropped a message") >= 1
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "no_tensorrt"])
+@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_classes", "no_tensorrt"])
 def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, problem):
-    backend = "onnxruntime"
-    if problem == "no_tensorrt":   # an engine on a machine without TensorRT (every CPU machine)
+    backend, extra = "onnxruntime", ""
+    if problem == "other_classes":   # downstream sorts by other class names than the model knows
+        model, extra = WEIGHTS, ', classes = ["belt", "PET", "PP", "glass"]'
+    elif problem == "no_tensorrt":   # an engine on a machine without TensorRT (every CPU machine)
         from models.engine import write_engine
 
         model, backend = write_engine(tmp_path / "m.engine", {"tensorrt": "10.0"}, b"plan"), "tensorrt"
@@ -156,12 +158,13 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
 
         net, meta = checkpoint.load(WEIGHTS)
         model = export(net, meta, StripShape(lines=96, width=640, overlap=16, ratio=4, bands=32), tmp_path / "m.onnx")
-    h = Harness(tmp_path, run_dir, str(model), backend)
+    h = Harness(tmp_path, run_dir, str(model), backend, extra)
     try:
         rc = h.node.wait(timeout=60)
     finally:
         _, err = h.close()
     assert rc == EX_CONFIG
     expected = {"missing": "no such model file", "not_a_model": "not a usable ONNX model",
-                "other_strips": "was made for other strips", "no_tensorrt": "is not installed here"}[problem]
+                "other_strips": "does not fit: RGB input (1, 96, 640, 3)", "no_tensorrt": "is not installed here",
+                "other_classes": "expected ['belt', 'PET', 'PP', 'glass']"}[problem]
     assert expected in err
