@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import ROOT, free_port, metric, scrape, start, stop, wait_for, write_config
+from conftest import ROOT, free_port, metric, scrape, start, stop, write_config
 from models.backends import open_backend
 from models.export import StripShape
 from nodes.simulate import Simulation
