@@ -120,6 +120,8 @@ class GraphSettings(Section):
 class NodeConfig(Section):
     kind: str
     params: dict[str, Any] = {}
+    cpus: list[int] = Field([], description="CPU cores the node's process may run on; empty: any. Give the "
+                            "heaviest stage a core of its own so that the others cannot delay it")
 
 
 class EdgeConfig(Section):

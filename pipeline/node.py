@@ -322,6 +322,18 @@ def _plain(obj):
 _encode_beat = msgspec.msgpack.Encoder(enc_hook=_plain).encode
 
 
+def _pin(name: str, cpus: list[int]) -> None:
+    """Run on the configured cores; a machine without them runs the node anywhere, and says so."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return
+    usable = sorted(set(cpus) & os.sched_getaffinity(0))
+    if not usable:
+        logging.getLogger(f"sortline.{name}").warning("cpus %s: none of them is available here (%s); running "
+                                                      "on any", cpus, sorted(os.sched_getaffinity(0)))
+        return
+    os.sched_setaffinity(0, usable)
+
+
 def _stop_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its supervisor dies, however it dies."""
     try:
@@ -336,6 +348,7 @@ def _stop_with_parent() -> None:
 def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int) -> int:
     if heartbeat:  # started by a supervisor
         _stop_with_parent()
+    _pin(name, settings.nodes[name].cpus)
     try:
         runner = Runner(settings, name, heartbeat, metrics_port)
     except ConfigError as exc:
