@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the node's name in the configuration")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
     p.add_argument("--heartbeat", default=None, help="ZeroMQ address of a supervisor's heartbeat socket")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: off; default: metrics.port_base + the "
+                   "node's place in data-flow order, off when port_base is 0)")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("check", help="validate a configuration and print the figures derived from it",

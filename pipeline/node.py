@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from pipeline import metrics
+from pipeline.notify import Notifier, status_line
 from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
 from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
 from pipeline.messages import Message, MessageError
@@ -142,6 +143,10 @@ class Runner:
         self.log = self.node.log
         self._warn = _RateLimitedLog(self.log)
         self._hb = None
+        self._notify = Notifier()
+        # A beat (heartbeat and watchdog ping) at least this often: what the supervisor and systemd expect.
+        self._beat_every = min(settings.supervisor.heartbeat_s, self._notify.watchdog_every_s or float("inf"))
+        self._last_beat: tuple[float, dict] = (time.monotonic(), {})
         self._ready = False  # setup() has succeeded
         self._inputs: dict[str, Input] = {}
 
@@ -183,6 +188,7 @@ class Runner:
             node.setup()
             self._ready = True
             metrics.UP.labels(self.name).set(1)
+            self._notify.ready(f"running (pid {os.getpid()})")  # systemd starts the units ordered after it
             self._heartbeat(force=True)  # the supervisor reads the first one as "ready"
             self.log.info("running (pid %d)", os.getpid())
             if self._inputs:
@@ -202,6 +208,7 @@ class Runner:
                 self.log.error("%s", line)
             return EX_CONFIG
         finally:
+            self._notify.stopping()
             metrics.UP.labels(self.name).set(0)
             self._heartbeat(force=True)
             try:
@@ -298,15 +305,22 @@ class Runner:
 
     def _heartbeat(self, force: bool = False) -> None:
         """Called from the main loop, and from its waits on a slow consumer (a node
-        held back by back-pressure is not stuck), never from a side thread."""
-        if self._hb is None or not self._ready:
+        held back by back-pressure is not stuck), never from a side thread: the
+        supervisor's heartbeat and systemd's watchdog stop when the loop does."""
+        if (self._hb is None and not self._notify.enabled) or not self._ready:
             return
         now = time.monotonic()
         if not force and now < self._hb_next:
             return
-        self._hb_next = now + self.settings.supervisor.heartbeat_s
-        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": metrics.snapshot(),
-                "status": self.node.status()}
+        self._hb_next = now + self._beat_every
+        snapshot, status = metrics.snapshot(), self.node.status()
+        then, before = self._last_beat
+        self._last_beat = (now, snapshot)
+        if self._notify.enabled:
+            self._notify.alive(status_line(snapshot, before, now - then, status))
+        if self._hb is None:
+            return
+        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": snapshot, "status": status}
         try:
             self._hb.send(_encode_beat(beat), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -333,9 +347,11 @@ def _stop_with_parent() -> None:
         pass  # not Linux: an orphaned node still stops on its own SIGTERM
 
 
-def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int) -> int:
+def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int | None = None) -> int:
     if heartbeat:  # started by a supervisor
         _stop_with_parent()
+    if metrics_port is None:
+        metrics_port = metrics.port_of(settings, name)
     try:
         runner = Runner(settings, name, heartbeat, metrics_port)
     except ConfigError as exc:
