@@ -200,6 +200,28 @@ def cmd_node(args) -> int:
     return main(settings, args.name, args.heartbeat, args.metrics_port)
 
 
+def cmd_install_service(args) -> int:
+    from pipeline.install import install
+
+    split = lambda text: [n for n in text.split(",") if n] if text is not None else None  # noqa: E731
+    try:
+        written = install(args.config, args.root, args.prefix, split(args.nodes), split(args.realtime),
+                          args.realtime_cpus)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"sortline: install-service: {line}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"sortline: install-service: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"  {path}")
+    print(f"installed {len(written)} files under {args.root}")
+    if args.root == "/":
+        print("next: systemctl daemon-reload && systemctl enable --now sortline.target   (docs/service.md)")
+    return 0
+
+
 def cmd_check(args) -> int:
     from pipeline.graph import edges, topo_order
 
@@ -329,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on this port (0: off; default: metrics.port_base + the "
                    "node's place in data-flow order, off when port_base is 0)")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("install-service", help="install the systemd units and the configuration (/etc/sortline)",
+                       description="Copy the configuration to ROOT/etc/sortline/sortline.toml (with the calibration "
+                       "and model files it names by relative path), install sortline.target and the template unit "
+                       "sortline@.service for the nodes of this host, each ordered after the nodes it sends to, "
+                       "and enable them. See docs/service.md.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--root", default="/", help="install under this directory instead of / (an image, a test)")
+    p.add_argument("--prefix", default=sys.prefix,
+                   help="the virtual environment whose bin/sortline the units run (default: this one)")
+    p.add_argument("--nodes", default=None, help="comma-separated nodes that run on this host (default: all)")
+    p.add_argument("--realtime", default=None,
+                   help="comma-separated nodes given real-time priority (default: the ejector nodes)")
+    p.add_argument("--realtime-cpus", default="", help="pin those nodes to these CPUs (systemd CPUAffinity=, e.g. 3)")
+    p.set_defaults(func=cmd_install_service)
 
     p = sub.add_parser("check", help="validate a configuration and print the figures derived from it",
                        description="Validate a configuration; print line rates, the latency budget and "

@@ -1,0 +1,80 @@
+"""`sortline install-service` and the shipped systemd units, checked by systemd's own tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import DEMO, sortline
+
+
+def verify(unit_dir, *units) -> subprocess.CompletedProcess:
+    # Instances are loaded from the unit directory with their drop-ins, as systemd would.
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True,
+                          env=env, cwd=unit_dir, timeout=120)
+
+
+def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph(tmp_path):
+    assert shutil.which("systemd-analyze"), "systemd's tools are missing: `make test` installs them"
+    root = tmp_path / "root"
+    res = sortline("install-service", "--config", str(DEMO), "--root", str(root), "--prefix", sys.prefix,
+                   "--realtime", "sink", "--realtime-cpus", "0", timeout=60)
+    assert res.returncode == 0, res.stderr
+    etc, units = root / "etc/sortline", root / "etc/systemd/system"
+    assert (etc / "sortline.toml").read_text() == DEMO.read_text()
+    # The calibration files the demo names relative to itself go beside it, so it loads from there.
+    for name in ("demo-spectral.npz", "demo-spatial.json"):
+        assert (etc / "calibration" / name).read_bytes() == (DEMO.parent / "calibration" / name).read_bytes()
+    assert sortline("check", "--config", str(etc / "sortline.toml"), timeout=60).returncode == 0
+
+    template = (units / "sortline@.service").read_text()
+    assert f"ExecStart={sys.prefix}/bin/sortline node %i --config /etc/sortline/sortline.toml\n" in template
+    for line in ("Type=notify", "WatchdogSec=5s", "Restart=on-failure", "RestartPreventExitStatus=78",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=sortline", "RuntimeDirectory=sortline"):
+        assert f"\n{line}\n" in template, line
+    # Consumers start first (each READY once set up), sources stop first.
+    assert "After=sortline@register.service\n" in (units / "sortline@belt.service.d/node.conf").read_text()
+    assert "After=sortline@sink.service\n" in (units / "sortline@register.service.d/node.conf").read_text()
+    assert "After=" not in (units / "sortline@sink.service.d/node.conf").read_text()
+    realtime = (units / "sortline@sink.service.d/realtime.conf").read_text()
+    assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
+    assert not (units / "sortline@register.service.d/realtime.conf").exists()
+    wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
+    assert wants == ["sortline@belt.service", "sortline@register.service", "sortline@sink.service"]
+    assert os.readlink(units / "sortline.target.wants/sortline@sink.service") == "../sortline@.service"
+    assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
+
+    # Unknown keys and bad values are only warnings to systemd: any output is a failure.
+    res = verify(units, "sortline.target", *wants)
+    assert res.returncode == 0 and res.stderr == "" and res.stdout == "", res.stderr
+
+
+def test_verify_catches_a_broken_unit(tmp_path):
+    # The check above can fail: a misspelt key in a drop-in is reported.
+    root = tmp_path / "root"
+    assert sortline("install-service", "--config", str(DEMO), "--root", str(root), "--prefix", sys.prefix,
+                    "--nodes", "sink", timeout=60).returncode == 0
+    units = root / "etc/systemd/system"
+    assert sorted(p.name for p in (units / "sortline.target.wants").iterdir()) == ["sortline@sink.service"]
+    (units / "sortline@sink.service.d/node.conf").write_text("[Service]\nRestartPreventExitStatuss=78\n")
+    res = verify(units, "sortline@sink.service")
+    assert "Unknown key 'RestartPreventExitStatuss'" in res.stderr
+
+
+def test_install_refuses_a_bad_config_a_wrong_prefix_and_unknown_nodes(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEMO.read_text().replace("speed_m_s = 2.0", "speed_m_s = -2.0"))
+    cases = [
+        (["--config", str(bad)], "belt.speed_m_s = -2.0: Input should be greater than 0"),
+        (["--config", str(DEMO), "--prefix", str(tmp_path)], f"{tmp_path}/bin/sortline is not an executable"),
+        (["--config", str(DEMO), "--prefix", sys.prefix, "--nodes", "belt,camera"], "no node named 'camera'"),
+    ]
+    for args, expected in cases:
+        res = sortline("install-service", "--root", str(tmp_path / "root"), *args, timeout=60)
+        assert res.returncode == 78 and expected in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "root").exists()  # nothing half-installed
+
