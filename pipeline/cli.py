@@ -218,7 +218,22 @@ def cmd_install_service(args) -> int:
         print(f"  {path}")
     print(f"installed {len(written)} files under {args.root}")
     if args.root == "/":
-        print("next: systemctl daemon-reload && systemctl enable --now sortline.target   (docs/service.md)")
+        print("next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now sortline.target"
+              "   (docs/service.md)")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from pipeline.curve import make_keys
+
+    try:
+        public, secret = make_keys(args.out, args.name)
+    except OSError as exc:
+        print(f"sortline: keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"public certificate: {public}\n  copy it into security.authorized of every host this one connects to,\n"
+          f"  and name it as server_key on the edges whose producer runs here")
+    print(f"secret certificate: {secret}\n  stays on this host: security.key (readable by the service's group only)")
     return 0
 
 
@@ -366,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated nodes given real-time priority (default: the ejector nodes)")
     p.add_argument("--realtime-cpus", default="", help="pin those nodes to these CPUs (systemd CPUAffinity=, e.g. 3)")
     p.set_defaults(func=cmd_install_service)
+
+    p = sub.add_parser("keys", help="make this host's CURVE certificate for tcp edges",
+                       description="Write NAME.key (public) and NAME.key_secret (secret) into --out: the keys "
+                       "that authenticate and encrypt tcp edges between hosts (security.curve). See docs/service.md.")
+    p.add_argument("name", help="the host's name (the files' names)")
+    p.add_argument("--out", default="/etc/sortline/keys", help="directory (default /etc/sortline/keys)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("check", help="validate a configuration and print the figures derived from it",
                        description="Validate a configuration; print line rates, the latency budget and "

@@ -6,7 +6,8 @@ test or an image build):
 - etc/sortline/sortline.toml, the configuration (and the calibration and model
   files it names by relative path, beside it);
 - etc/systemd/system/sortline.target and the template sortline@.service, its
-  ExecStart pointing at this installation's `sortline`;
+  ExecStart pointing at this installation's `sortline`, and the service user
+  (etc/sysusers.d/sortline.conf);
 - per node of this host, a drop-in ordering it after the nodes it sends to:
   systemd then starts consumers first (each says READY=1 when set up) and
   stops sources first, as the supervisor does;
@@ -77,6 +78,7 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
 
     write(unit_dir / TEMPLATE, (UNITS / TEMPLATE).read_text().replace(f"{SHIPPED_PREFIX}/bin/", f"{prefix}/bin/"))
     write(unit_dir / "sortline.target", (UNITS / "sortline.target").read_text())
+    write(root / "etc/sysusers.d/sortline.conf", (UNITS / "sortline.sysusers").read_text())
     link(unit_dir / "multi-user.target.wants" / "sortline.target", "../sortline.target")
     consumers: dict[str, set[str]] = {}
     for e in edges(settings):

@@ -20,6 +20,9 @@ E2E_SECONDS = Histogram(
     ["node"], buckets=LATENCY_BUCKETS,
 )
 SLOT_RECLAIMS = Counter("sortline_slot_lane_reclaims", "Slot lanes reclaimed from a consumer that died", ["node", "port"])
+AUTH_REFUSED = Counter("sortline_auth_refused", "Connections to a tcp edge refused: the peer's CURVE key is not "
+                       "authorised", ["node"])
+LINES = Counter("sortline_lines", "Camera lines arriving at a node's input", ["node", "port"])
 UP = Gauge("sortline_node_up", "1 while the node's main loop runs", ["node"])
 
 

@@ -25,10 +25,11 @@ import msgspec
 import zmq
 
 from pipeline import metrics
-from pipeline.notify import Notifier, status_line
 from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
+from pipeline.curve import Curve
 from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
 from pipeline.messages import Message, MessageError
+from pipeline.notify import Notifier, status_line
 from pipeline.transport import Input, Output, SlotReaders
 
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
@@ -168,14 +169,15 @@ class Runner:
         ctx = zmq.Context()
         readers = SlotReaders(run_dir)
         node = self.node
-        hb = None
+        hb = curve = None
         try:
+            curve = Curve(ctx, self.settings, self.name)
             for port, edges in inputs_of(self.settings, self.name).items():
-                self._inputs[port] = Input(ctx, self.name, port, edges, readers)
+                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve)
             outs = outputs_of(self.settings, self.name)
             for port in node.outputs:
                 node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
-                                        idle=self._heartbeat)
+                                        idle=self._heartbeat, curve=curve)
             if self._heartbeat_addr:
                 hb = ctx.socket(zmq.PUSH)
                 hb.setsockopt(zmq.SNDHWM, 16)
@@ -221,6 +223,8 @@ class Runner:
                 readers.close()
                 if hb is not None:
                     hb.close()
+                if curve is not None:
+                    curve.close()  # its thread holds a socket: before ctx.term()
                 ctx.term()
                 self.log.info("stopped")
 
@@ -278,6 +282,8 @@ class Runner:
                 inp.end(sock)
                 return
             inp.received.inc()
+            if "lines" in msg.arrays:  # camera lines (sources' messages): lines per second on the dashboard
+                inp.lines.inc(len(msg.arrays["lines"]))
             try:
                 outs = list(self.node.process(port, msg) or ())
             except Exception as exc:  # a bad message must not take the node down

@@ -47,6 +47,11 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     assert os.readlink(units / "sortline.target.wants/sortline@sink.service") == "../sortline@.service"
     assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
 
+    # The service user, as systemd-sysusers makes it at boot.
+    res = subprocess.run(["systemd-sysusers", f"--root={root}"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "\nsortline:x:" in "\n" + (root / "etc/passwd").read_text()
+
     # Unknown keys and bad values are only warnings to systemd: any output is a failure.
     res = verify(units, "sortline.target", *wants)
     assert res.returncode == 0 and res.stderr == "" and res.stdout == "", res.stderr
