@@ -268,7 +268,7 @@ class Runner:
         for frames in inp.read(sock):
             t_in = time.monotonic_ns()
             try:
-                msg = inp.decode(frames)
+                msg = inp.decode(frames, edge)
             except MessageError as exc:
                 if exc.kind == "overwritten":
                     metrics.DROPS.labels(edge.name, "overwritten").inc()

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline import metrics
+from pipeline import clock, metrics
 from pipeline.graph import Edge
 from pipeline.messages import (
     ArraySpec,
@@ -182,7 +182,7 @@ class Output:
             header = msgspec.structs.replace(header, trace=trace, arrays=specs)
         else:
             header = msgspec.structs.replace(header, trace=trace)
-        inline = None
+        inline = [None, None]  # frames for edges on this host, and for tcp edges (trace in wall-clock time)
         for edge, sock in zip(self.edges, self._sockets):
             if edge.shm:
                 header.slot = SlotRef(pool.segment, slot, generation, edge.lane)
@@ -190,10 +190,11 @@ class Output:
                 if self._send(edge, sock, frames, copy=True):
                     pool.mark_sent(edge.lane, slot, generation)
             else:
-                if inline is None:
-                    inline = inline_frames(header, msg.arrays)
+                tcp = clock.is_tcp(edge)
+                if inline[tcp] is None:
+                    inline[tcp] = inline_frames(clock.to_wall(header) if tcp else header, msg.arrays)
                 # Slot memory is reused: never hand it to ZeroMQ without a copy.
-                self._send(edge, sock, inline, copy=slot_info is not None)
+                self._send(edge, sock, inline[tcp], copy=slot_info is not None)
         if slot_info is not None:
             msg.outgoing = None
             self._unsent.remove(msg)
@@ -334,8 +335,11 @@ class Input:
             self._stale[edge.name].inc()
         return [newer[-1]]
 
-    def decode(self, frames: list) -> Message:
-        return self._readers.decode(frames)
+    def decode(self, frames: list, edge: Edge | None = None) -> Message:
+        msg = self._readers.decode(frames)
+        if edge is not None and clock.is_tcp(edge):
+            clock.from_wall(msg.header)
+        return msg
 
     def end(self, sock: zmq.Socket) -> None:
         """The edge's producer has ended its stream: hang up, which tells it
