@@ -237,6 +237,19 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from pipeline.status import render, rows
+
+    settings = _config(args.config)
+    if not settings.metrics.port_base:
+        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read",
+              file=sys.stderr)
+        return EX_CONFIG
+    table = rows(settings, args.interval)
+    print(render(table))
+    return 3 if any(row[1] == "down" for row in table) else 0  # as `systemctl status` does for a stopped unit
+
+
 def cmd_check(args) -> int:
     from pipeline.graph import edges, topo_order
 
@@ -381,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated nodes given real-time priority (default: the ejector nodes)")
     p.add_argument("--realtime-cpus", default="", help="pin those nodes to these CPUs (systemd CPUAffinity=, e.g. 3)")
     p.set_defaults(func=cmd_install_service)
+
+    p = sub.add_parser("status", help="every node's rates, losses and latency at a glance (from their metrics)",
+                       description="Read each node's Prometheus endpoint (metrics.port_base + its place in "
+                       "data-flow order) twice, --interval apart, and print a table: state, messages in and "
+                       "out per second, camera lines per second, drops, malformed messages, refused "
+                       "connections, end-to-end latency (bucket bounds) and what cameras and ejectors report. "
+                       "Exit code 3: a node does not answer.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings (default 1)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("keys", help="make this host's CURVE certificate for tcp edges",
                        description="Write NAME.key (public) and NAME.key_secret (secret) into --out: the keys "

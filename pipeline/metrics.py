@@ -49,9 +49,14 @@ def snapshot() -> dict[str, float]:
         for sample in family.samples:
             if sample.name.endswith(("_created", "_bucket")):
                 continue
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            result[f"{sample.name}{{{labels}}}"] = sample.value
+            result[key(sample.name, sample.labels)] = sample.value
     return result
+
+
+def key(name: str, labels: dict[str, str]) -> str:
+    """A sample's key as Prometheus prints it, labels sorted: 'name{a="1",b="2"}'."""
+    text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{text}}}"
 
 
 def total(samples: dict[str, float], prefix: str, needle: str = "") -> float:
