@@ -434,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # found after loading: a directory, a file the config names
+        for line in exc.lines:
+            print(f"sortline: config error: {line}", file=sys.stderr)
+        return EX_CONFIG
 
 
 if __name__ == "__main__":

@@ -149,11 +149,18 @@ def outputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
 
 
 def prepare_runtime_dir(path: Path) -> Path:
-    """Create the private runtime directory (mode 0700) or refuse a shared one."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    """Create the private runtime directory (mode 0700) or refuse a shared one.
+    Either failure is a ConfigError: a restart would not fix it."""
+    from pipeline.config import ConfigError
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError([f"runtime directory {path}: {exc.strerror} (set graph.runtime_dir)"]) from None
     if st.st_uid != os.getuid():
-        raise PermissionError(f"runtime directory {path} belongs to uid {st.st_uid}, not to this user")
+        raise ConfigError([f"runtime directory {path} belongs to uid {st.st_uid}, not to this user (uid "
+                           f"{os.getuid()}); set graph.runtime_dir"])
     if st.st_mode & 0o077:
         path.chmod(0o700)
     return path
