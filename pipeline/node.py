@@ -30,6 +30,7 @@ from pipeline.curve import Curve
 from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
 from pipeline.messages import Message, MessageError
 from pipeline.notify import Notifier, status_line
+from pipeline.slots import remove_dead_segments
 from pipeline.transport import Input, Output, SlotReaders
 
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
@@ -166,6 +167,8 @@ class Runner:
         signal.signal(signal.SIGINT, self._on_signal)
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a node is stuck
         run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        for name in remove_dead_segments(run_dir, self.name):
+            self.log.info("removed %s, left by an earlier process of this node", name)
         ctx = zmq.Context()
         readers = SlotReaders(run_dir)
         node = self.node

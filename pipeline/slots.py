@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 import time
 from typing import Callable
 
@@ -64,6 +65,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def remove_dead_segments(run_dir: Path | str, node: str) -> list[str]:
+    """Segments (node.port.pid.n.slots) an earlier process of this node left when it
+    died: under systemd no supervisor removes them, and tmpfs is memory."""
+    removed = []
+    for path in Path(run_dir).glob(f"{node}.*.slots"):
+        parts = path.name.split(".")
+        if len(parts) == 5 and parts[2].isdigit() and not _alive(int(parts[2])):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 class _Control:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import DEMO, sortline
+from conftest import DEMO, edge_toml, node_toml, sortline, write_config
 
 
 def verify(unit_dir, *units) -> subprocess.CompletedProcess:
@@ -83,3 +83,20 @@ def test_install_refuses_a_bad_config_a_wrong_prefix_and_unknown_nodes(tmp_path)
         assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "root").exists()  # nothing half-installed
 
+
+
+def test_a_restarted_node_removes_the_slot_segments_its_dead_predecessor_left(tmp_path, run_dir):
+    # Under systemd no supervisor cleans up after a node that died: the node does, as it starts.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = run_dir / f"camera.out.{dead}.1.slots"
+    other = run_dir / f"camera.out.{os.getpid()}.1.slots"  # a live process's: not touched
+    for path in (left, other):
+        path.write_bytes(b"\0" * 4096)
+    graph = (node_toml("camera", "pattern", "count = 1") + node_toml("sink", "sink")
+             + edge_toml("camera.out", "sink.in") + 'policy = "bounded"\n')  # no sink runs: nothing waits for it
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
+    res = sortline("node", "camera", "--config", str(cfg), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not left.exists() and other.exists()
+    assert f"removed {left.name}, left by an earlier process of this node" in res.stderr
