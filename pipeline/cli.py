@@ -203,14 +203,12 @@ def cmd_node(args) -> int:
 def cmd_install_service(args) -> int:
     from pipeline.install import install
 
-    split = lambda text: [n for n in text.split(",") if n] if text is not None else None  # noqa: E731
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [n for n in text.split(",") if n]
+
     try:
-        written = install(args.config, args.root, args.prefix, split(args.nodes), split(args.realtime),
+        written = install(args.config, args.root, args.prefix, names(args.nodes), names(args.realtime),
                           args.realtime_cpus)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(f"sortline: install-service: {line}", file=sys.stderr)
-        return EX_CONFIG
     except OSError as exc:
         print(f"sortline: install-service: {exc}", file=sys.stderr)
         return 1
