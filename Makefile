@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/sortline run --config configs/demo.toml --seconds 20
+	$(VENV)/bin/sortline score --config configs/demo.toml --seconds 30
 
 # The service tests check the shipped units with systemd-analyze (it works without a
 # running systemd); Debian's systemd package brings it.

@@ -15,6 +15,10 @@ KINDS = {
     "sink": "nodes.sink:Sink",
     "simulate": "nodes.simulate:Simulate",
     "register": "nodes.register:Register",
+    "oracle": "nodes.oracle:Oracle",
+    "eject_plan": "nodes.eject_plan:EjectPlan",
+    "ejector": "nodes.ejector:Ejector",
+    "valve_sim": "nodes.valve_sim:ValveSim",
 }
 
 

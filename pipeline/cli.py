@@ -104,6 +104,144 @@ def cmd_simulate(args) -> int:
     return run_rewritten(settings, argparse.Namespace(seconds=None, report=args.report), rewrite)
 
 
+def _belt_run(settings, kinds, args, speed, occupancy, score_path, samples_path=None):
+    """The rewrite for a scored run of the synthetic belt: seed, length, speed, pacing, report paths."""
+    def rewrite(s):
+        nodes = dict(s.nodes)
+        sim = nodes[kinds["simulate"]]
+        params = {**sim.params, "seed": args.seed, "seconds": args.seconds, "paced": not args.unpaced,
+                  "speed_m_s": speed}
+        if occupancy is not None:
+            params["occupancy"] = occupancy
+        nodes[kinds["simulate"]] = sim.model_copy(update={"params": params})
+        vs = nodes[kinds["valve_sim"]]
+        nodes[kinds["valve_sim"]] = vs.model_copy(update={"params": {
+            **vs.params, "report": str(score_path), "by_position": args.unpaced}})
+        for name, node in nodes.items():
+            if args.unpaced and node.kind in ("ejector", "eject_plan"):   # no clock to keep: by position
+                nodes[name] = node.model_copy(update={"params": {**node.params, "timing": False}})
+            if samples_path and node.kind == "ejector":
+                nodes[name] = nodes[name].model_copy(update={"params": {**nodes[name].params,
+                                                                          "samples": str(samples_path)}})
+        # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow.
+        belt = s.belt.model_copy(update={"speed_m_s": speed})
+        edges = s.edges
+        if args.unpaced:   # the belt waits: every edge must hold it back instead of dropping
+            edges = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in edges]
+        return s.model_copy(update={"nodes": nodes, "belt": belt, "edges": edges})
+    return rewrite
+
+
+def _belt_graph_kinds(settings, config_path):
+    kinds = {n.kind: name for name, n in settings.nodes.items()}
+    missing = [k for k in ("simulate", "valve_sim", "ejector") if k not in kinds]
+    if missing:
+        print(f"sortline: this needs a graph with simulate, ejector and valve_sim nodes; {config_path} has no "
+              f"{', '.join(missing)} (configs/demo.toml has them)", file=sys.stderr)
+        return None
+    return kinds
+
+
+def cmd_hil(args) -> int:
+    """Latency of the real processes at the real line rate, from exposure to the command leaving."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pipeline import hil
+
+    settings = _config(args.config)
+    kinds = _belt_graph_kinds(settings, args.config)
+    if kinds is None:
+        return EX_CONFIG
+    if args.quick:
+        args.seconds = 10.0
+    args.unpaced = False
+    speed = args.speed or settings.belt.speed_m_s
+    budget = settings.budget_ms(speed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sortline-hil-") as tmp:
+        samples, score = Path(tmp) / "samples.npz", Path(tmp) / "score.json"
+        rc = run_rewritten(settings, argparse.Namespace(seconds=args.seconds + 30, report=str(out / "run.json")),
+                           _belt_run(settings, kinds, args, speed, None, score, samples))
+        if rc != 0 or not samples.exists():
+            print(f"sortline: hil: the run failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        figures, arrays = hil.analyse(str(samples), budget, args.seconds)
+    command = (f"sortline hil --config {args.config} --speed {speed:g} --seconds {args.seconds:g} --seed {args.seed}")
+    figures.update(speed_m_s=speed, seconds=args.seconds, budget_derivation=settings.budget_derivation(speed))
+    hil.draw(figures, arrays, str(out / "hil.png"))
+    (out / "hil.md").write_text(hil.markdown(figures, command) + f"\nBudget: {settings.budget_derivation(speed)}\n")
+    (out / "hil.json").write_text(json.dumps(figures, indent=2) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    print(hil.markdown(figures, command))
+    print(f"budget: {settings.budget_derivation(speed)}")
+    print(f"report: {out}/hil.md, hil.png, hil.json")
+    if args.quick and figures["samples"] < 10_000:
+        print(f"(--quick: {figures['samples']} samples; a full run gives at least 10,000)")
+    return 0 if figures["within_budget"] else 1
+
+
+def cmd_score(args) -> int:
+    """The whole pipeline on the synthetic belt, scored against its truth by the valve-bar simulator."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    settings = _config(args.config)
+    kinds = _belt_graph_kinds(settings, args.config)
+    if kinds is None:
+        return EX_CONFIG
+    speeds = [float(v) for v in args.speeds.split(",")] if args.speeds else [args.speed or settings.belt.speed_m_s]
+    occupancies = [float(v) for v in args.occupancies.split(",")] if args.occupancies else [args.occupancy]
+    rows = []
+    for speed in speeds:
+        for occupancy in occupancies:
+            with tempfile.TemporaryDirectory(prefix="sortline-score-") as tmp:
+                score_path, run_path = Path(tmp) / "score.json", Path(tmp) / "run.json"
+                rewrite = _belt_run(settings, kinds, args, speed, occupancy, score_path)
+                rc = run_rewritten(settings, argparse.Namespace(seconds=args.seconds + 30, report=str(run_path)),
+                                   rewrite)
+                if rc != 0 or not score_path.exists():
+                    print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
+                    return rc or 1
+                rows.append(_score_row(json.loads(score_path.read_text()), json.loads(run_path.read_text()),
+                                       speed, occupancy, args))
+    print(_score_table(rows))
+    if args.unpaced:
+        print("UNPACED: the belt waited for the pipeline; these figures score decisions, not timing.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else {"runs": rows}, indent=2) + "\n")
+    return 0
+
+
+def _score_row(score: dict, run: dict, speed: float, occupancy, args) -> dict:
+    """One flat row: the valve-bar simulator's score, the ejector's late commands, latency."""
+    nodes = run.get("nodes", {})
+    ejector = next((n["status"] for n in nodes.values() if "late" in n.get("status", {})), {})
+    row = {"speed_m_s": speed, "occupancy": occupancy, "seconds": args.seconds, "seed": args.seed,
+           "paced": not args.unpaced, **{k: v for k, v in score.items() if not isinstance(v, (dict, list))},
+           "late": ejector.get("late", 0) + score.get("late_arrivals", 0),
+           "decision_p50_ms": ejector.get("decision_p50_ms"), "decision_p99_ms": ejector.get("decision_p99_ms"),
+           "lead_p50_ms": ejector.get("lead_p50_ms"), "lead_min_ms": ejector.get("lead_min_ms")}
+    return row
+
+
+def _score_table(rows: list[dict]) -> str:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f} %"
+    out = ["| speed m/s | occupancy | targets | recovery | purity | purity (area) | late | missed | air valve-s "
+           "| decision p50/p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        occ = "default" if r["occupancy"] is None else f"{r['occupancy']:g}"
+        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['targets']} | {pct(r['recovery'])} | {pct(r['purity'])} | "
+                   f"{pct(r['purity_area'])} | {r['late']} | {r['missed']} | {r['air_valve_s']:.1f} | "
+                   f"{r['decision_p50_ms']} / {r['decision_p99_ms']} |")
+    return "\n".join(out)
+
+
 def cmd_calibrate(args) -> int:
     from calibration import commands
     from calibration.spectral import CalibrationError
@@ -326,6 +464,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-rate", type=float, default=None, help="chance a frame is lost (a gap)")
     p.add_argument("--paced", action="store_true", help="at the belt's own pace instead of as fast as possible")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("score", help="run the whole pipeline on the synthetic belt and score the air against the truth",
+                       description="Run the config's graph (it needs a simulate and a valve_sim node, as "
+                       "configs/demo.toml has) for --seconds of belt at the belt's own pace, then print what the "
+                       "valve-bar simulator measured: recovery (targets hit by air over enough of their area), "
+                       "purity (hit objects that are targets, by count and by area), late and missed commands, "
+                       "air use, and the decision latency. --speeds and --occupancies make a table of runs.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--seconds", type=float, default=20.0, help="belt time per run (default 20)")
+    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--seed", type=int, default=1, help="the synthetic belt's seed (default 1)")
+    p.add_argument("--occupancy", type=float, default=None, help="belt occupancy (default: the config's)")
+    p.add_argument("--speeds", default="", help="comma-separated speeds: one run each (a table)")
+    p.add_argument("--occupancies", default="", help="comma-separated occupancies: one run each (a table)")
+    p.add_argument("--unpaced", action="store_true",
+                   help="let the belt wait for the pipeline: scores decisions alone, not timing (says so)")
+    p.add_argument("--json", default=None, help="write the figures here (one flat object; {runs: [...]} for a table)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("hil", help="latency from exposure to valve command, at the real line rate, with a report",
+                       description="Feed the synthetic belt at its real line rate through the config's graph "
+                       "(real processes, to the valve driver) and measure, for every command, the time from the "
+                       "exposure of the last line it was decided on to the command leaving for the driver, how "
+                       "far ahead of its deadline it left, and per-stage times. Writes hil.json, hil.png and "
+                       "hil.md to --out; exit 1 when the budget is exceeded or a deadline missed. "
+                       "See docs/latency.md for the same test on a real machine.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--seconds", type=float, default=120.0, help="belt time (default 120: >10,000 commands)")
+    p.add_argument("--quick", action="store_true", help="a short run (10 s)")
+    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--seed", type=int, default=1, help="the synthetic belt's seed (default 1)")
+    p.add_argument("--out", default="hil-report", help="folder for the report (default hil-report)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    p.set_defaults(func=cmd_hil)
 
     p = sub.add_parser("calibrate", help="make or check calibration files from recordings",
                        description="spectral: dark and white references of the HSI camera; spatial: the "

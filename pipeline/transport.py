@@ -125,7 +125,7 @@ class Output:
             for f in ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace", "meta")
         }
         header = Header(**{**base, **fields})
-        if not self._shm_edges:
+        if not self._shm_edges or not arrays:   # a header alone needs no slot
             return Message(header, {name: np.empty(shape, dtype) for name, (shape, dtype) in arrays.items()})
         specs, total = [], 0
         for name, (shape, dtype) in arrays.items():
@@ -184,7 +184,7 @@ class Output:
             header = msgspec.structs.replace(header, trace=trace)
         inline = [None, None]  # frames for edges on this host, and for tcp edges (trace in wall-clock time)
         for edge, sock in zip(self.edges, self._sockets):
-            if edge.shm:
+            if edge.shm and slot_info is not None:
                 header.slot = SlotRef(pool.segment, slot, generation, edge.lane)
                 frames = [encode_header(header)]
                 if self._send(edge, sock, frames, copy=True):

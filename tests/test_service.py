@@ -21,7 +21,7 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     assert shutil.which("systemd-analyze"), "systemd's tools are missing: `make test` installs them"
     root = tmp_path / "root"
     res = sortline("install-service", "--config", str(DEMO), "--root", str(root), "--prefix", sys.prefix,
-                   "--realtime", "sink", "--realtime-cpus", "0", timeout=60)
+                   "--realtime-cpus", "0", timeout=60)
     assert res.returncode == 0, res.stderr
     etc, units = root / "etc/sortline", root / "etc/systemd/system"
     assert (etc / "sortline.toml").read_text() == DEMO.read_text()
@@ -36,14 +36,16 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=sortline", "RuntimeDirectory=sortline"):
         assert f"\n{line}\n" in template, line
     # Consumers start first (each READY once set up), sources stop first.
-    assert "After=sortline@register.service\n" in (units / "sortline@belt.service.d/node.conf").read_text()
+    assert ("After=sortline@ejector.service sortline@oracle.service sortline@register.service "
+            "sortline@valves.service\n") in (units / "sortline@belt.service.d/node.conf").read_text()
     assert "After=sortline@sink.service\n" in (units / "sortline@register.service.d/node.conf").read_text()
     assert "After=" not in (units / "sortline@sink.service.d/node.conf").read_text()
-    realtime = (units / "sortline@sink.service.d/realtime.conf").read_text()
+    # The ejector, and only it, fires valves: real-time priority, on the CPUs given.
+    realtime = (units / "sortline@ejector.service.d/realtime.conf").read_text()
     assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
-    assert not (units / "sortline@register.service.d/realtime.conf").exists()
+    assert sorted(p.parent.name for p in units.glob("*/realtime.conf")) == ["sortline@ejector.service.d"]
     wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
-    assert wants == ["sortline@belt.service", "sortline@register.service", "sortline@sink.service"]
+    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "oracle", "plan", "register", "sink", "valves")]
     assert os.readlink(units / "sortline.target.wants/sortline@sink.service") == "../sortline@.service"
     assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
 

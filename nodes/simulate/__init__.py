@@ -160,6 +160,8 @@ class Simulate(Node):
         self.dropped = {"rgb": 0, "hsi": 0}
         self.overruns = 0
         self.want_truth = bool(self.out["truth"].edges)
+        # A camera nobody listens to is not drawn (the truth goes with the RGB frames, so RGB always is).
+        self.cameras = [c for c in ("rgb", "hsi") if c == "rgb" or self.out[c].edges]
         self.t0 = 0
         self.meta = {
             "rgb": {"camera": "rgb", "serial": f"SIM-RGB-{p.seed}", "pixel_format": "RGB8", "bit_depth": 8},
@@ -178,7 +180,7 @@ class Simulate(Node):
         p = self.params
         self.t0 = self.t0 or time.monotonic_ns()
         # The next frame to complete on the belt, whichever camera it is.
-        stream = min(("rgb", "hsi"), key=lambda s: self.sim.motion.time_s(self._span(s)[1]))
+        stream = min(self.cameras, key=lambda s: self.sim.motion.time_s(self._span(s)[1]))
         start, end = self._span(stream)
         if p.seconds and self.sim.motion.time_s(start) >= p.seconds:
             self.finish()

@@ -1,0 +1,299 @@
+"""The eject-plan node: class masks → objects → decisions → valve windows.
+
+Objects are connected pixels of one class (OpenCV, 8-connected; specks
+under min_area_mm2 are dropped as noise), found across mask messages as the
+belt goes by: a component that touches the bottom of what has arrived so far
+stays open and is looked at again with the next message's lines, so an
+object cut by a strip border is one object. A gap (missing lines) closes
+every open object. Objects that touch one another form a cluster.
+
+The policy decides for each target object: eject when the model is sure
+enough (mean confidence) and, if it touches objects of other classes, by the
+`touching` rule: eject anyway, skip, or eject when targets make up at least
+`min_target_share` of the cluster. An ejected object's pixels give, per
+valve, the first and last line it covers: the valve windows, in encoder
+ticks at the valve bar. Long objects are decided and blown while still
+being seen (their front reaches the bar before their end has passed the
+camera).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import Field, field_validator
+
+from prometheus_client import Counter
+
+from nodes.valves import BarGeometry
+from pipeline.config import Section
+from pipeline.node import Node
+
+CLASS_NAMES = ("belt", "PET", "PP", "HDPE", "LDPE", "PS", "PVC", "paper", "aluminium", "other")
+MAX_CARRY_LINES = 4096   # an "object" longer than this (a jam) is cut
+
+OBJECTS = Counter("sortline_objects", "Objects found, by majority class and decision", ["node", "cls", "decision"])
+
+
+@dataclass
+class Obj:
+    id: int
+    rows: np.ndarray          # absolute RGB line numbers of its pixels (seen so far)
+    cols: np.ndarray
+    hist: np.ndarray          # pixels per class
+    conf_sum: np.ndarray      # confidence (0..255) summed per class
+    fresh: np.ndarray         # pixels no valve window has been made for yet
+    planned: bool             # windows were made for some of it already (it is being ejected)
+    complete: bool            # no more lines can join it
+    cluster: np.ndarray       # pixels per class of everything it touches, itself included
+
+    @property
+    def area(self) -> int:
+        return len(self.rows)
+
+    @property
+    def cls(self) -> int:
+        return int(np.argmax(self.hist[1:]) + 1)
+
+
+class ObjectFinder:
+    """Connected components over a stream of mask chunks (see the module's docstring).
+
+    An object's front reaches the valve bar long before its end has passed the
+    scan line when it is longer than the distance between them, so objects are
+    offered to `plan(obj)` while still open, with each new stretch of lines;
+    `plan` returns True when it made valve windows for the object's fresh
+    pixels, which are then not offered again. Complete objects are returned.
+    """
+
+    def __init__(self, min_area_px: int, classes: int = 256):
+        self.min_area = min_area_px
+        self.classes = classes
+        # Lines of open objects kept for the next chunk: (first line, classes, confidence, planned).
+        self.carry: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.next_line: int | None = None
+        self.next_id = 1
+
+    def feed(self, line0: int, classes: np.ndarray, confidence: np.ndarray, plan, gap: bool = False) -> list[Obj]:
+        done = []
+        if self.next_line is not None and (gap or line0 != self.next_line):
+            done += self.flush(plan)
+        planned = np.zeros(classes.shape, bool)
+        if self.carry is not None:
+            c0, cc, cf, cp = self.carry
+            buf = (c0, np.concatenate([cc, classes]), np.concatenate([cf, confidence]), np.concatenate([cp, planned]))
+            old = len(cc)
+        else:
+            buf, old = (line0, classes, confidence, planned), 0
+        self.next_line = line0 + len(classes)
+        done += self._components(*buf, old, plan, final=False)
+        return done
+
+    def flush(self, plan) -> list[Obj]:
+        """Close every open object (a gap, or the end of the stream)."""
+        if self.carry is None:
+            return []
+        carry, self.carry = self.carry, None
+        return self._components(*carry, len(carry[1]), plan, final=True)
+
+    def _components(self, line0, cls, conf, planned, old, plan, final) -> list[Obj]:
+        # Clusters: everything that touches (any classes); objects: connected pixels of one class.
+        fg = (cls != 0).astype(np.uint8)
+        _, clusters, cstats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+        rows_total = len(cls)
+        out, open_tops = [], []
+        for c in np.unique(cls):
+            if c == 0:
+                continue
+            n, labels, stats, _ = cv2.connectedComponentsWithStats((cls == c).astype(np.uint8), connectivity=8)
+            last_row = stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT] - 1
+            for k in range(1, n):
+                if last_row[k] < old - 1:
+                    continue                   # ended before the lines already seen: done then
+                is_open = not final and last_row[k] == rows_total - 1 and rows_total < MAX_CARRY_LINES
+                if is_open:
+                    open_tops.append(stats[k, cv2.CC_STAT_TOP])
+                if stats[k, cv2.CC_STAT_AREA] < self.min_area and not is_open:
+                    continue                   # a speck: noise, or a fragment of a misread object
+                x, y, w, h = (stats[k, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                    cv2.CC_STAT_HEIGHT))
+                rr, cc = np.nonzero(labels[y:y + h, x:x + w] == k)
+                rr, cc = rr + y, cc + x
+                # Its cluster: how much of what it touches is of other classes, per class.
+                cl = clusters[rr[0], cc[0]]
+                cx, cy, cw, ch = (cstats[cl, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                          cv2.CC_STAT_HEIGHT))
+                in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
+                done_px = planned[rr, cc]
+                obj = Obj(0, rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
+                          np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
+                          bool(done_px.any()), not is_open,
+                          np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes))
+                if obj.fresh.any() and plan(obj):
+                    planned[rr, cc] = True
+                if not is_open:
+                    obj.id = self.next_id
+                    self.next_id += 1
+                    out.append(obj)
+        if open_tops and not final:
+            start = min(open_tops)
+            self.carry = (line0 + start, cls[start:].copy(), conf[start:].copy(), planned[start:].copy())
+        else:
+            self.carry = None
+        return out
+
+
+class Policy(Section):
+    targets: list[str] = Field(["PET"], min_length=1, description="classes this valve bar ejects")
+    min_area_mm2: float = Field(60.0, ge=0, description="smaller objects are noise")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="mean confidence over the target pixels")
+    mixed_share: float = Field(0.2, ge=0, le=1, description="an object with more than this share of "
+                               "non-target pixels is a target touching a non-target")
+    touching: Literal["eject", "skip", "by_share"] = Field(
+        "eject", description="a target touching a non-target: eject it anyway (recovery), skip it "
+        "(purity), or eject when its target share is at least min_target_share")
+    min_target_share: float = Field(0.5, ge=0, le=1, description="the purity/recovery knob for by_share")
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, targets):
+        unknown = [t for t in targets if t not in CLASS_NAMES[1:]]
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; known: {', '.join(CLASS_NAMES[1:])}")
+        return targets
+
+
+def decide(obj: Obj, policy: Policy, target_ids: np.ndarray, min_area_px: float) -> str:
+    """'eject', or why not. An object already being ejected stays ejected (its front has been blown)."""
+    if obj.planned:
+        return "eject"
+    if obj.cls not in target_ids:
+        return "not_target"
+    if obj.area < min_area_px:
+        return "small"
+    if obj.conf_sum[obj.cls] / obj.area / 255.0 < policy.min_confidence:
+        return "unsure"
+    # Touching others: the air aimed at it hits them too.
+    share = obj.cluster[target_ids].sum() / obj.cluster[1:].sum()
+    if share >= 1 - policy.mixed_share or policy.touching == "eject":
+        return "eject"
+    if policy.touching == "by_share" and share >= policy.min_target_share:
+        return "eject"
+    return "touching"
+
+
+def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: int) -> list[list[int]]:
+    """[[valve, open_pos, close_pos], ...]: per valve, the ticks at the bar from the first to the last line of
+    the object's fresh pixels."""
+    valves = bar.valve_of_col[obj.cols[obj.fresh]]
+    keep = valves >= 0
+    v, rows = valves[keep], obj.rows[obj.fresh][keep]
+    if len(v) == 0:
+        return []
+    order = np.lexsort((rows, v))
+    v, rows = v[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    first, last = rows[starts], np.maximum.reduceat(rows, starts)
+    open_pos = first * bar.tpl - before_ticks + bar.travel_ticks
+    close_pos = (last + 1) * bar.tpl + after_ticks + bar.travel_ticks
+    return [[int(a), int(b), int(c)] for a, b, c in zip(v[starts], open_pos, close_pos)]
+
+
+class EjectPlan(Node):
+    inputs = ("in",)
+    outputs = ("out",)
+
+    class Params(Policy):
+        command_lead_ms: float = Field(25.0, ge=0, description="time the ejector needs before a command's "
+                                       "deadline (its send-ahead and its own latency): windows that would "
+                                       "start sooner are clipped")
+        timing: bool = Field(True, description="false: never clip (scoring decisions on a belt that waits for "
+                             "the pipeline)")
+
+    def setup(self) -> None:
+        s, p = self.settings, self.params
+        self.bar = BarGeometry(s)
+        px_mm2 = s.cameras.rgb.mm_per_pixel * s.cameras.rgb.ticks_per_line / s.belt.ticks_per_mm
+        self.min_area_px = p.min_area_mm2 / px_mm2
+        self.finder = ObjectFinder(max(1, int(self.min_area_px)))
+        self.target_ids = np.array([CLASS_NAMES.index(t) for t in p.targets])
+        self.before = int(round(s.ejector.margin_before_mm * s.belt.ticks_per_mm))
+        self.after = int(round(s.ejector.margin_after_mm * s.belt.ticks_per_mm))
+        self.counts: dict[str, int] = {}
+        self.windows: list[list[int]] = []
+        self.clipped = 0
+        self.last_seq = -1
+        # Time a command needs before the air must arrive (valve opening, driver, the ejector's lead).
+        self.command_ms = s.valves.open_ms + s.ejector.driver_latency_ms + p.command_lead_ms
+        self.ticks_per_ms = s.belt.speed_m_s * s.belt.ticks_per_mm
+        self.lead_ticks = 0
+        self.log.info("ejecting %s; %d valves at %.1f mm pitch, %.0f mm downstream",
+                      ", ".join(p.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
+
+    def process(self, port, msg):
+        h = msg.header
+        classes, conf = msg.arrays.get("classes"), msg.arrays.get("confidence")
+        if classes is None or conf is None or classes.shape != conf.shape or classes.ndim != 2:
+            raise ValueError("a mask message needs 2-D 'classes' and 'confidence' arrays of one shape")
+        if classes.shape[1] != len(self.bar.valve_of_col):
+            raise ValueError(f"mask is {classes.shape[1]} pixels wide, cameras.rgb.pixels = {len(self.bar.valve_of_col)}")
+        valid = int(h.meta.get("valid_lines", len(classes)))
+        line0 = h.position // self.bar.tpl
+        self.windows: list[list[int]] = []
+        # The belt has moved on while this mask was made: that, plus what a command needs, is how far
+        # past the last line seen a window must start to be blown in time.
+        age_ms = (time.monotonic_ns() - h.trace[0].t_in_ns) / 1e6 if h.trace else 0.0
+        self.lead_ticks = int((self.command_ms + max(age_ms, 0.0)) * self.ticks_per_ms)
+        objs = self.finder.feed(line0, classes[:valid], conf[:valid], self._plan, gap=h.gap)
+        if valid < len(classes):
+            objs += self.finder.flush(self._plan)   # the lines after these are missing: nothing continues
+        return self._publish(objs, msg)
+
+    def end_of_stream(self):
+        self.windows = []
+        return self._publish(self.finder.flush(self._plan), None)
+
+    def _plan(self, obj: Obj) -> bool:
+        """Valve windows for an object's fresh pixels if it is to be ejected (open objects too)."""
+        if decide(obj, self.params, self.target_ids, self.min_area_px) != "eject":
+            return False
+        # Air cannot arrive at the bar before the belt there has moved on by the time a command needs
+        # (valve opening, driver, sending ahead): the front of an object decided late is not blown, the
+        # rest is. Such windows start later (counted as clipped); none is sent doomed to be late.
+        earliest = self.finder.next_line * self.bar.tpl + self.lead_ticks
+        for v, a, b in valve_windows(obj, self.bar, self.before, self.after):
+            if a < earliest and self.params.timing:
+                self.clipped += 1
+                if b <= earliest:
+                    continue
+                a = earliest
+            self.windows.append([v, v, a, b, 0, obj.cls])
+        return True
+
+    def _publish(self, objs: list[Obj], like):
+        if not objs and not self.windows:
+            return None
+        described = []
+        for o in objs:
+            decision = decide(o, self.params, self.target_ids, self.min_area_px)
+            cls = CLASS_NAMES[o.cls]
+            OBJECTS.labels(self.name, cls, decision).inc()
+            self.counts[decision] = self.counts.get(decision, 0) + 1
+            x = (o.cols + 0.5) * self.bar.mm_per_px
+            described.append({"id": o.id, "cls": cls, "decision": decision, "area_px": o.area,
+                              "x0_mm": round(float(x.min()), 1), "x1_mm": round(float(x.max()), 1),
+                              "p0": int(o.rows.min() * self.bar.tpl), "p1": int((o.rows.max() + 1) * self.bar.tpl)})
+        fields = {"stream": "eject", "meta": {"windows": self.windows, "objects": described}}
+        if like is None:   # the flush at the end of the stream
+            fields.update(seq=self.last_seq + 1, position=(self.finder.next_line or 0) * self.bar.tpl, ticks_per_line=self.bar.tpl)
+        else:
+            self.last_seq = like.header.seq
+        out = self.out["out"].new({}, like=like, **fields)
+        return None if out is None else [("out", out)]
+
+    def status(self) -> dict:
+        return {**dict(sorted(getattr(self, "counts", {}).items())), "clipped_windows": getattr(self, "clipped", 0)}

@@ -1,0 +1,262 @@
+"""The ejector node: valve windows in belt position → commands sent before their deadline.
+
+Windows arrive from the eject-plan node in encoder ticks at the valve bar.
+The schedule keeps them in position, per valve, merging windows that
+overlap or nearly touch on the same valve. A sender thread turns positions
+into times only when a command is about to go (from the encoder track, so a
+belt that changed speed since detection is followed), and sends each command
+`send_ahead_ms` before its deadline:
+
+    air must arrive  t_air = time the encoder reaches open_pos
+    command time     t_cmd = t_air − valve opening time
+    deadline         t_cmd − driver latency: a command sent later is refused,
+                     logged with its object id and counted as late.
+
+The sender's loop does no allocation beyond the command it sends and no
+heavy work: the schedule is a heap of small lists, times are a
+multiply-add. It is a thread of its own so that messages arriving on the
+node's sockets never delay a command.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+from pydantic import Field
+
+from nodes.eject_plan import CLASS_NAMES
+from nodes.encoder import EncoderTrack, encoder_pair
+from nodes.valves import DRIVERS, Command
+from pipeline.config import ConfigError, Section
+from pipeline.metrics import LATENCY_BUCKETS
+from pipeline.node import Node
+
+LATE = Counter("sortline_ejector_late", "Commands refused: their deadline had passed", ["node"])
+COMMANDS = Counter("sortline_valve_commands", "Commands sent to the valve driver", ["node"])
+EJECTIONS = Counter("sortline_ejections", "Objects a command was sent for, by class", ["node", "cls"])
+OPEN_SECONDS = Counter("sortline_valve_open_seconds", "Valve-open time commanded (valve-seconds)", ["node"])
+LEAD = Histogram("sortline_ejector_lead_seconds", "How far ahead of its deadline a command left", ["node"],
+                 buckets=LATENCY_BUCKETS)
+
+
+class Schedule:
+    """Pending windows per valve, in belt position; what is due at a given time."""
+
+    def __init__(self, open_ms: float, close_ms: float, latency_ms: float, ahead_ms: float,
+                 min_pulse_ms: float, max_pulse_ms: float, merge_ticks: int):
+        self.open_ns, self.close_ns = open_ms * 1e6, close_ms * 1e6
+        self.latency_ns, self.ahead_ns = latency_ms * 1e6, ahead_ms * 1e6
+        self.min_pulse_ns, self.max_pulse_ns = min_pulse_ms * 1e6, max_pulse_ms * 1e6
+        self.merge_ticks = merge_ticks
+        self.heap: list[list] = []              # [open_pos, n, valve, close_pos, object, cls, t_exposure]
+        self.last: dict[int, list] = {}         # valve -> its latest pending window
+        self.n = 0
+        self.clamped = 0
+
+    def add(self, valve: int, open_pos: int, close_pos: int, obj: int, cls: int, t_exposure: int = 0) -> None:
+        w = self.last.get(valve)
+        if w is not None and w[0] <= open_pos <= w[3] + self.merge_ticks:
+            w[3] = max(w[3], close_pos)         # overlaps or nearly touches the pending one: one pulse
+            return
+        self.n += 1
+        w = [open_pos, self.n, valve, close_pos, obj, cls, t_exposure]
+        heapq.heappush(self.heap, w)
+        self.last[valve] = w
+
+    def next_send_ns(self, track: EncoderTrack) -> float | None:
+        if not self.heap:
+            return None
+        return track.time_at(self.heap[0][0]) - self.open_ns - self.latency_ns - self.ahead_ns
+
+    def due(self, now_ns: float, track: EncoderTrack) -> tuple[list, list]:
+        """Windows to send now as (window, t_cmd, duration_ns), and (window, deadline) of those whose deadline
+        has passed."""
+        send, late = [], []
+        while self.heap:
+            w = self.heap[0]
+            t_cmd = track.time_at(w[0]) - self.open_ns
+            deadline = t_cmd - self.latency_ns
+            if now_ns < deadline - self.ahead_ns:
+                break
+            heapq.heappop(self.heap)
+            if self.last.get(w[2]) is w:
+                del self.last[w[2]]
+            if now_ns > deadline:
+                late.append((w, deadline))
+                continue
+            duration = track.time_at(w[3]) - self.close_ns - t_cmd
+            if not self.min_pulse_ns <= duration <= self.max_pulse_ns:
+                self.clamped += 1
+                duration = min(max(duration, self.min_pulse_ns), self.max_pulse_ns)
+            send.append((w, t_cmd, duration))
+        return send, late
+
+
+class Ejector(Node):
+    inputs = ("in", "encoder")
+
+    class Params(Section):
+        send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "
+                                     "deadline (the driver and controller must hold them that long)")
+        merge_gap_mm: float = Field(5.0, ge=0, description="windows on one valve closer than this become one pulse")
+        samples: str = Field("", description="write every command's exposure, send and deadline times here (.npz) "
+                             "when the node stops, for `sortline hil`")
+        timing: bool = Field(True, description="false: send every window at once, by position only (scoring "
+                             "decisions on a belt that waits for the pipeline; never on a machine)")
+
+    def setup(self) -> None:
+        s, p = self.settings, self.params
+        e, v = s.ejector, s.valves
+        try:
+            self.driver = DRIVERS[e.driver](e.address)
+        except (ValueError, OSError) as exc:
+            raise ConfigError([f"ejector.address = {e.address!r}: {exc}"]) from None
+        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
+        self.schedule = Schedule(v.open_ms, v.close_ms, e.driver_latency_ms, p.send_ahead_ms, v.min_pulse_ms,
+                                 v.max_pulse_ms, int(p.merge_gap_mm * s.belt.ticks_per_mm))
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.sent = self.late = self.seq = 0
+        self.recent = deque(maxlen=4096)        # object ids a command went out for (ejections are counted once)
+        self.recent_set: set[int] = set()
+        self.lead_ms = np.zeros(4096)
+        self.decision_ms = np.zeros(4096)
+        self.n_lead = self.n_decision = 0
+        # For `sortline hil`: per command (exposure, sent, deadline, missed), per decision its whole trace.
+        self.samples = np.zeros((1 << 20, 4)) if p.samples else None
+        self.n_samples = 0
+        self.traces: list | None = [] if p.samples else None
+        self.stages: list[str] = []
+        # Monotonic → realtime for the datagram's absolute time (the controller's clock is PTP, not ours).
+        self.realtime_offset = time.time_ns() - time.monotonic_ns()
+        self._late, self._commands = LATE.labels(self.name), COMMANDS.labels(self.name)
+        self._open_s, self._lead = OPEN_SECONDS.labels(self.name), LEAD.labels(self.name)
+        self.sender = threading.Thread(target=self._send_loop, name="ejector", daemon=True)
+        self.running = True
+        self.sender.start()
+        self.log.info("%s driver to %s; commands %g ms ahead of their deadline", e.driver, e.address, p.send_ahead_ms)
+
+    def process(self, port, msg):
+        h = msg.header
+        if port == "encoder":
+            lines = msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0
+            pair = encoder_pair(h, lines)
+            if pair is not None:
+                with self.lock:
+                    self.track.update(*pair)
+            return None
+        windows = h.meta.get("windows", [])
+        t_exposure = h.trace[0].t_in_ns if h.trace else 0
+        if h.trace:
+            now = time.monotonic_ns()
+            self.decision_ms[self.n_decision % 4096] = (now - t_exposure) / 1e6
+            self.n_decision += 1
+            if self.traces is not None and windows:
+                self.traces.append([now] + [t for e in h.trace for t in (e.t_in_ns, e.t_out_ns)])
+                self.stages = self.stages or [e.stage for e in h.trace]
+        if not self.params.timing:
+            for lo, hi, open_pos, close_pos, obj, cls in windows:
+                duration = (close_pos - open_pos) / self.track.nominal     # ns at the nominal speed
+                for valve in range(int(lo), int(hi) + 1):
+                    self._send([int(open_pos), 0, valve, int(close_pos), int(obj), int(cls), 0], 0, duration, 0)
+            return None
+        with self.lock:
+            for lo, hi, open_pos, close_pos, obj, cls in windows:
+                for valve in range(int(lo), int(hi) + 1):
+                    self.schedule.add(valve, int(open_pos), int(close_pos), int(obj), int(cls), t_exposure)
+        self.wake.set()
+        return None
+
+    def _send_loop(self) -> None:
+        while self.running:
+            now = time.monotonic_ns()
+            with self.lock:
+                if not self.track.known:
+                    send, late, nxt = [], [], None
+                else:
+                    send, late = self.schedule.due(now, self.track)
+                    nxt = self.schedule.next_send_ns(self.track)
+            for w, t_cmd, duration in send:
+                self._send(w, t_cmd, duration, now)
+            for w, deadline in late:
+                self.late += 1
+                self._late.inc()
+                self._sample(w[6], now, deadline, missed=True)
+                self.log.warning("late: valve %d for object %d (%s) missed its deadline; not sent",
+                                 w[2], w[4], CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else w[5])
+            wait = 0.005 if nxt is None else min(max((nxt - time.monotonic_ns()) / 1e9, 0.0002), 0.005)
+            self.wake.wait(wait)
+            self.wake.clear()
+
+    def _send(self, w, t_cmd: float, duration: float, now: int) -> None:
+        self.seq += 1
+        try:
+            self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + self.realtime_offset) if t_cmd else 0,
+                                     int(duration / 1000), w[4]))
+        except OSError as exc:
+            self.log.error("valve driver: %s (command for object %d lost)", exc, w[4])
+            return
+        self.sent += 1
+        self._commands.inc()
+        self._open_s.inc(duration / 1e9)
+        self._sample(w[6], time.monotonic_ns(), t_cmd - self.schedule.latency_ns, missed=False)
+        if self.params.timing:
+            lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
+            self.lead_ms[self.n_lead % 4096] = lead
+            self.n_lead += 1
+            self._lead.observe(max(lead, 0) / 1e3)
+        if w[4] not in self.recent_set:
+            if len(self.recent) == self.recent.maxlen:
+                self.recent_set.discard(self.recent[0])
+            self.recent.append(w[4])
+            self.recent_set.add(w[4])
+            EJECTIONS.labels(self.name, CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else str(w[5])).inc()
+
+    def _sample(self, t_exposure: int, t_sent: int, deadline: float, missed: bool) -> None:
+        """One command for the latency report (preallocated: no allocation in the sender's loop)."""
+        if self.samples is None or not t_exposure:
+            return
+        i = self.n_samples % len(self.samples)
+        self.samples[i] = (t_exposure, t_sent, deadline, missed)
+        self.n_samples += 1
+
+    def end_of_stream(self):
+        # Windows still ahead of the bar go out when due: wait for the last one (the belt keeps moving).
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not self.stopping:
+            with self.lock:
+                if not self.schedule.heap:
+                    break
+            time.sleep(0.01)
+        return None
+
+    def teardown(self) -> None:
+        if getattr(self, "sender", None) is not None:
+            self.running = False
+            self.wake.set()
+            self.sender.join(timeout=1)
+            self.driver.close()
+            if self.samples is not None:
+                n = min(self.n_samples, len(self.samples))
+                width = max((len(t) for t in self.traces), default=1)
+                traces = np.array([t for t in self.traces if len(t) == width], dtype=np.int64).reshape(-1, width)
+                np.savez(self.params.samples, commands=self.samples[:n], traces=traces,
+                         stages=np.array(self.stages), late=self.late, sent=self.sent)
+
+    def status(self) -> dict:
+        if not hasattr(self, "schedule"):
+            return {}
+        out = {"sent": self.sent, "late": self.late, "pending": len(self.schedule.heap),
+               "speed_m_s": round(self.track.speed_m_s(), 3)}
+        for name, arr, n in (("lead", self.lead_ms, self.n_lead), ("decision", self.decision_ms, self.n_decision)):
+            if n:
+                vals = arr[:min(n, len(arr))]
+                out[f"{name}_p50_ms"] = round(float(np.percentile(vals, 50)), 2)
+                out[f"{name}_{'min' if name == 'lead' else 'p99'}_ms"] = round(
+                    float(vals.min() if name == "lead" else np.percentile(vals, 99)), 2)
+        return out

@@ -1,0 +1,222 @@
+"""The valve-bar simulator: receives the ejector's datagrams and scores the air against the truth.
+
+It listens where a valve controller would (ejector.address, UDP), checks
+every datagram (size, magic, version, checksum, valve range: a bad one is
+counted by kind and dropped, as a controller must), and turns each pulse
+into the stretch of belt it blows on: air from valve opening (command time +
+valves.open_ms) to closing (command time + duration + valves.close_ms), in
+encoder positions from its own encoder track (a camera stream), on the
+valve's cross-belt lane.
+
+The truth stream (labels and object ids on the RGB grid) is held until the
+belt has carried it well past the valve bar; then each object pixel is
+checked against the air on its valve at its position. An object is hit when
+at least `hit_fraction` of its pixels were in the air. The report: recovery
+(targets hit / targets), purity (hit objects that are targets, by count and
+by area), missed targets (no air at all), air use (valve-open seconds), and
+what arrived late or malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+from prometheus_client import Counter
+from pydantic import Field
+
+from nodes.eject_plan import CLASS_NAMES
+from nodes.encoder import EncoderTrack, encoder_pair
+from nodes.valves import SIZE, BarGeometry, DatagramError, decode, parse_address
+from pipeline.config import ConfigError, Section
+from pipeline.node import Node
+
+BAD = Counter("sortline_valve_sim_bad_datagrams", "Datagrams the valve-bar simulator refused", ["node", "kind"])
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux: kernel receive time, CLOCK_REALTIME
+SETTLE_MM = 150.0   # truth is scored once the belt has carried it this far past the valve bar
+
+
+class ValveSim(Node):
+    inputs = ("truth", "encoder")
+
+    class Params(Section):
+        targets: list[str] = Field(["PET"], min_length=1, description="classes that should be ejected")
+        hit_fraction: float = Field(0.5, gt=0, le=1, description="share of an object's area the air must cover")
+        report: str = Field("", description="write the score here (JSON) when the node stops")
+        by_position: bool = Field(False, description="place the air by the commands' encoder positions, not "
+                                  "their times (scoring decisions alone, with an ejector whose timing is off)")
+
+    def setup(self) -> None:
+        s, p = self.settings, self.params
+        unknown = [t for t in p.targets if t not in CLASS_NAMES[1:]]
+        if unknown:
+            raise ConfigError([f"nodes.{self.name}.params.targets: unknown classes {unknown}"])
+        self.bar = BarGeometry(s)
+        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
+        self.open_ns, self.close_ns = s.valves.open_ms * 1e6, s.valves.close_ms * 1e6
+        self.realtime_offset = time.time_ns() - time.monotonic_ns()
+        self.lock = threading.Lock()
+        self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
+        self.commands = self.late_arrivals = 0
+        self.last_command = time.monotonic()
+        self.bad: dict[str, int] = {}
+        self.air_s = 0.0
+        self.pending: list[tuple[int, np.ndarray, np.ndarray]] = []    # truth chunks not yet scored
+        self.objects: dict[int, list] = {}                             # id -> [cls, pixels, hit pixels]
+        self.target_ids = {CLASS_NAMES.index(t) for t in p.targets}
+        host, port = parse_address(s.ejector.address)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError([f"ejector.address = {s.ejector.address!r}: the valve-bar simulator cannot listen "
+                               f"there ({exc.strerror})"]) from None
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.settimeout(0.1)
+        self.running = True
+        self.receiver = threading.Thread(target=self._receive, name="valves", daemon=True)
+        self.receiver.start()
+        self.log.info("valve bar of %d valves listening on %s; scoring %s", self.bar.count, s.ejector.address,
+                      ", ".join(p.targets))
+
+    def _receive(self) -> None:
+        while self.running:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(SIZE + 64, 64)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            # When the datagram reached this host, stamped by the kernel: a busy machine that is slow to
+            # run this thread must not make a command that came on time look late.
+            arrived = time.monotonic_ns()
+            for level, kind, value in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    arrived = sec * 1_000_000_000 + nsec - self.realtime_offset
+            try:
+                c = decode(data, self.bar.count)
+            except DatagramError as exc:
+                self.bad[exc.kind] = self.bad.get(exc.kind, 0) + 1
+                BAD.labels(self.name, exc.kind).inc()
+                continue
+            t_cmd = c.open_at_ns - self.realtime_offset
+            with self.lock:
+                self.commands += 1
+                self.last_command = time.monotonic()
+                if self.params.by_position:
+                    a = c.open_pos - self.bar.travel_ticks
+                    b = a + c.duration_us * 1000 * self.track.nominal
+                    self.air_s += c.duration_us / 1e6 * (c.valve_hi - c.valve_lo + 1)
+                    for v in range(c.valve_lo, c.valve_hi + 1):
+                        self.air[v].append((a, b))
+                    continue
+                if arrived > t_cmd:
+                    self.late_arrivals += 1   # a controller would drop it: no air
+                    continue
+                if not self.track.known:
+                    continue
+                a = self.track.position_at(t_cmd + self.open_ns) - self.bar.travel_ticks
+                b = self.track.position_at(t_cmd + c.duration_us * 1000 + self.close_ns) - self.bar.travel_ticks
+                self.air_s += c.duration_us / 1e6 * (c.valve_hi - c.valve_lo + 1)
+                for v in range(c.valve_lo, c.valve_hi + 1):
+                    self.air[v].append((a, b))
+
+    def process(self, port, msg):
+        h = msg.header
+        if port == "encoder":
+            pair = encoder_pair(h, msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0)
+            if pair is not None:
+                with self.lock:
+                    self.track.update(*pair)
+                if not self.params.by_position:
+                    self._score_settled(pair[0])
+            return None
+        labels, ids = msg.arrays.get("labels"), msg.arrays.get("instances")
+        if labels is None or ids is None:
+            raise ValueError("a truth message needs 'labels' and 'instances'")
+        self.pending.append((h.position, labels.copy(), ids.copy()))
+        return None
+
+    def end_of_stream(self):
+        if self.params.by_position:
+            # Commands come when the pipeline gets to them, not on the belt's clock: wait until they stop,
+            # then score everything (on a moving belt, what never passed the bar is left out instead).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not self.stopping and time.monotonic() - self.last_command < 1.0:
+                time.sleep(0.05)
+            while self.pending:
+                self._score(*self.pending.pop(0))
+        return None
+
+    def _score_settled(self, encoder_pos: int) -> None:
+        settle = self.bar.travel_ticks + SETTLE_MM * self.bar.tpm
+        while self.pending and self.pending[0][0] + len(self.pending[0][1]) * self.bar.tpl + settle < encoder_pos:
+            self._score(*self.pending.pop(0))
+
+    def _score(self, position: int, labels: np.ndarray, ids: np.ndarray) -> None:
+        rows, cols = np.nonzero(ids)
+        if len(rows) == 0:
+            return
+        pos = position + (rows + 0.5) * self.bar.tpl        # each pixel's position at the RGB scan line
+        valve = self.bar.valve_of_col[cols]
+        hit = np.zeros(len(rows), bool)
+        with self.lock:
+            air = {v: sorted(self.air[v]) for v in np.unique(valve) if v >= 0 and self.air[v]}
+        for v, spans in air.items():
+            sel = valve == v
+            starts = np.array([a for a, _ in spans])
+            ends = np.maximum.accumulate(np.array([b for _, b in spans]))   # spans may overlap
+            i = np.searchsorted(starts, pos[sel], side="right") - 1
+            hit[sel] = (i >= 0) & (pos[sel] < ends[np.maximum(i, 0)])
+        obj, inv = np.unique(ids[rows, cols], return_inverse=True)
+        px = np.bincount(inv)
+        hits = np.bincount(inv, weights=hit)
+        cls = labels[rows, cols]
+        first = np.zeros(len(obj), int)
+        first[inv[::-1]] = np.arange(len(inv))[::-1]
+        for o, n, k, c in zip(obj.tolist(), px.tolist(), hits.tolist(), cls[first].tolist()):
+            rec = self.objects.setdefault(o, [c, 0, 0.0])
+            rec[1] += n
+            rec[2] += k
+
+    def score(self) -> dict:
+        frac = self.params.hit_fraction
+        targets = [r for r in self.objects.values() if r[0] in self.target_ids]
+        hit = [r for r in self.objects.values() if r[2] >= frac * r[1]]
+        hit_targets = [r for r in hit if r[0] in self.target_ids]
+        area_hit = sum(r[2] for r in self.objects.values())
+        area_hit_targets = sum(r[2] for r in targets)
+        return {
+            "objects": len(self.objects), "targets": len(targets), "hit": len(hit), "hit_targets": len(hit_targets),
+            "recovery": len(hit_targets) / len(targets) if targets else None,
+            "purity": len(hit_targets) / len(hit) if hit else None,
+            "purity_area": area_hit_targets / area_hit if area_hit else None,
+            "missed": sum(1 for r in targets if r[2] == 0),
+            "commands": self.commands, "late_arrivals": self.late_arrivals, "bad_datagrams": sum(self.bad.values()),
+            "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.params.targets,
+        }
+
+    def status(self) -> dict:
+        if not hasattr(self, "objects"):
+            return {}
+        s = self.score()
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+                if k in ("objects", "targets", "recovery", "purity", "commands", "late_arrivals", "bad_datagrams")}
+
+    def teardown(self) -> None:
+        if getattr(self, "receiver", None) is None:
+            return
+        self.running = False
+        self.receiver.join(timeout=1)
+        self.sock.close()
+        if self.params.report:
+            tmp = f"{self.params.report}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.score(), fh, indent=2)
+            os.replace(tmp, self.params.report)

@@ -1,0 +1,218 @@
+"""From masks to air: objects across strips, valve windows, the schedule, the datagram, the valve bar."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from nodes.eject_plan import ObjectFinder, Policy, decide, valve_windows
+from nodes.ejector import Schedule
+from nodes.encoder import EncoderTrack
+from nodes.valves import SIZE, BarGeometry, Command, DatagramError, decode, encode
+from pipeline.config import load_config
+from tests.conftest import (DEMO, edge_toml, free_port, load_json, machine_toml, metric, node_toml, scrape, sortline,
+                            start, stop, wait_for, write_config)
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_config(DEMO)
+
+
+def feed(finder, mask, chunk, plan=lambda o: False, line0=1000):
+    conf = np.full(mask.shape, 230, np.uint8)
+    out = []
+    for i in range(0, len(mask), chunk):
+        out += finder.feed(line0 + i, mask[i:i + chunk], conf[i:i + chunk], plan)
+    return out + finder.flush(plan)
+
+
+def test_objects_crossing_strip_borders_are_one_object_and_touching_classes_are_two():
+    mask = np.zeros((96, 64), np.uint8)
+    mask[10:70, 5:20] = 1          # PET, 60 lines: crosses two borders of 32-line chunks
+    mask[40:60, 20:35] = 7         # paper touching it
+    mask[80:90, 40:50] = 3         # HDPE alone
+    mask[5, 60] = 2                # a one-pixel speck: noise
+    for chunk in (32, 7, 96):
+        objs = feed(ObjectFinder(min_area_px=20), mask, chunk)
+        got = sorted((o.cls, o.area, int(o.rows.min()), int(o.rows.max())) for o in objs)
+        assert got == [(1, 900, 1010, 1069), (3, 100, 1080, 1089), (7, 300, 1040, 1059)], chunk
+        pet = next(o for o in objs if o.cls == 1)
+        assert pet.cluster[1] == 900 and pet.cluster[7] == 300       # it knows what it touches
+
+
+def test_a_gap_closes_open_objects():
+    finder = ObjectFinder(min_area_px=5)
+    conf = np.full((32, 16), 200, np.uint8)
+    m = np.zeros((32, 16), np.uint8)
+    m[20:, 4:8] = 1
+    assert finder.feed(0, m, conf, lambda o: False) == []             # still open at the bottom
+    m2 = np.zeros((32, 16), np.uint8)
+    m2[:10, 4:8] = 1
+    objs = finder.feed(64, m2, conf, lambda o: False, gap=True)       # lines 32..63 are missing
+    # Two objects, not one spliced across the missing lines: the first closed at the gap.
+    assert sorted((o.area, int(o.rows.min())) for o in objs) == [(40, 64), (48, 20)]
+    assert finder.flush(lambda o: False) == []
+
+
+def test_long_objects_are_planned_while_seen_and_each_pixel_once(settings):
+    bar = BarGeometry(settings)
+    mask = np.zeros((128, 640), np.uint8)
+    mask[:, 100:140] = 1                                    # longer than any chunk: open until the flush
+    planned = []
+
+    def plan(obj):
+        planned.append((obj.complete, int(obj.fresh.sum()), valve_windows(obj, bar, 0, 0)))
+        return True
+
+    feed(ObjectFinder(min_area_px=20), mask, 32, plan, line0=0)
+    assert [p[0] for p in planned] == [False, False, False, False]   # all while open (the flush has nothing new)
+    assert sum(p[1] for p in planned) == 128 * 40                     # every pixel planned exactly once
+    # Consecutive windows on a valve follow each other without a hole.
+    v = planned[0][2][0][0]
+    spans = [next((a, b) for vv, a, b in p[2] if vv == v) for p in planned]
+    assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+
+
+def test_valve_windows_geometry(settings):
+    """Columns -> valves, lines -> encoder ticks at the valve bar, margins before and after."""
+    bar = BarGeometry(settings)
+    # Demo profile: 0.9375 mm pixels, valves at 12.5 mm pitch centred at 6.25 mm + 12.5 i, 15 ticks per line,
+    # 16 ticks per mm, the bar 300 mm downstream of the RGB scan line = 4800 ticks.
+    assert bar.travel_ticks == 4800
+    mask = np.zeros((64, 640), np.uint8)
+    mask[10:20, 27:40] = 1           # columns 27..39: x = 25.8 .. 37.0 mm -> valves 2 (25..37.5 mm)
+    mask[12:30, 40:41] = 1           # column 40: x = 37.97 mm -> valve 3, lines 12..29
+    objs = feed(ObjectFinder(min_area_px=1), mask, 64, line0=100)
+    (obj,) = objs
+    windows = valve_windows(obj, bar, before_ticks=80, after_ticks=80)
+    assert windows == [[2, (110 * 15) - 80 + 4800, (120 * 15) + 80 + 4800],
+                       [3, (112 * 15) - 80 + 4800, (130 * 15) + 80 + 4800]]
+
+
+def test_policy_touching_and_confidence():
+    finder = ObjectFinder(min_area_px=10)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:25, 5:15] = 1             # PET 200 px
+    mask[5:25, 15:45] = 7            # paper 600 px touching it
+    conf = np.full(mask.shape, 250, np.uint8)
+    pet = next(o for o in finder.feed(0, mask, conf, lambda o: False) + finder.flush(lambda o: False) if o.cls == 1)
+    ids = np.array([1])
+    assert decide(pet, Policy(targets=["PET"], touching="eject"), ids, 10) == "eject"
+    assert decide(pet, Policy(targets=["PET"], touching="skip"), ids, 10) == "touching"
+    assert decide(pet, Policy(targets=["PET"], touching="by_share", min_target_share=0.2), ids, 10) == "eject"
+    assert decide(pet, Policy(targets=["PET"], touching="by_share", min_target_share=0.5), ids, 10) == "touching"
+    assert decide(pet, Policy(targets=["PET"], min_confidence=0.99), ids, 10) == "unsure"
+    assert decide(pet, Policy(targets=["PP"]), np.array([2]), 10) == "not_target"
+
+
+def test_schedule_follows_a_speed_change_between_detection_and_firing():
+    track = EncoderTrack(ticks_per_mm=16, nominal_speed_m_s=2.0)
+    ms = 1_000_000
+    # 2 m/s = 32 ticks per ms: the encoder read 0 at t = 0 and 3200 at t = 100 ms.
+    track.update(0, 0)
+    track.update(3200, 100 * ms)
+    sched = Schedule(open_ms=5, close_ms=5, latency_ms=1, ahead_ms=10, min_pulse_ms=2, max_pulse_ms=200,
+                     merge_ticks=80)
+    sched.add(valve=7, open_pos=9600, close_pos=11200, obj=1, cls=1)   # air due at 300 ms at 2 m/s
+    sched.add(valve=7, open_pos=11220, close_pos=12000, obj=2, cls=1)  # 20 ticks later: one pulse
+    assert len(sched.heap) == 1
+    # The belt slows to 1 m/s (16 ticks/ms) after detection: the air is now due at 100 + 6400/16 = 500 ms.
+    for t in range(110, 360, 10):
+        track.update(3200 + (t - 100) * 16, t * ms)
+    send, late = sched.due(400 * ms, track)
+    assert send == [] and late == []                                   # not yet: 2 m/s would have sent it
+    send, late = sched.due(485 * ms, track)                            # deadline 500 - 5 - 1 = 494 ms, ahead 10
+    assert late == [] and len(send) == 1
+    (w, t_cmd, duration), = send
+    assert t_cmd == pytest.approx(495 * ms, abs=0.05 * ms)
+    assert duration == pytest.approx(((12000 - 9600) / 16 - 5 + 5) * ms, abs=0.05 * ms)   # to the merged close
+
+
+def test_a_command_past_its_deadline_is_refused():
+    track = EncoderTrack(16, 2.0)
+    track.update(0, 0)
+    track.update(3200, 100_000_000)
+    sched = Schedule(5, 5, 1, 10, 2, 200, 0)
+    sched.add(3, 4000, 5000, obj=9, cls=1)          # air at 125 ms: command by 120 ms, deadline 119 ms
+    send, late = sched.due(119_500_000, track)
+    assert send == [] and [w[4] for w, _ in late] == [9]
+    sched.add(4, 8000, 8010, obj=10, cls=1)         # a pulse shorter than the valve allows is lengthened
+    (w, t_cmd, duration), = sched.due(240_000_000, track)[0]   # air at 250 ms, deadline 244 ms
+    assert duration == 2_000_000 and sched.clamped == 1
+
+
+def test_datagram_round_trip_and_every_kind_of_damage():
+    c = Command(seq=41, valve_lo=3, valve_hi=5, open_pos=123456789, open_at_ns=1_764_000_000_123_456_789,
+                duration_us=12500, object_id=77)
+    data = encode(c)
+    assert len(data) == SIZE == 40 and decode(data, valves=48) == c
+    assert struct.unpack("<H", data[:2])[0] == 0x4C53 and zlib.crc32(data[:36]) == struct.unpack("<I", data[36:])[0]
+    flipped = bytearray(data)
+    flipped[20] ^= 1
+    bad_magic = bytearray(data)
+    bad_magic[0] = 0
+    bad_magic[36:] = struct.pack("<I", zlib.crc32(bytes(bad_magic[:36])))
+    bad_version = bytearray(data)
+    bad_version[2] = 9
+    bad_version[36:] = struct.pack("<I", zlib.crc32(bytes(bad_version[:36])))
+    for blob, kind in ((data[:-1], "size"), (bytes(flipped), "checksum"), (bytes(bad_magic), "magic"),
+                       (bytes(bad_version), "version")):
+        with pytest.raises(DatagramError) as exc:
+            decode(blob, valves=48)
+        assert exc.value.kind == kind
+    with pytest.raises(DatagramError) as exc:
+        decode(encode(Command(1, 40, 50, 0, 0, 1, 1)), valves=48)
+    assert exc.value.kind == "valves"
+
+
+def test_the_valve_bar_simulator_refuses_bad_datagrams(tmp_path, run_dir):
+    """A real valve-sim process on a real UDP port: bad datagrams are counted by kind and dropped."""
+    port, udp = free_port(), free_port()
+    graph = (node_toml("belt", "simulate") + node_toml("valves", "valve_sim", "targets = ['PET']")
+             + edge_toml("belt.truth", "valves.truth") + edge_toml("belt.rgb", "valves.encoder"))
+    cfg = write_config(tmp_path / "v.toml", graph, run_dir)
+    cfg.write_text(cfg.read_text().replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{udp}"'))
+    proc = start("node", "valves", "--config", str(cfg), "--metrics-port", str(port))
+    try:
+        wait_for(lambda: metric(scrape(port), "sortline_node_up") == 1, timeout=20)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        good = encode(Command(1, 0, 0, 0, 0, 1000, 1))
+        for blob in [b"hello", good[:-4] + b"\0\0\0\0", good.replace(b"SL", b"XX", 1)] * 50:
+            sock.sendto(blob, ("127.0.0.1", udp))
+        wait_for(lambda: sum(v for k, v in scrape(port).items() if "bad_datagrams" in k) >= 150, timeout=10)
+        samples = scrape(port)
+        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="size") == 50
+        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="checksum") == 100  # XX breaks it too
+    finally:
+        rc, _, err = stop(proc)
+    assert rc == 0, err[-2000:]
+
+
+def test_score_on_the_synthetic_belt(tmp_path):
+    """sortline score: the whole chain as processes, scored by the valve-bar simulator."""
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(DEMO.read_text().replace('"calibration/', f'"{DEMO.parent}/calibration/')
+                   .replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{free_port()}"'))
+    # Decisions alone (the belt waits for the pipeline): with the oracle's perfect masks, objects,
+    # policy, windows and the valve bar's geometry must get (nearly) everything right.
+    res = sortline("score", "--config", str(cfg), "--seconds", "4", "--unpaced", "--json", str(tmp_path / "u.json"),
+                   timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "UNPACED" in res.stdout and "| speed m/s |" in res.stdout
+    score = load_json(tmp_path / "u.json")
+    assert score["paced"] is False and score["targets"] >= 15
+    assert score["recovery"] >= 0.95 and score["purity"] >= 0.95, score
+    # Paced: the belt does not wait. A shared 2-core machine can hold a process back now and then, which
+    # costs windows (clipped or late, and counted), so the bar here is lower than the 2 m/s target;
+    # docs/ejection.md has the figures of a quiet machine.
+    res = sortline("score", "--config", str(cfg), "--seconds", "4", "--json", str(tmp_path / "p.json"), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    score = load_json(tmp_path / "p.json")
+    assert score["paced"] is True and "UNPACED" not in res.stdout
+    assert score["recovery"] >= 0.5 and score["purity"] >= 0.9, score
+    assert score["commands"] > 0 and score["air_valve_s"] > 0 and score["bad_datagrams"] == 0
