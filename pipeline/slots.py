@@ -149,11 +149,18 @@ class SlotPool:
             if slot is None:
                 self._reap_dead_consumers()   # a consumer that died holding slots gives them back
                 slot = self._pick()
+            if slot is None and not self._lossless_holds_any():
+                # No lossless reader holds a slot now, but one may have let go of its
+                # last ones since the pick above (this process was descheduled in
+                # between): pick again before saying bounded lanes hold them all.
+                slot = self._pick()
+                if slot is None:
+                    return None
             if slot is not None:
                 self._writing[slot] = True
                 self._c.w[self._c.gen0 + slot] = 0
                 return slot
-            if stop() or not self._lossless_holds_any():
+            if stop():
                 return None
             time.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE_S)
