@@ -19,6 +19,7 @@ KINDS = {
     "eject_plan": "nodes.eject_plan:EjectPlan",
     "ejector": "nodes.ejector:Ejector",
     "valve_sim": "nodes.valve_sim:ValveSim",
+    "infer": "nodes.infer:Infer",
 }
 
 

@@ -421,6 +421,41 @@ def cmd_cameras(args) -> int:
     return list_cameras(args.cti or default_cti())
 
 
+def _lazy(module: str):
+    """A command whose module (and torch with it) is imported only when it runs."""
+    def run(args) -> int:
+        from importlib import import_module
+
+        return import_module(module).main(args)
+    return run
+
+
+def _model_commands(sub) -> None:
+    """train, evaluate, export, build-engine: their modules import torch only when run."""
+    from models import cli_args
+
+    for name, module, add, short, long in (
+        ("train", "models.train", cli_args.add_train,
+         "train a segmentation model (synthetic belt or SpectralWaste)",
+         "Train a model; seeded, resumable (--resume), safetensors checkpoints."),
+        ("evaluate", "models.evaluate", cli_args.add_evaluate,
+         "mIoU, per-class IoU and confusion matrix of a model on held-out data",
+         "Evaluate a checkpoint on held-out data: mIoU, per-class IoU, a confusion matrix as a table and "
+         "a PNG; --json PATH for the figures."),
+        ("export", "models.export", cli_args.add_export,
+         "export a checkpoint to ONNX for a strip size, checked against torch",
+         "Export a checkpoint to ONNX at the configured strip size (strip + overlap), run it in ONNX "
+         "Runtime and report the largest difference from torch."),
+        ("build-engine", "models.engine", cli_args.add_build_engine,
+         "build a TensorRT engine from an ONNX model (on the GPU that will run it)",
+         "Build a TensorRT engine (FP16, or INT8 with calibration strips) with a timing cache and "
+         "metadata; needs the .[gpu] extra on an NVIDIA machine."),
+    ):
+        p = sub.add_parser(name, help=short, description=long)
+        add(p)
+        p.set_defaults(func=_lazy(module))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sortline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -552,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("install-service", help="install the systemd units and the configuration (/etc/sortline)",
                        description="Copy the configuration to ROOT/etc/sortline/sortline.toml (with the calibration "
-                       "and model files it names by relative path), install sortline.target and the template unit "
+                       "files it names by relative path), install sortline.target and the template unit "
                        "sortline@.service for the nodes of this host, each ordered after the nodes it sends to, "
                        "and enable them. See docs/service.md.")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
@@ -597,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cti", action="append", default=[], metavar="PATH",
                    help="a GenTL producer (.cti); repeat for several (default: GENICAM_GENTL64_PATH)")
     p.set_defaults(func=cmd_cameras)
+
+
+    _model_commands(sub)
     return parser
 
 

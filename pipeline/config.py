@@ -89,7 +89,7 @@ class Ejector(Section):
 
 class Model(Section):
     path: str = ""
-    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    backend: Literal["onnxruntime", "onnxruntime-cuda", "tensorrt", "torch"] = "onnxruntime"
     strip_lines: int = Field(128, gt=0, description="RGB lines per strip")
     overlap_lines: int = Field(16, ge=0, description="RGB lines of context on each side of a strip")
     bands: int = Field(32, gt=0, le=1024, description="HSI bands fed to the model: the camera's bands binned into this many equal groups")

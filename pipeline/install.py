@@ -3,8 +3,8 @@
 What it writes under ROOT (`/` on the machine, a scratch directory for a
 test or an image build):
 
-- etc/sortline/sortline.toml, the configuration (and the calibration and model
-  files it names by relative path, beside it);
+- etc/sortline/sortline.toml, the configuration (and the calibration files it
+  names by relative path, beside it);
 - etc/systemd/system/sortline.target and the template sortline@.service, its
   ExecStart pointing at this installation's `sortline`, and the service user
   (etc/sysusers.d/sortline.conf);
@@ -99,8 +99,9 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
 
 
 def _relative_files(config: Path) -> list[Path]:
-    """Calibration and model files the configuration names by a path relative to
-    itself: they go beside it."""
+    """Calibration files the configuration names by a path relative to itself: they
+    go beside it. (A relative model path is inside the project: the infer node
+    finds it there.)"""
     data = tomllib.loads(config.read_text())
-    named = [*data.get("calibration", {}).values(), data.get("model", {}).get("path", "")]
+    named = data.get("calibration", {}).values()
     return [Path(p) for p in named if p and not os.path.isabs(p) and (config.parent / p).is_file()]

@@ -1,0 +1,84 @@
+"""The segmentation network: RGB backbone, HSI backbone, per-stage fusion, decoder.
+
+One class builds all three variants from a ModelConfig:
+- fusion: both backbones (independent: they could run concurrently), a
+  CrossFusion at every stage, the decoder on the fused maps (RGB grids);
+- rgb: the RGB backbone and the decoder;
+- hsi: the HSI backbone, each stage collapsed over its slices, the decoder
+  (on the HSI grids, resized to the RGB strip at the end).
+
+Inputs are what a strip carries, channel-last: rgb (B, H, W, 3) float 0..255,
+hsi (B, H/r, W/r, bands) float reflectance. Scaling is part of the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.blocks import dims, init_weights
+from models.config import ModelConfig
+from models.decoder import Decoder
+from models.fusion import CrossFusion
+from models.hsi import HSIBackbone, SliceCollapse
+from models.rgb import RGBBackbone
+
+
+class SortNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config.validate()
+        self.rgb = self.hsi = self.fusion = self.collapse = None
+        if c.uses_rgb:
+            self.rgb = RGBBackbone(c.rgb_dims, c.rgb_depths, c.rgb_heads, c.window, c.mlp_ratio)
+        if c.uses_hsi:
+            self.hsi = HSIBackbone(c.bands, c.slices, c.hsi_patch, c.hsi_dims, c.hsi_depths, c.hsi_heads,
+                                   c.hsi_merge, c.window, c.mlp_ratio)
+        if c.variant == "fusion":
+            self.fusion = nn.ModuleList([CrossFusion(cr, chs, h, c.mlp_ratio)
+                                         for cr, chs, h in zip(c.rgb_dims, c.hsi_dims, c.rgb_heads)])
+        elif c.variant == "hsi":
+            self.collapse = nn.ModuleList([SliceCollapse(d) for d in c.hsi_dims])
+        self.decoder = Decoder(c.hsi_dims if c.variant == "hsi" else c.rgb_dims, c.decoder_dim, len(c.classes))
+        init_weights(self)
+
+    def forward(self, rgb, hsi):
+        c = self.config
+        size = tuple(dims(rgb)[1:3])
+        if c.uses_rgb:
+            rgb_maps = self.rgb(((rgb - c.rgb_mean) / c.rgb_std).permute(0, 3, 1, 2))
+        if c.uses_hsi:
+            hsi_maps = self.hsi((hsi - c.hsi_mean) / c.hsi_std)
+        if c.variant == "fusion":
+            maps = [f(r, h) for f, r, h in zip(self.fusion, rgb_maps, hsi_maps)]
+        elif c.variant == "rgb":
+            maps = rgb_maps
+        else:
+            maps = [col(h) for col, h in zip(self.collapse, hsi_maps)]
+        return self.decoder(maps, size)
+
+
+class Deployed(nn.Module):
+    """What is exported: the network, the overlap cropped, the class and its confidence.
+
+    Outputs classes (B, core lines, W) int32 and confidence (B, core lines, W)
+    float32 (the winning class's softmax probability).
+    """
+
+    def __init__(self, net: SortNet, overlap: int):
+        super().__init__()
+        self.net, self.overlap = net, overlap
+
+    def forward(self, rgb, hsi):
+        logits = self.net(rgb, hsi)
+        h = int(logits.shape[2])
+        if self.overlap:
+            logits = logits[:, :, self.overlap:h - self.overlap]
+        # max softmax = 1 / sum(exp(logit - max)): no full softmax over the classes
+        top = logits.max(dim=1, keepdim=True).values
+        conf = 1.0 / (logits - top).exp().sum(dim=1)
+        return logits.argmax(dim=1).to(torch.int32), conf
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,170 @@
+"""The infer node on real sockets: strips in over shared memory, masks out, checked
+against the same model run directly; bad models and bad strips refused."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import ROOT, free_port, metric, scrape, start, stop, write_config
+from models.backends import open_backend
+from models.export import StripShape
+from nodes.simulate import Simulation
+from pipeline.config import EX_CONFIG, load_config
+from pipeline.graph import inputs_of, outputs_of
+from pipeline.transport import Input, Output, SlotReaders
+
+WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
+
+
+def graph(model: str, backend: str = "onnxruntime", extra: str = "") -> str:
+    """A stand-in register (this test process) -> infer -> a stand-in sink (this process too)."""
+    return f"""
+[nodes.register]
+kind = "pattern"
+
+[nodes.infer]
+kind = "infer"
+params = {{ model = "{model}", backend = "{backend}"{extra} }}
+
+[nodes.sink]
+kind = "sink"
+
+[[edges]]
+from = "register.out"
+to = "infer.in"
+
+[[edges]]
+from = "infer.out"
+to = "sink.in"
+"""
+
+
+def strips(settings, count: int, seed: int = 1100):
+    """Registered strips of the held-out belt, as the register node sends them."""
+    from calibration.spectral import bin_bands
+
+    m = settings.model
+    lines = m.strip_lines + 2 * m.overlap_lines
+    sim = Simulation(settings, seed=seed, occupancy=0.5)
+    for i in range(count):
+        s = sim.strip(i * m.strip_lines, lines)
+        yield s["rgb"], bin_bands(s["hsi"], m.bands, dtype=np.float16)
+
+
+class Harness:
+    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", extra: str = ""):
+        self.port = free_port()
+        self.cfg = write_config(tmp_path / "c.toml", graph(model, backend, extra), run_dir,
+                                extra=f"\n[metrics]\nport_base = {self.port}\n")
+        self.settings = load_config(self.cfg)
+        self.ctx = zmq.Context()
+        self.readers = SlotReaders(run_dir)
+        self.out = Output(self.ctx, "register", "out", outputs_of(self.settings, "register")["out"], run_dir,
+                          lambda: False)
+        self.inp = Input(self.ctx, "sink", "in", inputs_of(self.settings, "sink")["in"], self.readers)
+        self.node = start("node", "infer", "--config", str(self.cfg), "--metrics-port", str(self.port))
+
+    def send(self, seq: int, rgb, hsi, **meta) -> None:
+        m = self.settings.model
+        msg = self.out.new({"rgb": (rgb.shape, rgb.dtype), "hsi": (hsi.shape, hsi.dtype)}, stream="strip", seq=seq,
+                           position=1000 + seq * m.strip_lines * 15, ticks_per_line=15, gap=seq == 0,
+                           meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio, **meta})
+        msg.arrays["rgb"][...] = rgb
+        msg.arrays["hsi"][...] = hsi
+        self.out.send(msg, time.monotonic_ns(), "register")
+
+    def receive(self, timeout: float = 60.0):
+        sock = next(iter(self.inp.sockets))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                for frames in self.inp.read(sock):
+                    msg = self.inp.decode(frames)
+                    arrays = {k: v.copy() for k, v in msg.arrays.items()}
+                    header = msg.header
+                    msg.release()
+                    return header, arrays
+            assert self.node.poll() is None, "the infer node died"
+        raise AssertionError("no mask within the timeout")
+
+    def close(self):
+        rc, out, err = stop(self.node)
+        self.out.close()
+        self.inp.close()
+        self.readers.close()
+        self.ctx.destroy(0)
+        return rc, err
+
+
+def test_masks_match_the_model_run_directly(tmp_path, run_dir):
+    h = Harness(tmp_path, run_dir, str(WEIGHTS))
+    try:
+        settings = h.settings
+        shape = StripShape.from_settings(settings)
+        direct = open_backend("onnxruntime", WEIGHTS, shape)
+        sent = list(strips(settings, 3))
+        for seq, (rgb, hsi) in enumerate(sent):
+            h.send(seq, rgb, hsi)
+        for seq, (rgb, hsi) in enumerate(sent):
+            header, arrays = h.receive()
+            classes, conf = direct.run(rgb, hsi)
+            assert header.stream == "mask" and header.seq == seq
+            assert header.position == 1000 + seq * 128 * 15 + 16 * 15     # the first core line
+            assert header.gap == (seq == 0) and header.ticks_per_line == 15
+            assert [t.stage for t in header.trace] == ["register", "infer"]
+            assert header.meta["classes"][:3] == ["belt", "PET", "PP"] and header.meta["model"] == direct.model_hash
+            assert arrays["classes"].shape == (128, 640) and arrays["classes"].dtype == np.uint8
+            assert np.array_equal(arrays["classes"], classes)
+            assert np.array_equal(arrays["confidence"], conf)
+            # A trained model finds objects: not everything is belt, and it is sure of the belt.
+            assert 0.05 < (classes > 0).mean() < 0.95 and np.median(conf[classes == 0]) > 200
+
+        # Strips that do not fit the model: dropped, counted, logged; the node carries on.
+        rgb, hsi = sent[0]
+        h.send(10, rgb[:-4], hsi[:-1])                      # a truncated strip
+        h.send(11, rgb, hsi, overlap=8)                     # another overlap than the model's
+        h.send(12, rgb, hsi.astype(np.float64).astype(np.float32)[..., :16])  # too few bands
+        h.send(13, rgb, hsi)
+        header, arrays = h.receive()
+        assert header.seq == 13 and np.array_equal(arrays["classes"], direct.run(rgb, hsi)[0])
+        assert metric(scrape(h.port), "sortline_malformed_messages_total", node="infer", kind="process") == 3
+    finally:
+        rc, err = h.close()
+    assert rc == 0, err
+    assert err.count("dropped a message") >= 1
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_classes", "no_tensorrt"])
+def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, problem):
+    backend, extra = "onnxruntime", ""
+    if problem == "other_classes":   # downstream sorts by other class names than the model knows
+        model, extra = WEIGHTS, ', classes = ["belt", "PET", "PP", "glass"]'
+    elif problem == "no_tensorrt":   # an engine on a machine without TensorRT (every CPU machine)
+        from models.engine import write_engine
+
+        model, backend = write_engine(tmp_path / "m.engine", {"tensorrt": "10.0"}, b"plan"), "tensorrt"
+    elif problem == "missing":
+        model = tmp_path / "nothing.safetensors"
+    elif problem == "not_a_model":
+        model = tmp_path / "junk.onnx"
+        model.write_bytes(b"not an onnx file")
+    else:   # an ONNX model exported for another strip size
+        from models import checkpoint
+        from models.export import export
+
+        net, meta = checkpoint.load(WEIGHTS)
+        model = export(net, meta, StripShape(lines=96, width=640, overlap=16, ratio=4, bands=32), tmp_path / "m.onnx")
+    h = Harness(tmp_path, run_dir, str(model), backend, extra)
+    try:
+        rc = h.node.wait(timeout=60)
+    finally:
+        _, err = h.close()
+    assert rc == EX_CONFIG
+    expected = {"missing": "no such model file", "not_a_model": "not a usable ONNX model",
+                "other_strips": "does not fit: RGB input (1, 96, 640, 3)", "no_tensorrt": "is not installed here",
+                "other_classes": "expected ['belt', 'PET', 'PP', 'glass']"}[problem]
+    assert expected in err

@@ -1,0 +1,156 @@
+"""The network: shapes and sizes per variant, locality of the fusion, checkpoints, ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import checkpoint
+from models.blocks import WindowBlock
+from models.config import ModelConfig, make_config
+from models.export import StripShape, compare, export
+from models.fusion import CrossFusion
+from models.hsi import SliceCollapse
+from models.net import SortNet, count_params
+
+torch.set_num_threads(1)
+
+
+def inputs(lines=64, width=128, bands=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, lines, width, 3, generator=g) * 255, torch.rand(1, lines // 4, width // 4, bands, generator=g)
+
+
+@pytest.mark.parametrize("variant", ["fusion", "rgb", "hsi"])
+def test_every_variant_gives_logits_at_rgb_resolution(variant):
+    net = SortNet(make_config("tiny", variant)).eval()
+    with torch.no_grad():
+        out = net(*inputs())
+    assert out.shape == (1, 10, 64, 128) and torch.isfinite(out).all()
+
+
+def test_deployed_gives_the_argmax_and_its_softmax_probability():
+    """The exported head computes confidence as 1 / sum(exp(logit - max)): check it is max softmax."""
+    from models.net import Deployed
+
+    net = SortNet(make_config("tiny", "fusion")).eval()
+    x = inputs(lines=96)
+    with torch.no_grad():
+        logits = net(*x)[:, :, 16:-16]
+        classes, conf = Deployed(net, 16).eval()(*x)
+    prob = logits.softmax(1)
+    assert classes.shape == (1, 64, 128) and classes.dtype == torch.int32
+    assert torch.equal(classes.long(), prob.argmax(1))
+    assert torch.allclose(conf, prob.max(1).values, atol=1e-6)
+
+
+def test_sizes():
+    tiny = {v: count_params(SortNet(make_config("tiny", v))) for v in ("fusion", "rgb", "hsi")}
+    assert 1.0e6 < tiny["fusion"] < 2.5e6          # the design point: ~2 M parameters or fewer
+    assert tiny["rgb"] < tiny["fusion"] and tiny["hsi"] < tiny["fusion"]
+    assert count_params(SortNet(make_config("base", "fusion"))) > 4 * tiny["fusion"]
+
+
+def test_strips_that_do_not_fit_both_grids_are_refused():
+    c = make_config("tiny")
+    c.check_strip(160, 640)                  # the demo strip with its overlap
+    c.check_strip(320, 2560)                 # the production strip
+    with pytest.raises(ValueError, match="multiples of 32"):
+        c.check_strip(144, 640)
+    with pytest.raises(ValueError, match="bands"):
+        make_config("tiny", bands=30)
+    with pytest.raises(ValueError, match="variant"):
+        make_config("tiny", "both")
+
+
+def test_slice_collapse_weighs_each_cell_from_its_own_tokens():
+    """No pooling over the strip: changing one cell changes that cell's output only."""
+    torch.manual_seed(0)
+    col = SliceCollapse(16).eval()
+    x = torch.randn(1, 4, 5, 7, 16)
+    y = x.clone()
+    y[0, :, 2, 3] += 3.0
+    with torch.no_grad():
+        diff = (col(x) - col(y)).abs().sum(-1)[0]
+    assert diff[2, 3] > 0
+    diff[2, 3] = 0
+    assert diff.max() == 0
+
+
+def test_cross_fusion_is_confined_to_the_cell():
+    """The spectral tokens of one HSI cell reach exactly its r x r RGB children."""
+    torch.manual_seed(0)
+    fuse = CrossFusion(24, 16, 2, 2.0).eval()
+    rgb, hsi = torch.randn(1, 8, 12, 24), torch.randn(1, 4, 4, 6, 16)     # r = 2
+    other = hsi.clone()
+    other[0, :, 1, 2] += 2.0
+    with torch.no_grad():
+        diff = (fuse(rgb, hsi) - fuse(rgb, other)).abs().sum(-1)[0]
+    changed = diff > 1e-6
+    expected = torch.zeros(8, 12, dtype=torch.bool)
+    expected[2:4, 4:6] = True
+    assert torch.equal(changed, expected)
+
+
+def test_shifted_windows_never_attend_across_the_strip_edges():
+    """The cyclic shift wraps the top lines onto the bottom ones; the mask keeps them apart."""
+    torch.manual_seed(0)
+    block = WindowBlock(16, 2, 8, shift=True, mlp_ratio=2.0).eval()
+    x = torch.randn(1, 16, 16, 16)
+    y = x.clone()
+    y[0, 0] += 2.0                                     # the top line
+    with torch.no_grad():
+        diff = (block(x) - block(y)).abs().sum(-1)[0].sum(-1)
+    assert (diff[:4] > 0).all()                         # its own shifted window: lines 0-3
+    assert (diff[4:] == 0).all()                        # never the bottom lines it wrapped next to
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    net = SortNet(make_config("tiny", "rgb"))
+    path = checkpoint.save(tmp_path / "m.safetensors", net, step=7)
+    back, meta = checkpoint.load(path)
+    assert back.config == net.config and meta["step"] == "7"
+    assert meta["hash"] == checkpoint.model_hash(net.config, net.state_dict())
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(net.eval()(*x), back(*x))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(checkpoint.ModelFileError, match="not a readable safetensors"):
+        checkpoint.load(junk)
+    with pytest.raises(checkpoint.ModelFileError, match="no such model file"):
+        checkpoint.load(tmp_path / "none.safetensors")
+    assert ModelConfig.from_dict(net.config.to_dict()) == net.config
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    """Exported at the demo strip size; ONNX Runtime against torch, difference bounded."""
+    import onnx
+
+    net = SortNet(make_config("tiny", "fusion")).eval()
+    shape = StripShape(lines=160, width=640, overlap=16, ratio=4, bands=32)
+    path = export(net, {"hash": "abc"}, shape, tmp_path / "m.onnx")
+    check = compare(net, path, shape)
+    assert check["max_abs_diff_confidence"] < 1e-4
+    assert check["class_agreement"] > 0.9999
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["rgb_shape"] == "[1, 160, 640, 3]" and meta["model_hash"] == "abc" and meta["overlap"] == "16"
+    # Static shapes throughout: no runtime shape arithmetic left in the graph.
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Shape", "NonZero", "Loop", "If", "ScatterND"}, ops
+    outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert outputs == {"classes": [1, 128, 640], "confidence": [1, 128, 640]}
+
+
+def test_engine_files_carry_a_header_and_junk_is_refused(tmp_path):
+    from models.engine import read_header, write_engine
+
+    header = {"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "rgb_shape": "[1, 160, 640, 3]", "precision": "fp16"}
+    path = write_engine(tmp_path / "m.engine", header, b"\x01plan-bytes")
+    back, offset = read_header(path)
+    assert back == header and path.read_bytes()[offset:] == b"\x01plan-bytes"
+    junk = tmp_path / "junk.engine"
+    junk.write_bytes(b"a serialized plan without our header")
+    with pytest.raises(checkpoint.ModelFileError, match="not a sortline engine"):
+        read_header(junk)
