@@ -2,8 +2,9 @@
 
 Kept together here: a broken config file, calibration that does not fit the
 cameras, directories the node cannot use. (Missing calibration, bad values,
-an unwritable report or recording directory, CURVE keys: test_register,
-test_config, test_chain, test_recording, test_curve.)
+an unwritable report or recording directory, CURVE keys, a missing or mismatched
+model or engine file: test_register, test_config, test_chain, test_recording,
+test_curve, test_infer.)
 """
 
 from __future__ import annotations
