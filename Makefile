@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sortline-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean systemd-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/sortline score --config configs/demo.toml --seconds 30
 
-test: $(STAMP)
+# The service tests check the shipped units with systemd-analyze (it works without a
+# running systemd); Debian's systemd package brings it.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends systemd; }
+
+test: $(STAMP) systemd-tools
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from nodes.pattern import base_pattern
 from pipeline import metrics
+from pipeline.clock import tcp_edges_upstream
 from pipeline.config import ConfigError, Section
 from pipeline.node import Node
 
@@ -54,6 +55,13 @@ class Sink(Node):
         self.gaps = self.lost = self.reordered = self.corrupt = self.gap_flags = 0
         self.first_ns = self.last_ns = 0
         self._e2e = metrics.E2E_SECONDS.labels(self.name)
+        # Across hosts the trace is only as good as the hosts' clock agreement (pipeline/clock.py).
+        tcp = tcp_edges_upstream(self.settings, self.name)
+        self.e2e_refused = ""
+        if tcp and not self.settings.clock.ptp_synchronised:
+            self.e2e_refused = "clocks not synchronised"
+            self.log.warning("end-to-end latency not reported: its path crosses tcp edges (%s) and "
+                             "clock.ptp_synchronised is false", ", ".join(tcp))
 
     def process(self, port, msg):
         now = time.monotonic_ns()
@@ -71,8 +79,9 @@ class Sink(Node):
             self.corrupt += not self._intact(msg.arrays["lines"], h.seq)
         i = self.received % self.params.window
         if h.trace:
-            self.e2e_ns[i] = now - h.trace[0].t_in_ns
-            self._e2e.observe(self.e2e_ns[i] / 1e9)
+            if not self.e2e_refused:
+                self.e2e_ns[i] = now - h.trace[0].t_in_ns
+                self._e2e.observe(self.e2e_ns[i] / 1e9)
             for entry in h.trace:
                 stage = self.stage_ns.get(entry.stage)
                 if stage is None:
@@ -103,15 +112,17 @@ class Sink(Node):
             "reordered": self.reordered,
             "corrupt": self.corrupt,
             "rate_per_s": (self.received - 1) / seconds if seconds > 0 else 0.0,
-            "e2e": _percentiles(self.e2e_ns[:n]),
+            "e2e": {"not_reported": self.e2e_refused} if self.e2e_refused else _percentiles(self.e2e_ns[:n]),
             "stages": {k: _percentiles(v[:n]) for k, v in self.stage_ns.items()},
         }
 
     def status(self) -> dict:
         n = min(self.received, self.params.window)
+        figures = {"received": self.received, "lost": self.lost, "corrupt": self.corrupt}
+        if self.e2e_refused:
+            return {**figures, "e2e": f"not reported ({self.e2e_refused})"}
         e2e = _percentiles(self.e2e_ns[:n])
-        return {"received": self.received, "lost": self.lost, "corrupt": self.corrupt,
-                **{f"e2e_{k}": round(float(v), 2) for k, v in e2e.items()}}
+        return {**figures, **{f"e2e_{k}": round(float(v), 2) for k, v in e2e.items()}}
 
     def teardown(self) -> None:
         if self.params.report and hasattr(self, "e2e_ns"):

@@ -338,6 +338,54 @@ def cmd_node(args) -> int:
     return main(settings, args.name, args.heartbeat, args.metrics_port)
 
 
+def cmd_install_service(args) -> int:
+    from pipeline.install import install
+
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [n for n in text.split(",") if n]
+
+    try:
+        written = install(args.config, args.root, args.prefix, names(args.nodes), names(args.realtime),
+                          args.realtime_cpus)
+    except OSError as exc:
+        print(f"sortline: install-service: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"  {path}")
+    print(f"installed {len(written)} files under {args.root}")
+    if args.root == "/":
+        print("next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now sortline.target"
+              "   (docs/service.md)")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from pipeline.curve import make_keys
+
+    try:
+        public, secret = make_keys(args.out, args.name)
+    except OSError as exc:
+        print(f"sortline: keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"public certificate: {public}\n  copy it into security.authorized of every host this one connects to,\n"
+          f"  and name it as server_key on the edges whose producer runs here")
+    print(f"secret certificate: {secret}\n  stays on this host: security.key (readable by the service's group only)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.status import render, rows
+
+    settings = _config(args.config)
+    if not settings.metrics.port_base:
+        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read",
+              file=sys.stderr)
+        return EX_CONFIG
+    table = rows(settings, args.interval)
+    print(render(table))
+    return 3 if any(row[1] == "down" for row in table) else 0  # as `systemctl status` does for a stopped unit
+
+
 def cmd_check(args) -> int:
     from pipeline.graph import edges, topo_order
 
@@ -532,8 +580,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the node's name in the configuration")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
     p.add_argument("--heartbeat", default=None, help="ZeroMQ address of a supervisor's heartbeat socket")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: off; default: metrics.port_base + the "
+                   "node's place in data-flow order, off when port_base is 0)")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("install-service", help="install the systemd units and the configuration (/etc/sortline)",
+                       description="Copy the configuration to ROOT/etc/sortline/sortline.toml (with the calibration "
+                       "files it names by relative path), install sortline.target and the template unit "
+                       "sortline@.service for the nodes of this host, each ordered after the nodes it sends to, "
+                       "and enable them. See docs/service.md.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--root", default="/", help="install under this directory instead of / (an image, a test)")
+    p.add_argument("--prefix", default=sys.prefix,
+                   help="the virtual environment whose bin/sortline the units run (default: this one)")
+    p.add_argument("--nodes", default=None, help="comma-separated nodes that run on this host (default: all)")
+    p.add_argument("--realtime", default=None,
+                   help="comma-separated nodes given real-time priority (default: the ejector nodes)")
+    p.add_argument("--realtime-cpus", default="", help="pin those nodes to these CPUs (systemd CPUAffinity=, e.g. 3)")
+    p.set_defaults(func=cmd_install_service)
+
+    p = sub.add_parser("status", help="every node's rates, losses and latency at a glance (from their metrics)",
+                       description="Read each node's Prometheus endpoint (metrics.port_base + its place in "
+                       "data-flow order) twice, --interval apart, and print a table: state, messages in and "
+                       "out per second, camera lines per second, drops, malformed messages, refused "
+                       "connections, end-to-end latency (bucket bounds) and what cameras and ejectors report. "
+                       "Exit code 3: a node does not answer.")
+    p.add_argument("--config", required=True, help="machine configuration (TOML)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings (default 1)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="make this host's CURVE certificate for tcp edges",
+                       description="Write NAME.key (public) and NAME.key_secret (secret) into --out: the keys "
+                       "that authenticate and encrypt tcp edges between hosts (security.curve). See docs/service.md.")
+    p.add_argument("name", help="the host's name (the files' names)")
+    p.add_argument("--out", default="/etc/sortline/keys", help="directory (default /etc/sortline/keys)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("check", help="validate a configuration and print the figures derived from it",
                        description="Validate a configuration; print line rates, the latency budget and "
@@ -560,7 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # found after loading: a directory, a file the config names
+        for line in exc.lines:
+            print(f"sortline: config error: {line}", file=sys.stderr)
+        return EX_CONFIG
 
 
 if __name__ == "__main__":

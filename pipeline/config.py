@@ -136,6 +136,8 @@ class EdgeConfig(Section):
     bind: str = Field("", description="what the producer binds; empty: the address")
     hwm: int = Field(4, ge=1, le=100000)
     slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4 (at most 64)")
+    server_key: str = Field("", description="with security.curve: the public certificate (sortline keys) "
+                            "of the producer's host, which the consumer checks")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -152,6 +154,24 @@ class EdgeConfig(Section):
 class MetricsSettings(Section):
     bind: str = "127.0.0.1"
     port_base: int = Field(0, ge=0, le=65000, description="0: no Prometheus endpoint; else node i serves port_base + i")
+
+
+class Security(Section):
+    curve: bool = Field(False, description="authenticate and encrypt tcp edges with CURVE")
+    key: str = Field("", description="this host's secret certificate (NAME.key_secret from sortline keys)")
+    authorized: str = Field("", description="directory of the public certificates (*.key) of the hosts "
+                            "allowed to connect to this host's producers")
+
+    @model_validator(mode="after")
+    def _keys_given(self):
+        if self.curve and not (self.key and self.authorized):
+            raise ValueError("security.curve needs security.key and security.authorized (see `sortline keys`)")
+        return self
+
+
+class Clock(Section):
+    ptp_synchronised: bool = Field(False, description="the hosts' system clocks are disciplined by PTP "
+                                   "(linuxptp): only then is latency across a tcp edge reported")
 
 
 class SupervisorSettings(Section):
@@ -176,6 +196,8 @@ class Settings(BaseSettings):
     genicam: GenICamSettings = GenICamSettings()
     graph: GraphSettings = GraphSettings()
     metrics: MetricsSettings = MetricsSettings()
+    security: Security = Security()
+    clock: Clock = Clock()
     supervisor: SupervisorSettings = SupervisorSettings()
     nodes: dict[str, NodeConfig]
     edges: list[EdgeConfig] = []
@@ -292,11 +314,15 @@ def load_config(path: str | os.PathLike) -> Settings:
     problems = check_graph(settings)
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
-    # Calibration files live beside the config they belong to: relative paths start there.
-    cal = settings.calibration
-    resolved = {k: str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v
-                for k, v in cal.model_dump().items()}
-    return settings.model_copy(update={"calibration": CalibrationFiles(**resolved)})
+    # Calibration and key files live beside the config they belong to: relative paths start there.
+    def beside(v: str) -> str:
+        return str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v
+
+    cal = CalibrationFiles(**{k: beside(v) for k, v in settings.calibration.model_dump().items()})
+    sec = settings.security.model_copy(update={"key": beside(settings.security.key),
+                                               "authorized": beside(settings.security.authorized)})
+    edges = [e.model_copy(update={"server_key": beside(e.server_key)}) for e in settings.edges]
+    return settings.model_copy(update={"calibration": cal, "security": sec, "edges": edges})
 
 
 def config_toml(settings: Settings) -> str:

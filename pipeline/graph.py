@@ -34,6 +34,7 @@ class Edge:
     address: str  # what the consumer connects to
     bind: str  # what the producer binds
     lane: int  # this edge's lane in the producer's slot pool for src.port
+    server_key: str = ""  # with CURVE: the producer host's public certificate
 
 
 def edges(settings: Settings) -> list[Edge]:
@@ -51,6 +52,7 @@ def edges(settings: Settings) -> list[Edge]:
             name=f"{cfg.src}->{cfg.dst}", src=src, src_port=src_port, dst=dst, dst_port=dst_port,
             policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
             slots=cfg.slots or min(cfg.hwm + 4, 64), address=address, bind=cfg.bind or address, lane=lane,
+            server_key=cfg.server_key,
         ))
     return result
 
@@ -117,6 +119,9 @@ def check_graph(settings: Settings) -> list[str]:
         for addr in {e.address, e.bind}:
             if addr.startswith("ipc://") and len(addr) - len("ipc://") > IPC_PATH_MAX:
                 problems.append(f"{where}: ipc path {addr[6:]!r} is longer than {IPC_PATH_MAX} bytes; shorten graph.runtime_dir")
+        if settings.security.curve and e.address.startswith("tcp://") and not e.server_key:
+            problems.append(f"{where}: a tcp edge with security.curve needs server_key, the public certificate "
+                            f"of {e.src}'s host")
         connected.add((e.dst, e.dst_port))
     for name, (inputs, _) in ports.items():
         for port in inputs:
@@ -144,11 +149,18 @@ def outputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
 
 
 def prepare_runtime_dir(path: Path) -> Path:
-    """Create the private runtime directory (mode 0700) or refuse a shared one."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    """Create the private runtime directory (mode 0700) or refuse a shared one.
+    Either failure is a ConfigError: a restart would not fix it."""
+    from pipeline.config import ConfigError
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError([f"runtime directory {path}: {exc.strerror} (set graph.runtime_dir)"]) from None
     if st.st_uid != os.getuid():
-        raise PermissionError(f"runtime directory {path} belongs to uid {st.st_uid}, not to this user")
+        raise ConfigError([f"runtime directory {path} belongs to uid {st.st_uid}, not to this user (uid "
+                           f"{os.getuid()}); set graph.runtime_dir"])
     if st.st_mode & 0o077:
         path.chmod(0o700)
     return path

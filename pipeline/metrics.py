@@ -20,7 +20,20 @@ E2E_SECONDS = Histogram(
     ["node"], buckets=LATENCY_BUCKETS,
 )
 SLOT_RECLAIMS = Counter("sortline_slot_lane_reclaims", "Slot lanes reclaimed from a consumer that died", ["node", "port"])
+AUTH_REFUSED = Counter("sortline_auth_refused", "Connections to a tcp edge refused: the peer's CURVE key is not "
+                       "authorised", ["node"])
+LINES = Counter("sortline_lines", "Camera lines arriving at a node's input", ["node", "port"])
 UP = Gauge("sortline_node_up", "1 while the node's main loop runs", ["node"])
+
+
+def port_of(settings, name: str) -> int:
+    """The node's Prometheus port: node i in data-flow order serves port_base + i (0: none).
+    The supervisor, a node started by systemd and `sortline status` all agree on it."""
+    if not settings.metrics.port_base:
+        return 0
+    from pipeline.graph import topo_order
+
+    return settings.metrics.port_base + topo_order(settings).index(name)
 
 
 def serve(bind: str, port: int) -> None:
@@ -36,6 +49,23 @@ def snapshot() -> dict[str, float]:
         for sample in family.samples:
             if sample.name.endswith(("_created", "_bucket")):
                 continue
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            result[f"{sample.name}{{{labels}}}"] = sample.value
+            result[key(sample.name, sample.labels)] = sample.value
     return result
+
+
+def key(name: str, labels: dict[str, str]) -> str:
+    """A sample's key as Prometheus prints it, labels sorted: 'name{a="1",b="2"}'."""
+    text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{text}}}"
+
+
+def total(samples: dict[str, float], prefix: str, needle: str = "") -> float:
+    """Sum of the snapshot's samples whose key starts with prefix and holds needle."""
+    return sum(v for k, v in samples.items() if k.startswith(prefix) and needle in k)
+
+
+def rate(samples: dict, before: dict, dt: float, needle: str, prefix: str = "sortline_messages_total") -> float:
+    """Per second, between two snapshots dt seconds apart."""
+    if dt <= 0:
+        return 0.0
+    return (total(samples, prefix, needle) - total(before, prefix, needle)) / dt

@@ -26,8 +26,11 @@ import zmq
 
 from pipeline import metrics
 from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
+from pipeline.curve import Curve
 from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
 from pipeline.messages import Message, MessageError
+from pipeline.notify import Notifier, status_line
+from pipeline.slots import remove_dead_segments
 from pipeline.transport import Input, Output, SlotReaders
 
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
@@ -142,6 +145,10 @@ class Runner:
         self.log = self.node.log
         self._warn = _RateLimitedLog(self.log)
         self._hb = None
+        self._notify = Notifier()
+        # A beat (heartbeat and watchdog ping) at least this often: what the supervisor and systemd expect.
+        self._beat_every = min(settings.supervisor.heartbeat_s, self._notify.watchdog_every_s or float("inf"))
+        self._last_beat: tuple[float, dict] = (time.monotonic(), {})
         self._ready = False  # setup() has succeeded
         self._inputs: dict[str, Input] = {}
 
@@ -160,17 +167,20 @@ class Runner:
         signal.signal(signal.SIGINT, self._on_signal)
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a node is stuck
         run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        for name in remove_dead_segments(run_dir, self.name):
+            self.log.info("removed %s, left by an earlier process of this node", name)
         ctx = zmq.Context()
         readers = SlotReaders(run_dir)
         node = self.node
-        hb = None
+        hb = curve = None
         try:
+            curve = Curve(ctx, self.settings, self.name)
             for port, edges in inputs_of(self.settings, self.name).items():
-                self._inputs[port] = Input(ctx, self.name, port, edges, readers)
+                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve)
             outs = outputs_of(self.settings, self.name)
             for port in node.outputs:
                 node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
-                                        idle=self._heartbeat)
+                                        idle=self._heartbeat, curve=curve)
             if self._heartbeat_addr:
                 hb = ctx.socket(zmq.PUSH)
                 hb.setsockopt(zmq.SNDHWM, 16)
@@ -183,6 +193,7 @@ class Runner:
             node.setup()
             self._ready = True
             metrics.UP.labels(self.name).set(1)
+            self._notify.ready(f"running (pid {os.getpid()})")  # systemd starts the units ordered after it
             self._heartbeat(force=True)  # the supervisor reads the first one as "ready"
             self.log.info("running (pid %d)", os.getpid())
             if self._inputs:
@@ -202,6 +213,7 @@ class Runner:
                 self.log.error("%s", line)
             return EX_CONFIG
         finally:
+            self._notify.stopping()
             metrics.UP.labels(self.name).set(0)
             self._heartbeat(force=True)
             try:
@@ -214,6 +226,8 @@ class Runner:
                 readers.close()
                 if hb is not None:
                     hb.close()
+                if curve is not None:
+                    curve.close()  # its thread holds a socket: before ctx.term()
                 ctx.term()
                 self.log.info("stopped")
 
@@ -257,7 +271,7 @@ class Runner:
         for frames in inp.read(sock):
             t_in = time.monotonic_ns()
             try:
-                msg = inp.decode(frames)
+                msg = inp.decode(frames, edge)
             except MessageError as exc:
                 if exc.kind == "overwritten":
                     metrics.DROPS.labels(edge.name, "overwritten").inc()
@@ -271,6 +285,8 @@ class Runner:
                 inp.end(sock)
                 return
             inp.received.inc()
+            if "lines" in msg.arrays:  # camera lines (sources' messages): lines per second on the dashboard
+                inp.lines.inc(len(msg.arrays["lines"]))
             try:
                 outs = list(self.node.process(port, msg) or ())
             except Exception as exc:  # a bad message must not take the node down
@@ -298,15 +314,22 @@ class Runner:
 
     def _heartbeat(self, force: bool = False) -> None:
         """Called from the main loop, and from its waits on a slow consumer (a node
-        held back by back-pressure is not stuck), never from a side thread."""
-        if self._hb is None or not self._ready:
+        held back by back-pressure is not stuck), never from a side thread: the
+        supervisor's heartbeat and systemd's watchdog stop when the loop does."""
+        if (self._hb is None and not self._notify.enabled) or not self._ready:
             return
         now = time.monotonic()
         if not force and now < self._hb_next:
             return
-        self._hb_next = now + self.settings.supervisor.heartbeat_s
-        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": metrics.snapshot(),
-                "status": self.node.status()}
+        self._hb_next = now + self._beat_every
+        snapshot, status = metrics.snapshot(), self.node.status()
+        then, before = self._last_beat
+        self._last_beat = (now, snapshot)
+        if self._notify.enabled:
+            self._notify.alive(status_line(snapshot, before, now - then, status))
+        if self._hb is None:
+            return
+        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": snapshot, "status": status}
         try:
             self._hb.send(_encode_beat(beat), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -345,10 +368,12 @@ def _stop_with_parent() -> None:
         pass  # not Linux: an orphaned node still stops on its own SIGTERM
 
 
-def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int) -> int:
+def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int | None = None) -> int:
     if heartbeat:  # started by a supervisor
         _stop_with_parent()
     _pin(name, settings.nodes[name].cpus)
+    if metrics_port is None:
+        metrics_port = metrics.port_of(settings, name)
     try:
         runner = Runner(settings, name, heartbeat, metrics_port)
     except ConfigError as exc:

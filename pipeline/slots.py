@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 import time
 from typing import Callable
 
@@ -64,6 +65,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def remove_dead_segments(run_dir: Path | str, node: str) -> list[str]:
+    """Segments (node.port.pid.n.slots) an earlier process of this node left when it
+    died: under systemd no supervisor removes them, and tmpfs is memory."""
+    removed = []
+    for path in Path(run_dir).glob(f"{node}.*.slots"):
+        parts = path.name.split(".")
+        if len(parts) == 5 and parts[2].isdigit() and not _alive(int(parts[2])):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 class _Control:
@@ -136,11 +149,18 @@ class SlotPool:
             if slot is None:
                 self._reap_dead_consumers()   # a consumer that died holding slots gives them back
                 slot = self._pick()
+            if slot is None and not self._lossless_holds_any():
+                # No lossless reader holds a slot now, but one may have let go of its
+                # last ones since the pick above (this process was descheduled in
+                # between): pick again before saying bounded lanes hold them all.
+                slot = self._pick()
+                if slot is None:
+                    return None
             if slot is not None:
                 self._writing[slot] = True
                 self._c.w[self._c.gen0 + slot] = 0
                 return slot
-            if stop() or not self._lossless_holds_any():
+            if stop():
                 return None
             time.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE_S)

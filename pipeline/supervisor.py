@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from pipeline import metrics
 from pipeline.config import EX_CONFIG, Settings
 from pipeline.graph import prepare_runtime_dir, topo_order
 
@@ -108,7 +109,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "pipeline.cli", "node", child.name, "--config", self.config_path,
                "--heartbeat", self.heartbeat_addr]
         if self.settings.metrics.port_base:
-            cmd += ["--metrics-port", str(self.settings.metrics.port_base + child.index)]
+            cmd += ["--metrics-port", str(metrics.port_of(self.settings, child.name))]
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child.state, child.started, child.last_beat = "running", time.monotonic(), 0.0
 
@@ -216,14 +217,14 @@ class Supervisor:
             c = self.children[name]
             m, prev = c.beat.get("metrics", {}), c.prev_beat.get("metrics", {})
             if final:
-                count_in = _total(m, "sortline_messages_total", 'direction="in"')
-                count_out = _total(m, "sortline_messages_total", 'direction="out"')
+                count_in = metrics.total(m, "sortline_messages_total", 'direction="in"')
+                count_out = metrics.total(m, "sortline_messages_total", 'direction="out"')
             else:
                 dt = c.beat.get("mono", 0) - c.prev_beat.get("mono", 0)
-                count_in = _rate(m, prev, dt, 'direction="in"')
-                count_out = _rate(m, prev, dt, 'direction="out"')
-            drops = _total(m, "sortline_edge_drops_total")
-            bad = _total(m, "sortline_malformed_messages_total")
+                count_in = metrics.rate(m, prev, dt, 'direction="in"')
+                count_out = metrics.rate(m, prev, dt, 'direction="out"')
+            drops = metrics.total(m, "sortline_edge_drops_total")
+            bad = metrics.total(m, "sortline_malformed_messages_total")
             extra = " ".join(f"{k}={v}" for k, v in c.beat.get("status", {}).items())
             rows.append(f"  {name:<12} {c.state:<9} {count_in:>8.{0 if final else 1}f} "
                         f"{count_out:>8.{0 if final else 1}f} {drops:>7.0f} {bad:>9.0f} {c.restarts:>8d}  {extra}")
@@ -241,13 +242,3 @@ class Supervisor:
             json.dump({"exit_code": self.exit_code, "nodes": report}, fh, indent=2)
         os.replace(tmp, path)
 
-
-def _total(metrics: dict, prefix: str, needle: str = "") -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix) and needle in k)
-
-
-def _rate(metrics: dict, prev: dict, dt: float, needle: str) -> float:
-    if dt <= 0:
-        return 0.0
-    key = "sortline_messages_total"
-    return (_total(metrics, key, needle) - _total(prev, key, needle)) / dt

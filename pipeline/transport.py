@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline import metrics
+from pipeline import clock, metrics
 from pipeline.graph import Edge
 from pipeline.messages import (
     ArraySpec,
@@ -54,7 +54,7 @@ log = logging.getLogger("sortline.transport")
 DRAIN_LIMIT = 1000  # messages a latest edge discards in one go before yielding
 
 
-def _socket(ctx: zmq.Context, edge: Edge, sending: bool) -> zmq.Socket:
+def _socket(ctx: zmq.Context, edge: Edge, sending: bool, curve=None) -> zmq.Socket:
     if edge.pattern == "pubsub":
         sock = ctx.socket(zmq.XPUB if sending else zmq.SUB)
         if sending:
@@ -76,6 +76,8 @@ def _socket(ctx: zmq.Context, edge: Edge, sending: bool) -> zmq.Socket:
         # often, so a live edge is joined within a frame or two.
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if curve is not None:
+        curve.secure(sock, edge, sending)  # tcp edges: CURVE keys (pipeline/curve.py)
     return sock
 
 
@@ -83,14 +85,14 @@ class Output:
     """One output port: allocates messages and sends them on every edge."""
 
     def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], run_dir: Path,
-                 stop: Callable[[], bool], idle: Callable[[], None] = lambda: None):
+                 stop: Callable[[], bool], idle: Callable[[], None] = lambda: None, curve=None):
         self.node, self.port, self.edges = node, port, edges
         self._run_dir = run_dir
         self._stop = stop
         self._idle = idle  # called while waiting on a consumer (the node's heartbeat)
         self._sockets, self._monitors = [], []
         for edge in edges:
-            sock = _socket(ctx, edge, sending=True)
+            sock = _socket(ctx, edge, sending=True, curve=curve)
             # Consumers are counted, to know when one is there to send to and
             # when it has hung up: a PUSH socket's connections from its own
             # events, an XPUB's subscribers from their (un)subscriptions.
@@ -180,7 +182,7 @@ class Output:
             header = msgspec.structs.replace(header, trace=trace, arrays=specs)
         else:
             header = msgspec.structs.replace(header, trace=trace)
-        inline = None
+        inline = [None, None]  # frames for edges on this host, and for tcp edges (trace in wall-clock time)
         for edge, sock in zip(self.edges, self._sockets):
             if edge.shm and slot_info is not None:
                 header.slot = SlotRef(pool.segment, slot, generation, edge.lane)
@@ -188,10 +190,11 @@ class Output:
                 if self._send(edge, sock, frames, copy=True):
                     pool.mark_sent(edge.lane, slot, generation)
             else:
-                if inline is None:
-                    inline = inline_frames(header, msg.arrays)
+                tcp = clock.is_tcp(edge)
+                if inline[tcp] is None:
+                    inline[tcp] = inline_frames(clock.to_wall(header) if tcp else header, msg.arrays)
                 # Slot memory is reused: never hand it to ZeroMQ without a copy.
-                self._send(edge, sock, inline, copy=slot_info is not None)
+                self._send(edge, sock, inline[tcp], copy=slot_info is not None)
         if slot_info is not None:
             msg.outgoing = None
             self._unsent.remove(msg)
@@ -294,15 +297,16 @@ class Output:
 class Input:
     """One input port: a socket per arriving edge, decoded into Messages."""
 
-    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders):
+    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders, curve=None):
         self.node, self.port = node, port
         self._readers = readers
         self.sockets: dict[zmq.Socket, Edge] = {}
         for edge in edges:
-            sock = _socket(ctx, edge, sending=False)
+            sock = _socket(ctx, edge, sending=False, curve=curve)
             sock.connect(edge.address)
             self.sockets[sock] = edge
         self.received = metrics.MESSAGES.labels(node, port, "in")
+        self.lines = metrics.LINES.labels(node, port)
         self._stale = {e.name: metrics.DROPS.labels(e.name, "stale") for e in edges}
 
     def read(self, sock: zmq.Socket) -> list[list]:
@@ -331,8 +335,11 @@ class Input:
             self._stale[edge.name].inc()
         return [newer[-1]]
 
-    def decode(self, frames: list) -> Message:
-        return self._readers.decode(frames)
+    def decode(self, frames: list, edge: Edge | None = None) -> Message:
+        msg = self._readers.decode(frames)
+        if edge is not None and clock.is_tcp(edge):
+            clock.from_wall(msg.header)
+        return msg
 
     def end(self, sock: zmq.Socket) -> None:
         """The edge's producer has ended its stream: hang up, which tells it
