@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from prometheus_client import Counter
 
+from nodes.encoder import EncoderTrack, encoder_pair
 from nodes.valves import BarGeometry
 from pipeline.config import Section
 from pipeline.node import Node
@@ -204,11 +205,11 @@ def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: in
 
 
 class EjectPlan(Node):
-    inputs = ("in",)
+    inputs = ("in", "encoder")
     outputs = ("out",)
 
     class Params(Policy):
-        command_lead_ms: float = Field(25.0, ge=0, description="time the ejector needs before a command's "
+        command_lead_ms: float = Field(40.0, ge=0, description="time the ejector needs before a command's "
                                        "deadline (its send-ahead and its own latency): windows that would "
                                        "start sooner are clipped")
         timing: bool = Field(True, description="false: never clip (scoring decisions on a belt that waits for "
@@ -228,14 +229,18 @@ class EjectPlan(Node):
         self.clipped = 0
         self.last_seq = -1
         # Time a command needs before the air must arrive (valve opening, driver, the ejector's lead).
-        self.command_ms = s.valves.open_ms + s.ejector.driver_latency_ms + p.command_lead_ms
-        self.ticks_per_ms = s.belt.speed_m_s * s.belt.ticks_per_mm
-        self.lead_ticks = 0
+        self.command_ns = (s.valves.open_ms + s.ejector.driver_latency_ms + p.command_lead_ms) * 1e6
+        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
         self.log.info("ejecting %s; %d valves at %.1f mm pitch, %.0f mm downstream",
                       ", ".join(p.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
 
     def process(self, port, msg):
         h = msg.header
+        if port == "encoder":
+            pair = encoder_pair(h, msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0)
+            if pair is not None:
+                self.track.update(*pair)
+            return None
         classes, conf = msg.arrays.get("classes"), msg.arrays.get("confidence")
         if classes is None or conf is None or classes.shape != conf.shape or classes.ndim != 2:
             raise ValueError("a mask message needs 2-D 'classes' and 'confidence' arrays of one shape")
@@ -244,10 +249,6 @@ class EjectPlan(Node):
         valid = int(h.meta.get("valid_lines", len(classes)))
         line0 = h.position // self.bar.tpl
         self.windows: list[list[int]] = []
-        # The belt has moved on while this mask was made: that, plus what a command needs, is how far
-        # past the last line seen a window must start to be blown in time.
-        age_ms = (time.monotonic_ns() - h.trace[0].t_in_ns) / 1e6 if h.trace else 0.0
-        self.lead_ticks = int((self.command_ms + max(age_ms, 0.0)) * self.ticks_per_ms)
         objs = self.finder.feed(line0, classes[:valid], conf[:valid], self._plan, gap=h.gap)
         if valid < len(classes):
             objs += self.finder.flush(self._plan)   # the lines after these are missing: nothing continues
@@ -264,14 +265,18 @@ class EjectPlan(Node):
         # Air cannot arrive at the bar before the belt there has moved on by the time a command needs
         # (valve opening, driver, sending ahead): the front of an object decided late is not blown, the
         # rest is. Such windows start later (counted as clipped); none is sent doomed to be late.
-        earliest = self.finder.next_line * self.bar.tpl + self.lead_ticks
+        # Where the belt is now (it has moved on while this mask was made) plus how far it moves while a
+        # command is on its way: a window must start past that to be blown in time.
+        earliest = -np.inf
+        if self.params.timing and self.track.known:
+            earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
         for v, a, b in valve_windows(obj, self.bar, self.before, self.after):
-            if a < earliest and self.params.timing:
+            if a < earliest:
                 self.clipped += 1
                 if b <= earliest:
                     continue
                 a = earliest
-            self.windows.append([v, v, a, b, 0, obj.cls])
+            self.windows.append([v, v, int(a), int(b), 0, obj.cls])
         return True
 
     def _publish(self, objs: list[Obj], like):

@@ -57,6 +57,20 @@ pattern = "{pattern}"
 """
 
 
+def demo_toml(udp_port: int, oracle: bool = False) -> str:
+    """The demo profile with its whole graph, calibration paths absolute, the valve bar on `udp_port`;
+    with `oracle`, the belt's truth stands in for the model's masks (perfect segmentation)."""
+    text = DEMO.read_text().replace('"calibration/', f'"{DEMO.parent}/calibration/')
+    text = text.replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{udp_port}"')
+    if oracle:
+        head, infer = text.split("[nodes.infer]\n", 1)
+        infer = infer.replace('kind = "infer"', 'kind = "oracle"', 1)
+        text = (head + "[nodes.infer]\n" + infer).replace(
+            'from = "register.out"\nto = "infer.in"', 'from = "belt.truth"\nto = "infer.in"')
+        assert 'kind = "oracle"' in text and 'from = "belt.truth"\nto = "infer.in"' in text
+    return text
+
+
 def node_toml(name: str, kind: str, params: str = "") -> str:
     return f'\n[nodes.{name}]\nkind = "{kind}"\nparams = {{ {params} }}\n'
 

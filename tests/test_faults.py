@@ -8,15 +8,13 @@ import time
 
 from pipeline.config import load_config
 from pipeline.graph import topo_order
-from tests.conftest import DEMO, free_port, load_json, metric, pid_of, scrape, start, stop, wait_for
+from tests.conftest import demo_toml, free_port, load_json, metric, pid_of, scrape, start, stop, wait_for
 
 
 def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_counted(tmp_path, run_dir):
     port, udp = free_port(), free_port()
     cfg = tmp_path / "demo.toml"
-    cfg.write_text(DEMO.read_text().replace('"calibration/', f'"{DEMO.parent}/calibration/')
-                   .replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{udp}"')
-                   .replace('[graph]\nname = "demo"', f'[graph]\nname = "faults"\nruntime_dir = "{run_dir}"')
+    cfg.write_text(demo_toml(udp).replace('[graph]\nname = "demo"', f'[graph]\nname = "faults"\nruntime_dir = "{run_dir}"')
                    + f"\n[metrics]\nport_base = {port}\n")
     sup = start("run", "--config", str(cfg), "--seconds", "14", "--report", str(tmp_path / "run.json"))
     try:
@@ -40,8 +38,8 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
     run = load_json(tmp_path / "run.json")
     assert run["nodes"]["plan"]["restarts"] == 1
     # While it was down its input queue filled and the rest was dropped at the sender, counted.
-    drops = run["nodes"]["oracle"]["metrics"].get(
-        'sortline_edge_drops_total{edge="oracle.out->plan.in",reason="queue_full"}', 0)
+    drops = sum(v for node in run["nodes"].values() for k, v in node["metrics"].items()
+                if k == 'sortline_edge_drops_total{edge="infer.out->plan.in",reason="queue_full"}')
     assert 0 < drops < 200
     # The rest of the pipeline carried on: air went out before and after.
     assert run["nodes"]["valves"]["status"]["commands"] > 0 and run["nodes"]["ejector"]["restarts"] == 0
