@@ -41,5 +41,6 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
     drops = sum(v for node in run["nodes"].values() for k, v in node["metrics"].items()
                 if k == 'sortline_edge_drops_total{edge="infer.out->plan.in",reason="queue_full"}')
     assert 0 < drops < 200
-    # The rest of the pipeline carried on: air went out before and after.
-    assert run["nodes"]["valves"]["status"]["commands"] > 0 and run["nodes"]["ejector"]["restarts"] == 0
+    # Only the killed stage was restarted: the rest carried on (the cameras never wait for a stage).
+    assert [n for n, node in run["nodes"].items() if node["restarts"]] == ["plan"]
+    assert run["nodes"]["infer"]["status"]["strips"] > 0

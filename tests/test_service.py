@@ -40,7 +40,8 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
         text = (units / f"sortline@{node}.service.d/node.conf").read_text()
         return next((line[6:].split() for line in text.splitlines() if line.startswith("After=")), [])
 
-    assert after("belt") == ["sortline@ejector.service", "sortline@register.service", "sortline@valves.service"]
+    assert after("belt") == ["sortline@ejector.service", "sortline@plan.service", "sortline@register.service",
+                            "sortline@valves.service"]
     assert after("register") == ["sortline@infer.service"] and after("infer") == ["sortline@plan.service"]
     assert after("valves") == []
     # The ejector, and only it, fires valves: real-time priority, on the CPUs given.
