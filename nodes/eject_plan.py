@@ -118,8 +118,8 @@ class ObjectFinder:
                 is_open = not final and last_row[k] == rows_total - 1 and rows_total < MAX_CARRY_LINES
                 if is_open:
                     open_tops.append(stats[k, cv2.CC_STAT_TOP])
-                if stats[k, cv2.CC_STAT_AREA] < self.min_area and not is_open:
-                    continue                   # a speck: noise, or a fragment of a misread object
+                if stats[k, cv2.CC_STAT_AREA] < self.min_area:
+                    continue                   # a speck (noise, a fragment of a misread object), or not yet an object
                 x, y, w, h = (stats[k, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
                                                     cv2.CC_STAT_HEIGHT))
                 rr, cc = np.nonzero(labels[y:y + h, x:x + w] == k)
@@ -214,6 +214,7 @@ class EjectPlan(Node):
                                        "start sooner are clipped")
         timing: bool = Field(True, description="false: never clip (scoring decisions on a belt that waits for "
                              "the pipeline)")
+        despeckle: bool = Field(True, description="a 3x3 median over the class mask before finding objects")
 
     def setup(self) -> None:
         s, p = self.settings, self.params
@@ -248,6 +249,9 @@ class EjectPlan(Node):
             raise ValueError(f"mask is {classes.shape[1]} pixels wide, cameras.rgb.pixels = {len(self.bar.valve_of_col)}")
         valid = int(h.meta.get("valid_lines", len(classes)))
         line0 = h.position // self.bar.tpl
+        if self.params.despeckle:
+            # Single misread pixels would each be an object of their own: a 3x3 median takes them out.
+            classes = cv2.medianBlur(np.ascontiguousarray(classes), 3)
         self.windows: list[list[int]] = []
         objs = self.finder.feed(line0, classes[:valid], conf[:valid], self._plan, gap=h.gap)
         if valid < len(classes):
