@@ -184,7 +184,8 @@ def test_the_valve_bar_simulator_refuses_bad_datagrams(tmp_path, run_dir):
         good = encode(Command(1, 0, 0, 0, 0, 1000, 1))
         for blob in [b"hello", good[:-4] + b"\0\0\0\0", good.replace(b"SL", b"XX", 1)] * 50:
             sock.sendto(blob, ("127.0.0.1", udp))
-        wait_for(lambda: sum(v for k, v in scrape(port).items() if "bad_datagrams" in k) >= 150, timeout=10)
+        wait_for(lambda: sum(v for k, v in scrape(port).items() if k.startswith("sortline_valve_sim_bad_datagrams_total"))
+                 >= 150, timeout=10)
         samples = scrape(port)
         assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="size") == 50
         assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="checksum") == 100  # XX breaks it too
