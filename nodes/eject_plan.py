@@ -238,7 +238,7 @@ class EjectPlan(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            pair = encoder_pair(h, msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0)
+            pair = encoder_pair(msg)
             if pair is not None:
                 self.track.update(*pair)
             return None

@@ -144,8 +144,7 @@ class Ejector(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            lines = msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0
-            pair = encoder_pair(h, lines)
+            pair = encoder_pair(msg)
             if pair is not None:
                 with self.lock:
                     self.track.update(*pair)

@@ -57,8 +57,10 @@ class EncoderTrack:
         return p + (t_ns - t) * self.speed()
 
 
-def encoder_pair(header, lines: int) -> tuple[int, int] | None:
+def encoder_pair(msg) -> tuple[int, int] | None:
     """(position, host time) of the end of a camera message: its last line was taken when its source stamped it."""
-    if not header.trace or not header.ticks_per_line:
+    h = msg.header
+    lines = msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0
+    if not h.trace or not h.ticks_per_line:
         return None
-    return header.position + lines * header.ticks_per_line, header.trace[0].t_in_ns
+    return h.position + lines * h.ticks_per_line, h.trace[0].t_in_ns

@@ -25,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 
 import numpy as np
 from prometheus_client import Counter
@@ -66,7 +67,7 @@ class ValveSim(Node):
         self.last_command = time.monotonic()
         self.bad: dict[str, int] = {}
         self.air_s = 0.0
-        self.pending: list[tuple[int, np.ndarray, np.ndarray]] = []    # truth chunks not yet scored
+        self.pending: deque[tuple[int, np.ndarray, np.ndarray]] = deque()   # truth chunks not yet scored
         self.objects: dict[int, list] = {}                             # id -> [cls, pixels, hit pixels]
         self.target_ids = {CLASS_NAMES.index(t) for t in p.targets}
         host, port = parse_address(s.ejector.address)
@@ -130,7 +131,7 @@ class ValveSim(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            pair = encoder_pair(h, msg.arrays["lines"].shape[0] if "lines" in msg.arrays else 0)
+            pair = encoder_pair(msg)
             if pair is not None:
                 with self.lock:
                     self.track.update(*pair)
@@ -151,13 +152,17 @@ class ValveSim(Node):
             while time.monotonic() < deadline and not self.stopping and time.monotonic() - self.last_command < 1.0:
                 time.sleep(0.05)
             while self.pending:
-                self._score(*self.pending.pop(0))
+                self._score(*self.pending.popleft())
         return None
 
     def _score_settled(self, encoder_pos: int) -> None:
         settle = self.bar.travel_ticks + SETTLE_MM * self.bar.tpm
         while self.pending and self.pending[0][0] + len(self.pending[0][1]) * self.bar.tpl + settle < encoder_pos:
-            self._score(*self.pending.pop(0))
+            position = self.pending[0][0]
+            self._score(*self.pending.popleft())
+            # Chunks are scored in belt order: air that ended before this one cannot touch the next.
+            with self.lock:
+                self.air = [[span for span in spans if span[1] >= position] for spans in self.air]
 
     def _score(self, position: int, labels: np.ndarray, ids: np.ndarray) -> None:
         rows, cols = np.nonzero(ids)
