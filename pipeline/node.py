@@ -380,4 +380,9 @@ def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int
         for line in exc.lines:
             logging.getLogger(f"sortline.{name}").error("%s", line)
         return EX_CONFIG
-    return runner.run()
+    code = runner.run()
+    # Done: a late SIGTERM (a second one from whoever stops us) must not kill the exit. Python puts
+    # its own handlers back to the default while it shuts down, but leaves an ignored signal ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
