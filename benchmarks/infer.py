@@ -2,8 +2,9 @@
 
 The infer node spends its time in one call per strip: backend.run(rgb, hsi),
 which converts the strip, runs the model and converts the mask back. This
-times that call for the demo-profile strip (128 lines + 2 x 16 overlap, 640
-pixels; HSI 40 x 160 x 32 bands) on held-out synthetic strips, in this
+times that call for the demo-profile strip (64 lines + 2 x 16 overlap, 640
+pixels; HSI 24 x 160 x 32 bands; the mask on 4 x 4 pixel cells) with the
+config's model on held-out synthetic strips, in this
 process pinned to CPU 0 with one thread (the other core runs the rest of the
 pipeline), for two backends in the same run:
 
@@ -11,7 +12,7 @@ pipeline), for two backends in the same run:
 - torch eager, one thread (the baseline).
 
 The need is the belt's: at 3 m/s the demo RGB camera runs 3200 lines/s, so
-3200 / 128 = 25 strips/s. `infer_cpu_realtime_factor` is ONNX Runtime's
+3200 / 64 = 50 strips/s. `infer_cpu_realtime_factor` is ONNX Runtime's
 strips/s over that; `ort_vs_torch` is ONNX Runtime's strips/s over torch's.
 
     python benchmarks/infer.py [--quick] [--json PATH] [--model CKPT] [--speed 3]
@@ -42,7 +43,6 @@ from models.export import StripShape  # noqa: E402
 from nodes.simulate import Simulation  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
 
 
 def held_out_strips(settings, count: int):
@@ -61,7 +61,7 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as one flat JSON object")
-    parser.add_argument("--model", default=str(WEIGHTS), help="checkpoint (default: the shipped one)")
+    parser.add_argument("--model", default="", help="checkpoint (default: the config's model.path)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.toml"), help="machine config (strip size)")
     parser.add_argument("--speed", type=float, default=3.0, help="belt speed, m/s (default 3: the stress case)")
     return parser
@@ -90,7 +90,7 @@ def gmac(path: Path, shape: StripShape) -> float:
     rgb = torch.zeros(shape.rgb)
     hsi = torch.zeros(shape.hsi)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        Deployed(net, shape.overlap)(rgb, hsi)
+        Deployed(net, shape.overlap, shape.stride)(rgb, hsi)
     return counter.get_total_flops() / 2e9
 
 
@@ -100,6 +100,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     settings = load_config(args.config)
+    args.model = args.model or str(ROOT / settings.model.path)
     shape = StripShape.from_settings(settings)
     strips = held_out_strips(settings, 4 if args.quick else 8)
     runs_ort, runs_torch = (40, 15) if args.quick else (200, 60)

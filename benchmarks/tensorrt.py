@@ -54,6 +54,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     settings = load_config(args.config)
+    args.model = args.model or str(ROOT / settings.model.path)
     shape = StripShape.from_settings(settings)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sortline-trt-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ A backend is opened for one strip shape and runs one strip at a time:
 
 rgb: (lines, width, 3) uint8 and hsi: (lines/r, width/r, bands) float16 or
 float32, the register node's strip with its overlap; classes and confidence:
-(core lines, width) uint8, confidence = max softmax x 255. Every backend
+(core lines, width) uint8, or that divided by the mask stride,
+confidence = max softmax x 255. Every backend
 knows its model's classes, hash and the shapes it was made for (from the
 checkpoint, the ONNX metadata or the engine header), and refuses a model
 made for other shapes or classes with a ModelFileError that says so.
@@ -35,18 +36,21 @@ class Backend:
             self.rgb_shape = tuple(json.loads(meta["rgb_shape"]))
             self.hsi_shape = tuple(json.loads(meta["hsi_shape"]))
             self.overlap = int(meta["overlap"])
+            self.stride = int(meta.get("mask_stride", "1"))   # models exported before strides: per pixel
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelFileError(f"model metadata incomplete or unreadable ({exc}): not made by `sortline export`?") from None
         self.model_hash = meta.get("model_hash", "")
         self.meta = meta
 
-    def expect(self, rgb_shape, hsi_shape, classes=None) -> None:
-        """Refuse a model made for other strips or classes (a ModelFileError saying which)."""
+    def expect(self, rgb_shape, hsi_shape, classes=None, stride: int | None = None) -> None:
+        """Refuse a model made for other strips, mask strides or classes (a ModelFileError saying which)."""
         problems = []
         if tuple(rgb_shape) != self.rgb_shape:
             problems.append(f"RGB input {self.rgb_shape}, the strips are {tuple(rgb_shape)}")
         if tuple(hsi_shape) != self.hsi_shape:
             problems.append(f"HSI input {self.hsi_shape}, the strips are {tuple(hsi_shape)}")
+        if stride is not None and stride != self.stride:
+            problems.append(f"mask stride {self.stride}, model.mask_stride is {stride}")
         if problems:
             problems[-1] += " (export or build it again for this machine config)"
         if classes is not None and tuple(classes) != self.classes:
@@ -110,7 +114,7 @@ class TorchBackend(Backend):
         except ValueError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         self._torch = torch
-        self.model = Deployed(net, shape.overlap).eval()
+        self.model = Deployed(net, shape.overlap, shape.stride).eval()
         super().__init__(metadata(net, meta, shape))
         if net.config.ratio != shape.ratio or net.config.bands != shape.bands:
             raise ModelFileError(f"{path}: the model is for ratio {net.config.ratio} and {net.config.bands} bands, "
@@ -195,7 +199,7 @@ def open_backend(kind: str, path: str | Path, shape, threads: int = 1) -> Backen
         backend = TensorRTBackend(path)
     else:
         raise ValueError(f"unknown backend {kind!r}")
-    backend.expect(shape.rgb, shape.hsi)
+    backend.expect(shape.rgb, shape.hsi, stride=shape.stride)
     return backend
 
 
@@ -206,7 +210,7 @@ def exported(checkpoint_path: Path, shape) -> Path:
     from models.export import export
 
     net, meta = checkpoint.load(checkpoint_path)
-    out = CACHE / "onnx" / f"{meta['hash']}-{shape.lines}x{shape.width}-o{shape.overlap}.onnx"
+    out = CACHE / "onnx" / f"{meta['hash']}-{shape.lines}x{shape.width}-o{shape.overlap}-s{shape.stride}.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.onnx")

@@ -108,6 +108,12 @@ class ModelConfig:
 SIZES: dict[str, dict] = {
     # CPU and small Jetsons: ~30 ms for a demo strip on one ONNX Runtime thread.
     "tiny": {},
+    # CPU at line rate (the demo profile at 3 m/s: 50 strips of 64 + 2 x 16 lines a second): about
+    # 11 ms a strip on one ONNX Runtime thread. Narrower stages, and HSI tokens of 4 x 4 HSI pixels
+    # in 2 spectral slices, so the HSI grid is coarser than the RGB grid by 4 at stage 0.
+    "nano": dict(rgb_dims=(16, 32, 64, 128), rgb_depths=(1, 1, 1, 1), rgb_heads=(1, 2, 4, 8),
+                 hsi_patch=4, hsi_merge=(True, False, False), hsi_dims=(32, 32, 32, 32),
+                 hsi_depths=(1, 1, 1, 1), hsi_heads=(2, 2, 2, 2), slices=2, decoder_dim=24),
     # Big GPUs: about 8x the compute, same structure.
     "base": dict(rgb_dims=(48, 96, 192, 384), rgb_depths=(2, 2, 6, 2), rgb_heads=(2, 4, 8, 16),
                  hsi_dims=(32, 64, 128, 128), hsi_depths=(1, 1, 3, 1), hsi_heads=(1, 2, 4, 4),

@@ -3,6 +3,8 @@
 Each stage map is projected to one width, added top-down (coarse maps
 resized to the next finer one), refined once at the finest grid with a
 depthwise 3x3 and a pointwise conv, classified, and resized to the strip.
+The logits come at `size`: the strip's own (per RGB pixel), or a coarser
+grid down to the finest map's (stride 4), where no resize is needed.
 Resizes are by constant scale factors (integers: grids differ by powers of
 two, and the strip by 4 or 8 from the finest map), so the exported graph has
 plain Resize nodes and no shape arithmetic.
@@ -37,6 +39,8 @@ class Decoder(nn.Module):
                 y = F.interpolate(y, scale_factor=float(dims(lat)[2] // dims(y)[2]), mode="nearest")
             y = y + lat
         logits = self.classify(self.refine(y))
+        if tuple(size) == tuple(dims(logits)[2:]):
+            return logits
         # A constant scale (not a size): the exported Resize then needs no Shape ops.
         scale = (size[0] / dims(logits)[2], size[1] / dims(logits)[3])
         return F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)

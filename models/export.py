@@ -4,7 +4,8 @@ The graph is exported at static shapes: batch 1, the strip with its overlap
 (strip_lines + 2 x overlap_lines) x the camera's pixels, and the HSI grid r
 times coarser. It takes rgb (1, H, W, 3) float32 0..255 and hsi (1, H/r,
 W/r, bands) float32 and returns the core lines' classes (int32) and
-confidence (float32). The ONNX file's metadata says what it is for (shapes,
+confidence (float32), per RGB pixel or on the coarser grid of `model.mask_stride`.
+The ONNX file's metadata says what it is for (shapes,
 classes, overlap, model hash), so a backend can refuse a mismatched strip.
 """
 
@@ -32,6 +33,7 @@ class StripShape:
     overlap: int    # RGB lines of context on each side (cropped from the output)
     ratio: int
     bands: int
+    stride: int = 1  # the mask's grid: RGB pixels per mask cell, along and across
 
     @property
     def rgb(self) -> tuple[int, ...]:
@@ -43,20 +45,20 @@ class StripShape:
 
     @property
     def core(self) -> tuple[int, int]:
-        return (self.lines - 2 * self.overlap, self.width)
+        return ((self.lines - 2 * self.overlap) // self.stride, self.width // self.stride)
 
     @classmethod
     def from_settings(cls, settings) -> "StripShape":
         m = settings.model
         return cls(m.strip_lines + 2 * m.overlap_lines, settings.cameras.rgb.pixels, m.overlap_lines,
-                   settings.hsi_ratio, m.bands)
+                   settings.hsi_ratio, m.bands, m.mask_stride)
 
 
 def metadata(net, meta: dict, shape: StripShape) -> dict[str, str]:
     """What an exported model or engine carries so that a mismatch is caught before running it."""
     return {"sortline": "model", "model_hash": meta.get("hash", ""), "classes": json.dumps(list(net.config.classes)),
             "variant": net.config.variant, "size": net.config.size, "rgb_shape": json.dumps(shape.rgb),
-            "hsi_shape": json.dumps(shape.hsi), "overlap": str(shape.overlap)}
+            "hsi_shape": json.dumps(shape.hsi), "overlap": str(shape.overlap), "mask_stride": str(shape.stride)}
 
 
 def example_inputs(shape: StripShape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +76,7 @@ def export(net, meta: dict, shape: StripShape, out: str | Path, opset: int = OPS
         raise ValueError(f"the model is for ratio {net.config.ratio} and {net.config.bands} bands; "
                          f"the strip has ratio {shape.ratio} and {shape.bands} bands")
     out = Path(out)
-    model = Deployed(net.eval(), shape.overlap).eval()
+    model = Deployed(net.eval(), shape.overlap, shape.stride).eval()
     rgb, hsi = example_inputs(shape)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")   # shapes taken as Python ints are meant to be constants
@@ -95,7 +97,7 @@ def compare(net, onnx_path: str | Path, shape: StripShape, strips: int = 2) -> d
     from models.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(onnx_path, threads=1)
-    model = Deployed(net.eval(), shape.overlap).eval()
+    model = Deployed(net.eval(), shape.overlap, shape.stride).eval()
     diff, agree, total = 0.0, 0, 0
     for seed in range(strips):
         rgb, hsi = example_inputs(shape, seed)

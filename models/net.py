@@ -42,9 +42,10 @@ class SortNet(nn.Module):
         self.decoder = Decoder(c.hsi_dims if c.variant == "hsi" else c.rgb_dims, c.decoder_dim, len(c.classes))
         init_weights(self)
 
-    def forward(self, rgb, hsi):
+    def forward(self, rgb, hsi, stride: int = 1):
+        """Logits (B, K, H/stride, W/stride): per RGB pixel, or on a grid `stride` (1, 2 or 4) coarser."""
         c = self.config
-        size = tuple(dims(rgb)[1:3])
+        size = tuple(d // stride for d in dims(rgb)[1:3])
         if c.uses_rgb:
             rgb_maps = self.rgb(((rgb - c.rgb_mean) / c.rgb_std).permute(0, 3, 1, 2))
         if c.uses_hsi:
@@ -61,16 +62,20 @@ class SortNet(nn.Module):
 class Deployed(nn.Module):
     """What is exported: the network, the overlap cropped, the class and its confidence.
 
-    Outputs classes (B, core lines, W) int32 and confidence (B, core lines, W)
-    float32 (the winning class's softmax probability).
+    Outputs classes (B, core lines / stride, W / stride) int32 and confidence
+    (same shape) float32 (the winning class's softmax probability). With
+    stride 4 the mask is the decoder's own grid: no upsampling, and 16 times
+    fewer pixels to take the argmax of and to turn into objects.
     """
 
-    def __init__(self, net: SortNet, overlap: int):
+    def __init__(self, net: SortNet, overlap: int, stride: int = 1):
         super().__init__()
-        self.net, self.overlap = net, overlap
+        if overlap % stride:
+            raise ValueError(f"overlap {overlap} must be a multiple of the mask stride {stride}")
+        self.net, self.overlap, self.stride = net, overlap // stride, stride
 
     def forward(self, rgb, hsi):
-        logits = self.net(rgb, hsi)
+        logits = self.net(rgb, hsi, self.stride)
         h = int(logits.shape[2])
         if self.overlap:
             logits = logits[:, :, self.overlap:h - self.overlap]

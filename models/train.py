@@ -34,7 +34,10 @@ def open_dataset(args, split: str):
         settings = load_config(args.config)
         seed = args.seed_data if split == "train" else args.seed_data + 1000
         count = args.strips if split == "train" else args.eval_strips
+        # Strips as the infer node gets them, or longer where training crops are longer.
         lines = settings.model.strip_lines + 2 * settings.model.overlap_lines
+        if split == "train":
+            lines = max(lines, args.crop_lines)
         return SyntheticBelt(settings, seed=seed, count=count, lines=lines, bands=settings.model.bands)
     from models.data import SpectralWaste
 

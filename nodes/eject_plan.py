@@ -209,17 +209,19 @@ class EjectPlan(Node):
     outputs = ("out",)
 
     class Params(Policy):
-        command_lead_ms: float = Field(40.0, ge=0, description="time the ejector needs before a command's "
+        command_lead_ms: float = Field(25.0, ge=0, description="time the ejector needs before a command's "
                                        "deadline (its send-ahead and its own latency): windows that would "
                                        "start sooner are clipped")
         timing: bool = Field(True, description="false: never clip (scoring decisions on a belt that waits for "
                              "the pipeline)")
-        despeckle: bool = Field(True, description="a 3x3 median over the class mask before finding objects")
+        despeckle: bool = Field(True, description="a 3x3 median over the class mask before finding objects "
+                                  "(masks per RGB pixel; a coarser mask is smooth at its own scale)")
 
     def setup(self) -> None:
         s, p = self.settings, self.params
-        self.bar = BarGeometry(s)
-        px_mm2 = s.cameras.rgb.mm_per_pixel * s.cameras.rgb.ticks_per_line / s.belt.ticks_per_mm
+        # Masks come on the grid of model.mask_stride: a cell of k x k RGB pixels is a mask pixel.
+        self.bar = BarGeometry(s, s.model.mask_stride)
+        px_mm2 = self.bar.mm_per_px * self.bar.tpl / s.belt.ticks_per_mm
         self.min_area_px = p.min_area_mm2 / px_mm2
         self.finder = ObjectFinder(max(1, int(self.min_area_px)))
         self.target_ids = np.array([CLASS_NAMES.index(t) for t in p.targets])
@@ -245,12 +247,15 @@ class EjectPlan(Node):
         classes, conf = msg.arrays.get("classes"), msg.arrays.get("confidence")
         if classes is None or conf is None or classes.shape != conf.shape or classes.ndim != 2:
             raise ValueError("a mask message needs 2-D 'classes' and 'confidence' arrays of one shape")
-        if classes.shape[1] != len(self.bar.valve_of_col):
-            raise ValueError(f"mask is {classes.shape[1]} pixels wide, cameras.rgb.pixels = {len(self.bar.valve_of_col)}")
+        if classes.shape[1] != len(self.bar.valve_of_col) or h.ticks_per_line != self.bar.tpl:
+            raise ValueError(f"mask is {classes.shape[1]} pixels wide at {h.ticks_per_line} ticks per line; "
+                             f"cameras.rgb.pixels and model.mask_stride = {self.settings.model.mask_stride} "
+                             f"make {len(self.bar.valve_of_col)} at {self.bar.tpl}")
         valid = int(h.meta.get("valid_lines", len(classes)))
         line0 = h.position // self.bar.tpl
-        if self.params.despeckle:
+        if self.params.despeckle and self.bar.tpl == self.settings.cameras.rgb.ticks_per_line:
             # Single misread pixels would each be an object of their own: a 3x3 median takes them out.
+            # (A coarser mask is the model's own grid, already smooth at that scale.)
             classes = cv2.medianBlur(np.ascontiguousarray(classes), 3)
         self.windows: list[list[int]] = []
         objs = self.finder.feed(line0, classes[:valid], conf[:valid], self._plan, gap=h.gap)

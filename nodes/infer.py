@@ -6,10 +6,12 @@ reflectance; `position` is the encoder position of the strip's first line
 (the top of the overlap), `meta` {"overlap", "ratio"}.
 
 Output (stream "mask"): classes and confidence (max softmax x 255), both
-(strip lines, W) uint8, for the core lines only; `position` moves to the
-first core line; the trace and the other header fields are carried over;
-`meta` {"classes": names, "model": model hash, "valid_lines": core lines with real data (a strip the
-register node ended early at a gap has fewer)}.
+(strip lines, W) uint8, for the core lines only; or, with model.mask_stride
+k > 1, (strip lines / k, W / k), one value per k x k RGB pixels, and
+`ticks_per_line` k times the strip's. `position` moves to the first core
+line; the trace and the other header fields are carried over; `meta`
+{"classes": names, "model": model hash, "stride": k, "valid_lines": mask lines
+with real data (a strip the register node ended early at a gap has fewer)}.
 
 The model is opened once in setup with the configured backend (see
 models.backends). A model file that is missing or made for other strips or
@@ -66,7 +68,7 @@ class Infer(Node):
         except ImportError as exc:
             raise ConfigError([f"node {self.name}: backend {kind} is not installed here ({exc}); "
                                "the tensorrt backend needs the .[gpu] extra on an NVIDIA machine"]) from None
-        self.meta = {"classes": list(self.backend.classes), "model": self.backend.model_hash}
+        self.meta = {"classes": list(self.backend.classes), "model": self.backend.model_hash, "stride": self.shape.stride}
         self.core = self.shape.core
         self.strips, self.busy_s = 0, 0.0
         self.log.info("%s backend, model %s (%s), strips %s -> masks %s", kind, self.backend.model_hash, path,
@@ -89,10 +91,11 @@ class Infer(Node):
         t0 = time.perf_counter()
         classes, confidence = self.backend.run(rgb, hsi)   # a shape mismatch raises: dropped and counted
         self.busy_s += time.perf_counter() - t0
-        h = msg.header
+        h, k = msg.header, self.shape.stride
+        valid = -(-int(h.meta.get("valid_lines", self.core[0] * k)) // k)
         out = self.out["out"].new({"classes": (self.core, np.uint8), "confidence": (self.core, np.uint8)}, like=msg,
                                   stream="mask", position=h.position + self.shape.overlap * h.ticks_per_line,
-                                  meta={**self.meta, "valid_lines": int(h.meta.get("valid_lines", self.core[0]))})
+                                  ticks_per_line=h.ticks_per_line * k, meta={**self.meta, "valid_lines": valid})
         if out is None:
             return None
         out.arrays["classes"][...] = classes

@@ -210,6 +210,13 @@ def cmd_score(args) -> int:
                 rows.append(_score_row(json.loads(score_path.read_text()), json.loads(run_path.read_text()),
                                        speed, occupancy, args))
     print(_score_table(rows))
+    for r in rows:
+        looks = {k[len("recovery_look_"):]: v for k, v in r.items() if k.startswith("recovery_look_")}
+        print(f"recovery by look at {r['speed_m_s']:g} m/s: "
+              + ", ".join(f"{look} {100 * v:.0f} %" for look, v in looks.items()))
+        others = {k[len("hit_other_"):]: v for k, v in r.items() if k.startswith("hit_other_")}
+        print(f"other objects hit at {r['speed_m_s']:g} m/s: "
+              + (", ".join(f"{cls} {n}" for cls, n in others.items()) or "none"))
     if args.unpaced:
         print("UNPACED: the belt waited for the pipeline; these figures score decisions, not timing.")
     if args.json:
@@ -225,18 +232,21 @@ def _score_row(score: dict, run: dict, speed: float, occupancy, args) -> dict:
            "paced": not args.unpaced, **{k: v for k, v in score.items() if not isinstance(v, (dict, list))},
            "late": ejector.get("late", 0) + score.get("late_arrivals", 0),
            "decision_p50_ms": ejector.get("decision_p50_ms"), "decision_p99_ms": ejector.get("decision_p99_ms"),
-           "lead_p50_ms": ejector.get("lead_p50_ms"), "lead_min_ms": ejector.get("lead_min_ms")}
+           "lead_p50_ms": ejector.get("lead_p50_ms"), "lead_min_ms": ejector.get("lead_min_ms"),
+           **{f"recovery_look_{look}": v for look, v in score.get("recovery_by_look", {}).items()},
+           **{f"hit_other_{cls}": n for cls, n in score.get("hit_others_by_class", {}).items()}}
     return row
 
 
 def _score_table(rows: list[dict]) -> str:
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f} %"
-    out = ["| speed m/s | occupancy | targets | recovery | purity | purity (area) | late | missed | air valve-s "
-           "| decision p50/p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| speed m/s | occupancy | targets | recovery | recovery, black excluded | purity | purity (area) | late "
+           "| missed | air valve-s | decision p50/p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         occ = "default" if r["occupancy"] is None else f"{r['occupancy']:g}"
-        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['targets']} | {pct(r['recovery'])} | {pct(r['purity'])} | "
+        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['targets']} | {pct(r['recovery'])} | "
+                   f"{pct(r.get('recovery_not_black'))} ({r.get('black_targets', 0)} black) | {pct(r['purity'])} | "
                    f"{pct(r['purity_area'])} | {r['late']} | {r['missed']} | {r['air_valve_s']:.1f} | "
                    f"{r['decision_p50_ms']} / {r['decision_p99_ms']} |")
     return "\n".join(out)

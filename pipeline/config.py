@@ -96,6 +96,10 @@ class Model(Section):
     band_ranges: list[tuple[int, int]] = Field(
         [], description="instead of equal groups: the camera bands [start, end) averaged into each model band")
     threads: int = Field(1, ge=1, le=64)
+    mask_stride: Literal[1, 2, 4] = Field(
+        1, description="the class mask on a grid this many RGB pixels coarser along and across (4: the "
+        "model's finest grid, 3.75 mm on the demo profile; a valve lane is 12.5 mm): cheaper to make and "
+        "to turn into objects")
 
 
 class CalibrationFiles(Section):
@@ -211,6 +215,12 @@ class Settings(BaseSettings):
             value = getattr(self.model, key)
             if value % r:
                 raise ValueError(f"model.{key} = {value} must be a multiple of the RGB:HSI ratio {r}")
+        k = self.model.mask_stride
+        for key in ("strip_lines", "overlap_lines"):
+            if getattr(self.model, key) % k:
+                raise ValueError(f"model.{key} = {getattr(self.model, key)} must be a multiple of model.mask_stride = {k}")
+        if self.cameras.rgb.pixels % k:
+            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of model.mask_stride = {k}")
         if self.cameras.rgb.pixels % r:
             raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of the RGB:HSI ratio {r}")
         if self.model.band_ranges:

@@ -94,6 +94,24 @@ def test_valve_windows_geometry(settings):
                        [3, (112 * 15) - 80 + 4800, (130 * 15) + 80 + 4800]]
 
 
+def test_a_coarse_mask_gives_the_windows_of_the_same_objects_per_pixel(settings):
+    """A mask of 4 x 4 pixel cells (model.mask_stride = 4) against the same objects drawn per RGB
+    pixel: the same valves, the same open and close positions at the bar."""
+    fine_bar, coarse_bar = BarGeometry(settings), BarGeometry(settings, stride=4)
+    assert len(coarse_bar.valve_of_col) == 160 and coarse_bar.tpl == 60 and coarse_bar.mm_per_px == 3.75
+    coarse = np.zeros((24, 160), np.uint8)
+    coarse[3:9, 7:20] = 1           # 18 x 13 cells: x 26.25 .. 75 mm, lines 12..35
+    coarse[14:20, 100:104] = 1      # x 375 .. 390 mm
+    fine = coarse.repeat(4, 0).repeat(4, 1)
+    win = {}
+    for name, mask, bar in (("fine", fine, fine_bar), ("coarse", coarse, coarse_bar)):
+        objs = feed(ObjectFinder(min_area_px=1), mask, len(mask), line0=400 // (bar.tpl // 15))
+        win[name] = sorted(w for o in objs for w in valve_windows(o, bar, before_ticks=80, after_ticks=80))
+    assert win["coarse"] == win["fine"]
+    assert [w[0] for w in win["coarse"]] == [2, 3, 4, 5, 30, 31]
+    assert win["coarse"][0][1:] == [(400 + 12) * 15 - 80 + 4800, (400 + 36) * 15 + 80 + 4800]
+
+
 def test_policy_touching_and_confidence():
     finder = ObjectFinder(min_area_px=10)
     mask = np.zeros((40, 60), np.uint8)
@@ -208,6 +226,12 @@ def test_score_on_the_synthetic_belt(tmp_path):
     score = load_json(tmp_path / "u.json")
     assert score["paced"] is False and score["targets"] >= 15
     assert score["recovery"] >= 0.95 and score["purity"] >= 0.95, score
+    # Recovery per look, from the truth's object list: every target has a look, and the per-look
+    # figures agree with the total.
+    looks = {k[len("recovery_look_"):]: v for k, v in score.items() if k.startswith("recovery_look_")}
+    assert looks and set(looks) <= {"clear", "white", "coloured", "black", "unknown"}, looks
+    assert all(0 <= v <= 1 for v in looks.values()) and "recovery by look at 2 m/s" in res.stdout
+    assert score["recovery_not_black"] >= 0.95 and score["black_targets"] >= 0
     # Paced: the belt does not wait. A shared 2-core machine can hold a process back now and then, which
     # costs windows (clipped or late, and counted), so the bar here is lower than the 2 m/s target;
     # docs/ejection.md has the figures of a quiet machine.

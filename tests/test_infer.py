@@ -17,7 +17,7 @@ from pipeline.config import EX_CONFIG, load_config
 from pipeline.graph import inputs_of, outputs_of
 from pipeline.transport import Input, Output, SlotReaders
 
-WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
+WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-nano.safetensors"   # the demo profile's model
 
 
 def graph(model: str, backend: str = "onnxruntime", extra: str = "") -> str:
@@ -109,15 +109,18 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
         sent = list(strips(settings, 3))
         for seq, (rgb, hsi) in enumerate(sent):
             h.send(seq, rgb, hsi)
+        m, k = settings.model, settings.model.mask_stride
+        assert k == 4 and shape.core == (m.strip_lines // 4, 160)    # the demo profile's mask: 3.75 mm cells
         for seq, (rgb, hsi) in enumerate(sent):
             header, arrays = h.receive()
             classes, conf = direct.run(rgb, hsi)
             assert header.stream == "mask" and header.seq == seq
-            assert header.position == 1000 + seq * 128 * 15 + 16 * 15     # the first core line
-            assert header.gap == (seq == 0) and header.ticks_per_line == 15
+            assert header.position == 1000 + (seq * m.strip_lines + m.overlap_lines) * 15     # the first core line
+            assert header.gap == (seq == 0) and header.ticks_per_line == 15 * k
             assert [t.stage for t in header.trace] == ["register", "infer"]
             assert header.meta["classes"][:3] == ["belt", "PET", "PP"] and header.meta["model"] == direct.model_hash
-            assert arrays["classes"].shape == (128, 640) and arrays["classes"].dtype == np.uint8
+            assert header.meta["stride"] == k and header.meta["valid_lines"] == m.strip_lines // k
+            assert arrays["classes"].shape == shape.core and arrays["classes"].dtype == np.uint8
             assert np.array_equal(arrays["classes"], classes)
             assert np.array_equal(arrays["confidence"], conf)
             # A trained model finds objects: not everything is belt, and it is sure of the belt.
@@ -138,7 +141,8 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
     assert err.count("dropped a message") >= 1
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_classes", "no_tensorrt"])
+@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_stride", "other_classes",
+                                     "no_tensorrt"])
 def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, problem):
     backend, extra = "onnxruntime", ""
     if problem == "other_classes":   # downstream sorts by other class names than the model knows
@@ -152,12 +156,14 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
     elif problem == "not_a_model":
         model = tmp_path / "junk.onnx"
         model.write_bytes(b"not an onnx file")
-    else:   # an ONNX model exported for another strip size
+    else:   # an ONNX model exported for another strip size, or a mask per RGB pixel
         from models import checkpoint
         from models.export import export
 
         net, meta = checkpoint.load(WEIGHTS)
-        model = export(net, meta, StripShape(lines=96, width=640, overlap=16, ratio=4, bands=32), tmp_path / "m.onnx")
+        lines, stride = (160, 4) if problem == "other_strips" else (96, 1)
+        model = export(net, meta, StripShape(lines=lines, width=640, overlap=16, ratio=4, bands=32, stride=stride),
+                       tmp_path / "m.onnx")
     h = Harness(tmp_path, run_dir, str(model), backend, extra)
     try:
         rc = h.node.wait(timeout=60)
@@ -165,6 +171,7 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
         _, err = h.close()
     assert rc == EX_CONFIG
     expected = {"missing": "no such model file", "not_a_model": "not a usable ONNX model",
-                "other_strips": "does not fit: RGB input (1, 96, 640, 3)", "no_tensorrt": "is not installed here",
+                "other_strips": "does not fit: RGB input (1, 160, 640, 3)", "no_tensorrt": "is not installed here",
+                "other_stride": "mask stride 1, model.mask_stride is 4",
                 "other_classes": "expected ['belt', 'PET', 'PP', 'glass']"}[problem]
     assert expected in err

@@ -44,11 +44,37 @@ def test_deployed_gives_the_argmax_and_its_softmax_probability():
     assert torch.allclose(conf, prob.max(1).values, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", ["tiny", "nano"])
+def test_a_coarser_mask_is_the_decoder_grid_without_upsampling(size):
+    """Stride 4: one class per 4 x 4 RGB pixels, from the logits the full-resolution mask is
+    interpolated from, the overlap cropped in cells."""
+    from models.net import Deployed
+
+    net = SortNet(make_config(size, "fusion")).eval()
+    x = inputs(lines=96)
+    with torch.no_grad():
+        fine = net(*x)
+        coarse = net(*x, stride=4)
+        classes, conf = Deployed(net, 16, stride=4).eval()(*x)
+    assert fine.shape == (1, 10, 96, 128) and coarse.shape == (1, 10, 24, 32)
+    prob = coarse[:, :, 4:-4].softmax(1)
+    assert classes.shape == (1, 16, 32) and torch.equal(classes.long(), prob.argmax(1))
+    assert torch.allclose(conf, prob.max(1).values, atol=1e-6)
+    # Bilinear upsampling by 4 puts the cell value near each cell's centre: the fine mask agrees
+    # with the coarse one on most pixels at the cells' centres.
+    centres = fine[:, :, 16:-16][:, :, 1::4, 1::4].argmax(1)
+    assert (centres == classes.long()).float().mean() > 0.6
+    with pytest.raises(ValueError, match="multiple of the mask stride"):
+        Deployed(net, 6, stride=4)
+
+
 def test_sizes():
     tiny = {v: count_params(SortNet(make_config("tiny", v))) for v in ("fusion", "rgb", "hsi")}
     assert 1.0e6 < tiny["fusion"] < 2.5e6          # the design point: ~2 M parameters or fewer
     assert tiny["rgb"] < tiny["fusion"] and tiny["hsi"] < tiny["fusion"]
     assert count_params(SortNet(make_config("base", "fusion"))) > 4 * tiny["fusion"]
+    assert count_params(SortNet(make_config("nano", "fusion"))) < 0.5 * tiny["fusion"]
+    make_config("nano").check_strip(96, 640)    # the demo profile's strip: 64 + 2 x 16 lines
 
 
 def test_strips_that_do_not_fit_both_grids_are_refused():
@@ -141,6 +167,28 @@ def test_onnx_export_matches_torch(tmp_path):
     assert not ops & {"Shape", "NonZero", "Loop", "If", "ScatterND"}, ops
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert outputs == {"classes": [1, 128, 640], "confidence": [1, 128, 640]}
+
+
+def test_onnx_export_of_a_coarse_mask_matches_torch(tmp_path):
+    """The demo profile's deployment: nano, 96-line strips, a mask of 4 x 4 pixel cells."""
+    import onnx
+
+    from models.backends import OnnxRuntimeBackend
+
+    net = SortNet(make_config("nano", "fusion")).eval()
+    shape = StripShape(lines=96, width=640, overlap=16, ratio=4, bands=32, stride=4)
+    assert shape.core == (16, 160)
+    path = export(net, {"hash": "abc"}, shape, tmp_path / "m.onnx")
+    check = compare(net, path, shape)
+    assert check["max_abs_diff_confidence"] < 1e-4 and check["class_agreement"] > 0.9999
+    proto = onnx.load(str(path))
+    assert {p.key: p.value for p in proto.metadata_props}["mask_stride"] == "4"
+    # The three top-down resizes of the decoder, and no final upsampling to the strip.
+    assert [n.op_type for n in proto.graph.node].count("Resize") == 3
+    backend = OnnxRuntimeBackend(path)
+    backend.expect(shape.rgb, shape.hsi, stride=4)
+    with pytest.raises(checkpoint.ModelFileError, match="mask stride 4, model.mask_stride is 1"):
+        backend.expect(shape.rgb, shape.hsi, stride=1)
 
 
 def test_engine_files_carry_a_header_and_junk_is_refused(tmp_path):

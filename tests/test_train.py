@@ -18,7 +18,8 @@ from models.data import Crops, SpectralWaste, SyntheticBelt
 from models.evaluate import scores
 from pipeline.config import load_config
 
-WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-tiny.safetensors"
+SHIPPED = [ROOT / "models" / "weights" / f"belt-fusion-{size}.safetensors" for size in ("nano", "tiny")]
+
 
 @pytest.fixture
 def env(tmp_path):
@@ -139,14 +140,15 @@ def test_iou_from_a_confusion_matrix():
     assert r["pixel_accuracy"] == pytest.approx(70 / 85)
 
 
-def test_the_shipped_model_on_held_out_strips(tmp_path, env):
+@pytest.mark.parametrize("weights", SHIPPED, ids=["nano", "tiny"])
+def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     out, png = tmp_path / "e.json", tmp_path / "cm.png"
-    ev = sortline("evaluate", str(WEIGHTS), "--eval-strips", "12", "--json", str(out), "--png", str(png), env=env,
+    ev = sortline("evaluate", str(weights), "--eval-strips", "12", "--json", str(out), "--png", str(png), env=env,
                   timeout=300)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(out.read_text())
     assert result["variant"] == "fusion" and result["samples"] == 12
-    assert set(result["per_class_iou"]) == set(read(WEIGHTS)[0].classes)
+    assert set(result["per_class_iou"]) == set(read(weights)[0].classes)
     assert result["miou"] > 0.6 and result["per_class_iou"]["belt"] > 0.95
     assert "mIoU" in ev.stdout and "PET" in ev.stdout
     img = cv2.imread(str(png))

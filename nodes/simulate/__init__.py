@@ -4,7 +4,8 @@ It publishes exactly what the two acquisition nodes would (stream "rgb":
 lines × pixels × 3 uint8; stream "hsi": lines × pixels × bands uint16 raw
 12-bit counts; headers with encoder positions and timestamps), plus a
 "truth" stream aligned with the RGB messages: per-pixel class labels and
-object ids on the RGB grid, and the objects that start in that message.
+object ids on the RGB grid, and the objects that start in that message (id,
+class, extent, and look: clear, white, coloured, black, ...).
 
 Content depends only on the seed and the encoder position, never on timing:
 the same seed gives the same bytes, paced or not. Pacing follows the belt
@@ -21,7 +22,7 @@ from pydantic import Field, field_validator
 
 from nodes.simulate.belt import BeltMotion
 from nodes.simulate.cameras import HSICamera, Misregistration, Noise, RGBCamera
-from nodes.simulate.materials import CLASSES, PALETTE
+from nodes.simulate.materials import CLASSES, ENDMEMBER_LOOK, PALETTE
 from nodes.simulate.scene import Scene
 from pipeline.config import Section
 from pipeline.node import Node
@@ -98,7 +99,8 @@ class Simulation:
         maps = self.scene.rows(row0, cfg.lines_per_frame)
         table = self.scene.object_table(row0, cfg.lines_per_frame, cfg.ticks_per_line)
         objects = [{"id": int(o["id"]), "cls": int(o["cls"]), "x0_mm": round(float(o["x0_mm"]), 2),
-                    "x1_mm": round(float(o["x1_mm"]), 2), "p0": int(o["p0"]), "p1": int(o["p1"])} for o in table]
+                    "x1_mm": round(float(o["x1_mm"]), 2), "p0": int(o["p0"]), "p1": int(o["p1"]),
+                    "look": ENDMEMBER_LOOK[int(o["endmember"])]} for o in table]
         return {"labels": maps["labels"], "instances": maps["instances"]}, objects
 
 

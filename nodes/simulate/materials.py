@@ -112,6 +112,7 @@ for _m in CLASSES[1:]:
         _ENDMEMBERS.append((_m, _v))
 _ENDMEMBERS += [("paper", "label"), ("PP", "label"), ("dirt", "dirt"), ("target", "white")]
 ENDMEMBER = {key: i for i, key in enumerate(_ENDMEMBERS)}
+ENDMEMBER_LOOK = tuple(look for _, look in _ENDMEMBERS)   # endmember index -> its look (clear, black, ...)
 
 
 def endmember_spectra(wavelengths_nm: np.ndarray) -> np.ndarray:

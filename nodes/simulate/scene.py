@@ -33,7 +33,7 @@ OVERLAY_ENDMEMBER = np.array([0, ENDMEMBER[("paper", "label")], ENDMEMBER[("PP",
                               ENDMEMBER[("dirt", "dirt")]], dtype=np.uint8)
 
 OBJECT_DTYPE = np.dtype([("id", "<u4"), ("cls", "u1"), ("x0_mm", "<f4"), ("x1_mm", "<f4"),
-                         ("p0", "<i8"), ("p1", "<i8")])
+                         ("p0", "<i8"), ("p1", "<i8"), ("endmember", "u1")])
 
 
 @dataclass
@@ -348,6 +348,6 @@ class Scene:
                     out.append((o.id, o.cls, max(0.0, o.polygon[:, 0].min()),
                                 min(self.width_mm, o.polygon[:, 0].max()),
                                 int(round(o.polygon[:, 1].min() / self.row_mm * ticks_per_row)),
-                                int(round(o.polygon[:, 1].max() / self.row_mm * ticks_per_row))))
+                                int(round(o.polygon[:, 1].max() / self.row_mm * ticks_per_row)), o.endmember))
         out.sort()
         return np.array(out, dtype=OBJECT_DTYPE)
