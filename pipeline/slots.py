@@ -28,7 +28,8 @@ acquire() returns None at once and the new message is dropped. When a consumer d
 its lane (everything sent to it up to that moment counts as done), so a
 killed consumer never wedges its producer.
 
-Only the producer writes generation and sent; only a consumer writes done,
+Only the producer writes generation and sent (and clears the reading mark of a
+consumer it found dead); only a consumer writes done,
 lane_pid and reading. ZeroMQ's send/recv orders the data writes before the
 header read. The control words are read and written one at a time through a
 memoryview: for a handful of slots that is several times cheaper than numpy
@@ -131,6 +132,7 @@ class SlotPool:
         self._writing = [False] * n_slots  # acquired here, not yet published
         self._floor = [0] * self.n_lanes  # lane counts as done up to this generation (reader gone)
         self._known_pid = [0] * self.n_lanes
+        self._reaped: set[int] = set()   # pids of readers found dead (their lanes already given back)
         self.reclaimed_lanes = 0
 
     def acquire(self, nbytes: int, stop: Callable[[], bool]) -> int | None:
@@ -157,8 +159,20 @@ class SlotPool:
                 if slot is None:
                     return None
             if slot is not None:
+                c = self._c
+                before = c.w[c.gen0 + slot]
                 self._writing[slot] = True
-                self._c.w[self._c.gen0 + slot] = 0
+                c.w[c.gen0 + slot] = 0
+                # A reader may have started on this slot after _pick looked (it marks `reading`, then
+                # checks the generation). Looking again after the claim closes that window: either it
+                # sees the claim (and counts an overwrite, the data untouched) or the claim sees it.
+                if any(c.w[c.reading0 + lane] == slot + 1 for lane in range(self.n_lanes)):
+                    self._reap_dead_consumers()   # a reader killed while reading leaves its mark: cleared
+                if any(c.w[c.reading0 + lane] == slot + 1 for lane in range(self.n_lanes)):
+                    c.w[c.gen0 + slot] = before
+                    self._writing[slot] = False
+                    time.sleep(pause)
+                    continue
                 return slot
             if stop():
                 return None
@@ -207,17 +221,20 @@ class SlotPool:
         c = self._c
         for lane in range(self.n_lanes):
             pid = c.w[c.pid0 + lane]
-            if pid != self._known_pid[lane]:
+            if pid != self._known_pid[lane] and pid not in self._reaped:
                 if self._known_pid[lane]:
                     self._release_lane(lane)
                 self._known_pid[lane] = pid
 
     def _reap_dead_consumers(self) -> None:
         self._note_new_consumers()
+        c = self._c
         for lane, pid in enumerate(self._known_pid):
             if pid and not _alive(pid):
                 self._release_lane(lane)
                 self._known_pid[lane] = 0
+                self._reaped.add(pid)            # its pid stays in the block until a new reader comes
+                c.w[c.reading0 + lane] = 0       # and what it was reading is nobody's now
 
     def in_flight(self) -> int:
         """Slots sent to a live lossless consumer that it has not finished with."""

@@ -82,6 +82,27 @@ def test_latest_lane_overwrites_queued_messages_not_the_one_being_read(run_dir):
     assert not lease.intact()  # the generation tells a reader its slot was reused
 
 
+def test_a_reader_that_starts_between_the_look_and_the_claim_keeps_its_slot(run_dir, monkeypatch):
+    """The race of a latest edge: the producer looks for a slot nobody reads, a reader then marks
+    that slot and checks its generation, and only then does the producer claim it. The claim looks
+    again and leaves the slot to the reader."""
+    pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [False])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    first, second = fill(pool, 1), fill(pool, 2)
+    lease, arrays = reader.lease(first, SPEC)          # the reader is in (its mark is set)
+    pick, looks = pool._pick, []
+
+    def stale_look():                                   # the first look predates the reader's mark
+        looks.append(1)
+        return first.index if len(looks) == 1 else pick()
+
+    monkeypatch.setattr(pool, "_pick", stale_look)
+    slot = pool.acquire(1024, never)
+    assert slot == second.index and len(looks) == 2
+    assert lease.intact() and (arrays["a"] == 1).all()  # untouched: not half overwritten
+    lease.release()
+
+
 def test_a_killed_consumer_gives_its_slots_back(run_dir):
     path = run_dir / "p.slots"
     pool = SlotPool(str(path), 4, 1024, [True])
