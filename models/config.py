@@ -35,9 +35,12 @@ class ModelConfig:
     window: int = 8
     mlp_ratio: float = 2.0
     decoder_dim: int = 32
-    # Input scaling, folded into the graph: RGB 0..255, HSI reflectance 0..~1.
+    # Input scaling, folded into the graph: RGB 0..255, HSI reflectance 0..~1, or its absorbance
+    # -ln(R): a brightness (thickness, tilt, pigment) becomes an offset and a band a dip of
+    # the same size at any brightness, so dark items keep their spectral shape (NIR practice).
     rgb_mean: float = 110.0
     rgb_std: float = 60.0
+    hsi_input: str = "reflectance"      # or "absorbance"
     hsi_mean: float = 0.35
     hsi_std: float = 0.25
 
@@ -81,6 +84,8 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         n = len(self.rgb_dims)
+        if self.hsi_input not in ("reflectance", "absorbance"):
+            raise ValueError(f"hsi_input {self.hsi_input!r}: reflectance or absorbance")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
         if not (len(self.rgb_depths) == len(self.rgb_heads) == len(self.hsi_dims) == len(self.hsi_depths)
@@ -113,7 +118,8 @@ SIZES: dict[str, dict] = {
     # in 2 spectral slices, so the HSI grid is coarser than the RGB grid by 4 at stage 0.
     "nano": dict(rgb_dims=(16, 32, 64, 128), rgb_depths=(1, 1, 1, 1), rgb_heads=(1, 2, 4, 8),
                  hsi_patch=4, hsi_merge=(True, False, False), hsi_dims=(32, 32, 32, 32),
-                 hsi_depths=(1, 1, 1, 1), hsi_heads=(2, 2, 2, 2), slices=2, decoder_dim=24),
+                 hsi_depths=(1, 1, 1, 1), hsi_heads=(2, 2, 2, 2), slices=2, decoder_dim=24,
+                 hsi_input="absorbance", hsi_mean=2.0, hsi_std=1.0),
     # Big GPUs: about 8x the compute, same structure.
     "base": dict(rgb_dims=(48, 96, 192, 384), rgb_depths=(2, 2, 6, 2), rgb_heads=(2, 4, 8, 16),
                  hsi_dims=(32, 64, 128, 128), hsi_depths=(1, 1, 3, 1), hsi_heads=(1, 2, 4, 4),

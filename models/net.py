@@ -49,6 +49,8 @@ class SortNet(nn.Module):
         if c.uses_rgb:
             rgb_maps = self.rgb(((rgb - c.rgb_mean) / c.rgb_std).permute(0, 3, 1, 2))
         if c.uses_hsi:
+            if c.hsi_input == "absorbance":
+                hsi = -torch.log(torch.clamp(hsi, min=1e-3))
             hsi_maps = self.hsi((hsi - c.hsi_mean) / c.hsi_std)
         if c.variant == "fusion":
             maps = [f(r, h) for f, r, h in zip(self.fusion, rgb_maps, hsi_maps)]

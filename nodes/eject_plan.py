@@ -151,7 +151,7 @@ class ObjectFinder:
 class Policy(Section):
     targets: list[str] = Field(["PET"], min_length=1, description="classes this valve bar ejects")
     min_area_mm2: float = Field(60.0, ge=0, description="smaller objects are noise")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="mean confidence over the target pixels")
+    min_confidence: float = Field(0.6, ge=0, le=1, description="mean confidence over the target pixels")
     mixed_share: float = Field(0.2, ge=0, le=1, description="an object with more than this share of "
                                "non-target pixels is a target touching a non-target")
     touching: Literal["eject", "skip", "by_share"] = Field(

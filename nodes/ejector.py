@@ -133,7 +133,6 @@ class Ejector(Node):
         self.traces: list | None = [] if p.samples else None
         self.stages: list[str] = []
         # Monotonic → realtime for the datagram's absolute time (the controller's clock is PTP, not ours).
-        self.realtime_offset = time.time_ns() - time.monotonic_ns()
         self._late, self._commands = LATE.labels(self.name), COMMANDS.labels(self.name)
         self._open_s, self._lead = OPEN_SECONDS.labels(self.name), LEAD.labels(self.name)
         self.sender = threading.Thread(target=self._send_loop, name="ejector", daemon=True)
@@ -194,8 +193,11 @@ class Ejector(Node):
 
     def _send(self, w, t_cmd: float, duration: float, now: int) -> None:
         self.seq += 1
+        # The datagram carries wall-clock time (PTP-disciplined on a machine). Its offset from the monotonic
+        # clock is read for each command: a clock step or slew since start-up must not move the air.
+        realtime_offset = time.time_ns() - time.monotonic_ns()
         try:
-            self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + self.realtime_offset) if t_cmd else 0,
+            self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + realtime_offset) if t_cmd else 0,
                                      int(duration / 1000), w[4]))
         except OSError as exc:
             self.log.error("valve driver: %s (command for object %d lost)", exc, w[4])

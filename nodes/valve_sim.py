@@ -62,7 +62,6 @@ class ValveSim(Node):
         self.bar = BarGeometry(s)
         self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
         self.open_ns, self.close_ns = s.valves.open_ms * 1e6, s.valves.close_ms * 1e6
-        self.realtime_offset = time.time_ns() - time.monotonic_ns()
         self.lock = threading.Lock()
         self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
         self.commands = self.late_arrivals = 0
@@ -99,17 +98,18 @@ class ValveSim(Node):
             # When the datagram reached this host, stamped by the kernel: a busy machine that is slow to
             # run this thread must not make a command that came on time look late.
             arrived = time.monotonic_ns()
+            realtime_offset = time.time_ns() - arrived   # now, not at start-up: the wall clock may have moved
             for level, kind, value in anc:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack("qq", value[:16])
-                    arrived = sec * 1_000_000_000 + nsec - self.realtime_offset
+                    arrived = sec * 1_000_000_000 + nsec - realtime_offset
             try:
                 c = decode(data, self.bar.count)
             except DatagramError as exc:
                 self.bad[exc.kind] = self.bad.get(exc.kind, 0) + 1
                 BAD.labels(self.name, exc.kind).inc()
                 continue
-            t_cmd = c.open_at_ns - self.realtime_offset
+            t_cmd = c.open_at_ns - realtime_offset
             with self.lock:
                 self.commands += 1
                 self.last_command = time.monotonic()

@@ -168,7 +168,8 @@ def cmd_hil(args) -> int:
         if rc != 0 or not samples.exists():
             print(f"sortline: hil: the run failed (exit {rc})", file=sys.stderr)
             return rc or 1
-        figures, arrays = hil.analyse(str(samples), budget, args.seconds)
+        late_at_valves = json.loads(score.read_text()).get("late_arrivals", 0) if score.exists() else 0
+        figures, arrays = hil.analyse(str(samples), budget, args.seconds, late_at_valves)
     command = (f"sortline hil --config {args.config} --speed {speed:g} --seconds {args.seconds:g} --seed {args.seed}")
     figures.update(speed_m_s=speed, seconds=args.seconds, budget_derivation=settings.budget_derivation(speed))
     hil.draw(figures, arrays, str(out / "hil.png"))

@@ -26,17 +26,27 @@ def _stats(ms: np.ndarray, prefix: str) -> dict:
             f"{prefix}_tail_ms": p[6] - p[3], f"{prefix}_flatness_ms": p[2] - p[0]}
 
 
-def analyse(samples_path: str, budget_ms: float, seconds: float) -> tuple[dict, dict]:
-    """(flat figures, arrays for the pictures) from the ejector's samples file."""
+def analyse(samples_path: str, budget_ms: float, seconds: float, late_at_valves: int = 0) -> tuple[dict, dict]:
+    """(flat figures, arrays for the pictures) from the ejector's samples file.
+
+    Deadline misses: commands the ejector refused, commands that left after their deadline (the
+    sender was held up between deciding to send and sending), and, where the valve bar reports
+    it (the valve-bar simulator's kernel receive times), datagrams that reached it too late.
+    """
     z = np.load(samples_path)
     cmds, traces, stages = z["commands"], z["traces"], [str(s) for s in z["stages"]]
     exposure, sent, deadline, missed = cmds.T
     e2e = (sent - exposure) / 1e6
     lead = (deadline - sent) / 1e6
-    figures = {"samples": int(len(cmds)), "budget_ms": budget_ms, "deadline_misses": int(missed.sum()),
+    refused, left_late = int(missed.sum()), int(((missed == 0) & (lead < 0)).sum())
+    figures = {"samples": int(len(cmds)), "budget_ms": budget_ms,
+               "deadline_misses": refused + left_late + late_at_valves, "refused_late": refused,
+               "sent_after_deadline": left_late, "late_at_valves": late_at_valves,
                "commands_per_s": round(len(cmds) / seconds, 1) if seconds else None}
     figures.update(_stats(e2e, "e2e"))
     figures.update(_stats(lead[missed == 0], "lead"))
+    if (missed == 0).any():
+        figures["lead_min_ms"] = float(lead[missed == 0].min())
     if len(traces):
         arrival, t = traces[:, 0], traces[:, 1:]
         figures.update(_stats((arrival - t[:, 0]) / 1e6, "decision"))
@@ -96,8 +106,10 @@ def markdown(figures: dict, command: str) -> str:
     rows = [("end-to-end (exposure → command sent)", "e2e"), ("decision (exposure → command ready)", "decision"),
             ("lead (command sent → its deadline)", "lead")]
     out = [f"# Latency report: {verdict}", "", f"`{command}`", "",
-           f"{figures['samples']} commands, {figures['deadline_misses']} deadline misses, budget "
-           f"{figures['budget_ms']:.1f} ms.", "",
+           f"{figures['samples']} commands, {figures['deadline_misses']} deadline misses "
+           f"({figures.get('refused_late', 0)} refused, {figures.get('sent_after_deadline', 0)} sent after their "
+           f"deadline, {figures.get('late_at_valves', 0)} late at the valve bar), budget "
+           f"{figures['budget_ms']:.1f} ms; least lead {figures.get('lead_min_ms', float('nan')):.1f} ms.", "",
            "| | p50 | p99 | p99.9 | max | tail (max − p95) | flatness (p90 − p10) |", "|---|---|---|---|---|---|---|"]
     for label, key in rows:
         if f"{key}_p50_ms" in figures:

@@ -75,6 +75,24 @@ def test_sizes():
     assert count_params(SortNet(make_config("base", "fusion"))) > 4 * tiny["fusion"]
     assert count_params(SortNet(make_config("nano", "fusion"))) < 0.5 * tiny["fusion"]
     make_config("nano").check_strip(96, 640)    # the demo profile's strip: 64 + 2 x 16 lines
+    assert make_config("nano").hsi_input == "absorbance" and make_config("tiny").hsi_input == "reflectance"
+    with pytest.raises(ValueError, match="hsi_input 'counts'"):
+        make_config("tiny", hsi_input="counts")
+
+
+def test_absorbance_input_turns_a_brightness_change_into_an_offset():
+    """Half as bright (a thinner or darker item) shifts every band's absorbance by ln 2: the spectral
+    shape the HSI backbone sees is unchanged, however dark the item."""
+    net = SortNet(make_config("nano", "fusion")).eval()
+    seen = []
+    net.hsi.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    rgb, hsi = inputs(lines=96)
+    hsi = hsi * 0.8 + 0.1
+    with torch.no_grad():
+        net(rgb, hsi)
+        net(rgb, hsi * 0.5)
+    shift = (seen[1] - seen[0]) * net.config.hsi_std
+    assert torch.allclose(shift, torch.full_like(shift, float(torch.log(torch.tensor(2.0)))), atol=1e-5)
 
 
 def test_strips_that_do_not_fit_both_grids_are_refused():
