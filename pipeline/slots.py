@@ -24,7 +24,8 @@ oldest one that no consumer is reading at that moment (a queued message
 that the reader will then find overwritten, and count, instead of one it
 is halfway through). A `bounded` lane keeps its queued slots, like a
 lossless one, but the producer never waits for them: with no slot free,
-acquire() returns None at once and the new message is dropped. When a consumer dies, the producer stops waiting for
+acquire() returns None at once and the new message is dropped
+(unless a lossless lane shares the output: then nothing may be lost, and it waits). When a consumer dies, the producer stops waiting for
 its lane (everything sent to it up to that moment counts as done), so a
 killed consumer never wedges its producer.
 
@@ -156,8 +157,10 @@ class SlotPool:
                 # last ones since the pick above (this process was descheduled in
                 # between): pick again before saying bounded lanes hold them all.
                 slot = self._pick()
-                if slot is None:
+                if slot is None and not any(self.lossless):
                     return None
+                # With a lossless reader on this output too, nothing may be dropped: wait (the
+                # lossless reader sets the pace of an output it shares with bounded ones).
             if slot is not None:
                 c = self._c
                 before = c.w[c.gen0 + slot]

@@ -140,9 +140,11 @@ class Output:
             self._reclaims.inc(pool.reclaimed_lanes - reclaimed)
             log.warning("%s.%s: a consumer went away holding slots; took them back", self.node, self.port)
         if slot is None:
-            if not self._stop():  # bounded consumers hold every slot: the new message is dropped
+            # Bounded consumers hold every slot, or a latest consumer is reading the only one it could
+            # take: the new message is dropped, and counted on every edge that does not wait.
+            if not self._stop():
                 for e in self._shm_edges:
-                    if e.policy == "bounded":
+                    if e.policy in ("bounded", "latest"):
                         self._dropped[e.name].inc()
             return None
         msg = Message(header, {spec.name: pool.view(slot, spec) for spec in specs})

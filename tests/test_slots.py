@@ -66,6 +66,30 @@ def test_bounded_lane_keeps_its_queue_and_never_makes_the_producer_wait(run_dir)
     assert pool.acquire(1024, never) in (0, 1)
 
 
+def test_an_output_with_lossless_and_bounded_readers_waits_instead_of_dropping(run_dir):
+    """A recorder (lossless) beside a bounded live consumer that holds every slot: the new message
+    must wait for a slot, not be dropped (the recorder would lose it unseen)."""
+    import threading
+    import time
+
+    pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [True, False], [False, True])
+    reader = SlotReader(str(run_dir / "p.slots"))
+    refs = [fill(pool, i, lane_count=2) for i in range(2)]
+    for ref in refs:                                     # the lossless reader is done with both
+        lease, _ = reader.lease(ref, SPEC)
+        lease.release()
+
+    def bounded_reader_catches_up():
+        time.sleep(0.1)
+        lease, _ = reader.lease(SlotRef(refs[0].segment, refs[0].index, refs[0].generation, 1), SPEC)
+        lease.release()
+
+    threading.Thread(target=bounded_reader_catches_up).start()
+    t0 = time.monotonic()
+    assert pool.acquire(1024, never) == refs[0].index
+    assert time.monotonic() - t0 >= 0.09
+
+
 def test_latest_lane_overwrites_queued_messages_not_the_one_being_read(run_dir):
     pool = SlotPool(str(run_dir / "p.slots"), 2, 1024, [False])
     reader = SlotReader(str(run_dir / "p.slots"))
