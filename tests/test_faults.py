@@ -45,7 +45,7 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
                 if k == 'sortline_edge_drops_total{edge="infer.out->plan.in",reason="queue_full"}')
     assert 0 <= drops < 200
     # Only the killed stage was restarted: the rest carried on (the cameras never wait for a stage).
-    assert [n for n, node in run["nodes"].items() if node["restarts"]] == ["plan"]
+    assert [n for n, node in run["nodes"].items() if node["restarts"]] == ["plan"], err[-4000:]
     assert run["nodes"]["infer"]["status"]["strips"] > 0
 
 
@@ -86,7 +86,8 @@ def test_a_stalled_stage_drops_and_counts_while_the_recording_loses_nothing(tmp_
         rc, out, err = stop(sup, timeout=60)
     assert rc == 0, err[-3000:]
     run = load_json(tmp_path / "run.json")
-    assert all(node["restarts"] == 0 for node in run["nodes"].values())   # a stall is not a crash
+    restarts = {n: node["restarts"] for n, node in run["nodes"].items() if node["restarts"]}
+    assert not restarts, (restarts, err[-3000:])                           # a stall is not a crash
     drops = sum(v for node in run["nodes"].values() for k, v in node["metrics"].items()
                 if k.startswith('sortline_edge_drops_total{edge="register.out->infer.in"'))
     assert drops > 0                                                      # counted, at the sender
