@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 
 from prometheus_client import Counter
 
-from nodes.encoder import EncoderTrack, encoder_pair
+from nodes.encoder import EncoderTrack
 from nodes.valves import BarGeometry
 from pipeline.config import Section
 from pipeline.node import Node
@@ -240,9 +240,7 @@ class EjectPlan(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            pair = encoder_pair(msg)
-            if pair is not None:
-                self.track.update(*pair)
+            self.track.follow(msg)
             return None
         classes, conf = msg.arrays.get("classes"), msg.arrays.get("confidence")
         if classes is None or conf is None or classes.shape != conf.shape or classes.ndim != 2:
@@ -253,7 +251,7 @@ class EjectPlan(Node):
                              f"make {len(self.bar.valve_of_col)} at {self.bar.tpl}")
         valid = int(h.meta.get("valid_lines", len(classes)))
         line0 = h.position // self.bar.tpl
-        if self.params.despeckle and self.bar.tpl == self.settings.cameras.rgb.ticks_per_line:
+        if self.params.despeckle and self.settings.model.mask_stride == 1:
             # Single misread pixels would each be an object of their own: a 3x3 median takes them out.
             # (A coarser mask is the model's own grid, already smooth at that scale.)
             classes = cv2.medianBlur(np.ascontiguousarray(classes), 3)

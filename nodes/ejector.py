@@ -30,7 +30,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import Field
 
 from nodes.eject_plan import CLASS_NAMES
-from nodes.encoder import EncoderTrack, encoder_pair
+from nodes.encoder import EncoderTrack
 from nodes.valves import DRIVERS, Command
 from pipeline.config import ConfigError, Section
 from pipeline.metrics import LATENCY_BUCKETS
@@ -143,10 +143,8 @@ class Ejector(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            pair = encoder_pair(msg)
-            if pair is not None:
-                with self.lock:
-                    self.track.update(*pair)
+            with self.lock:
+                self.track.follow(msg)
             return None
         windows = h.meta.get("windows", [])
         t_exposure = h.trace[0].t_in_ns if h.trace else 0

@@ -33,6 +33,13 @@ class EncoderTrack:
         while len(self.pairs) > 2 and t_ns - self.pairs[0][1] > WINDOW_S * 1e9:
             self.pairs.popleft()
 
+    def follow(self, msg) -> tuple[int, int] | None:
+        """Update from a camera message (see encoder_pair); returns the pair, or None if it had none."""
+        pair = encoder_pair(msg)
+        if pair is not None:
+            self.update(*pair)
+        return pair
+
     @property
     def known(self) -> bool:
         return bool(self.pairs)

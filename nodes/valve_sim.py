@@ -34,7 +34,7 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from nodes.eject_plan import CLASS_NAMES
-from nodes.encoder import EncoderTrack, encoder_pair
+from nodes.encoder import EncoderTrack
 from nodes.valves import SIZE, BarGeometry, DatagramError, decode, parse_address
 from pipeline.config import ConfigError, Section
 from pipeline.node import Node
@@ -134,12 +134,10 @@ class ValveSim(Node):
     def process(self, port, msg):
         h = msg.header
         if port == "encoder":
-            pair = encoder_pair(msg)
-            if pair is not None:
-                with self.lock:
-                    self.track.update(*pair)
-                if not self.params.by_position:
-                    self._score_settled(pair[0])
+            with self.lock:
+                pair = self.track.follow(msg)
+            if pair is not None and not self.params.by_position:
+                self._score_settled(pair[0])
             return None
         labels, ids = msg.arrays.get("labels"), msg.arrays.get("instances")
         if labels is None or ids is None:

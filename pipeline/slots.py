@@ -24,17 +24,18 @@ oldest one that no consumer is reading at that moment (a queued message
 that the reader will then find overwritten, and count, instead of one it
 is halfway through). A `bounded` lane keeps its queued slots, like a
 lossless one, but the producer never waits for them: with no slot free,
-acquire() returns None at once and the new message is dropped
-(unless a lossless lane shares the output: then nothing may be lost, and it waits). When a consumer dies, the producer stops waiting for
-its lane (everything sent to it up to that moment counts as done), so a
-killed consumer never wedges its producer.
+acquire() returns None at once and the new message is dropped (unless a
+lossless lane shares the output: then nothing may be lost, and it waits).
+When a consumer dies, the producer stops waiting for its lane (everything
+sent to it up to that moment counts as done), so a killed consumer never
+wedges its producer.
 
-Only the producer writes generation and sent (and clears the reading mark of a
-consumer it found dead); only a consumer writes done,
-lane_pid and reading. ZeroMQ's send/recv orders the data writes before the
-header read. The control words are read and written one at a time through a
-memoryview: for a handful of slots that is several times cheaper than numpy
-calls, and it runs for every message.
+Only the producer writes generation and sent (and clears the reading mark of
+a consumer it found dead); only a consumer writes done, lane_pid and
+reading. ZeroMQ's send/recv orders the data writes before the header read.
+The control words are read and written one at a time through a memoryview:
+for a handful of slots that is several times cheaper than numpy calls, and
+it runs for every message.
 """
 
 from __future__ import annotations
@@ -169,9 +170,9 @@ class SlotPool:
                 # A reader may have started on this slot after _pick looked (it marks `reading`, then
                 # checks the generation). Looking again after the claim closes that window: either it
                 # sees the claim (and counts an overwrite, the data untouched) or the claim sees it.
-                if any(c.w[c.reading0 + lane] == slot + 1 for lane in range(self.n_lanes)):
+                if self._being_read(slot):
                     self._reap_dead_consumers()   # a reader killed while reading leaves its mark: cleared
-                if any(c.w[c.reading0 + lane] == slot + 1 for lane in range(self.n_lanes)):
+                if self._being_read(slot):
                     c.w[c.gen0 + slot] = before
                     self._writing[slot] = False
                     time.sleep(pause)
@@ -181,6 +182,10 @@ class SlotPool:
                 return None
             time.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE_S)
+
+    def _being_read(self, slot: int) -> bool:
+        c = self._c
+        return any(c.w[c.reading0 + lane] == slot + 1 for lane in range(self.n_lanes))
 
     def _held(self, lane: int, slot: int) -> bool:
         c = self._c
