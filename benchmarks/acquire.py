@@ -152,9 +152,9 @@ policy = "lossless"
 def node(frames: int) -> dict:
     import zmq
 
-    from pipeline.config import load_config
-    from pipeline.graph import inputs_of
-    from pipeline.transport import Input, SlotReaders
+    from sortline.pipeline.graph import load_config
+    from sortline.pipeline.graph import inputs_of
+    from sortline.pipeline.transport import Input, SlotReaders
 
     warmup = 100  # messages before the window: the start-up is not the steady state (its losses are in node_lost_*)
     run_dir = Path(tempfile.mkdtemp(prefix="slb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -165,7 +165,7 @@ def node(frames: int) -> dict:
     inp = Input(ctx, "sink", "in", inputs_of(settings, "sink")["in"], readers)
     sock = next(iter(inp.sockets))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "node", "camera", "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "sortline", "node", "camera", "--config", str(cfg),
                              "--metrics-port", str(port)],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     stamps, positions, gaps, latency = [], [], 0, []

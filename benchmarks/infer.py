@@ -15,7 +15,9 @@ The need is the belt's: at 3 m/s the demo RGB camera runs 3200 lines/s, so
 3200 / 64 = 50 strips/s. `infer_cpu_realtime_factor` is ONNX Runtime's
 strips/s over that; `ort_vs_torch` is ONNX Runtime's strips/s over torch's.
 
-    python benchmarks/infer.py [--quick] [--json PATH] [--model CKPT] [--speed 3]
+    python benchmarks/infer.py [--quick] [--json PATH] [--model CKPT] [--speed 3] [--profile DIR]
+
+--profile DIR writes ONNX Runtime's per-operator profile there (off unless asked for).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ if hasattr(os, "sched_setaffinity"):
 
 import numpy as np  # noqa: E402
 
-from calibration.spectral import bin_bands  # noqa: E402
-from models.backends import open_backend  # noqa: E402
-from models.export import StripShape  # noqa: E402
-from nodes.simulate import Simulation  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from sortline.calibration.spectral import bin_bands  # noqa: E402
+from sortline.models.backends import open_backend  # noqa: E402
+from sortline.models.contract import StripShape, model_file  # noqa: E402
+from sortline.nodes.simulate import Simulation  # noqa: E402
+from sortline.pipeline.graph import load_config  # noqa: E402
 
 
 
@@ -61,7 +63,8 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as one flat JSON object")
-    parser.add_argument("--model", default="", help="checkpoint (default: the config's model.path)")
+    parser.add_argument("--model", default="shipped:belt-fusion-nano.safetensors",
+                        help="checkpoint (default: the demo profile's, shipped with sortline)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.toml"), help="machine config (strip size)")
     parser.add_argument("--speed", type=float, default=3.0, help="belt speed, m/s (default 3: the stress case)")
     return parser
@@ -83,8 +86,8 @@ def gmac(path: Path, shape: StripShape) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models import checkpoint
-    from models.net import Deployed
+    from sortline.models.training import checkpoint
+    from sortline.models.net import Deployed
 
     net, _ = checkpoint.load(path)
     rgb = torch.zeros(shape.rgb)
@@ -95,19 +98,29 @@ def gmac(path: Path, shape: StripShape) -> float:
 
 
 def main() -> int:
-    args = arguments(__doc__).parse_args()
+    parser = arguments(__doc__)
+    parser.add_argument("--profile", metavar="DIR", default="", help="write ONNX Runtime's profile here")
+    args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     settings = load_config(args.config)
-    args.model = args.model or str(ROOT / settings.model.path)
-    shape = StripShape.from_settings(settings)
+    model = model_file(args.model)
+    shape = StripShape.from_machine(settings)
     strips = held_out_strips(settings, 4 if args.quick else 8)
     runs_ort, runs_torch = (40, 15) if args.quick else (200, 60)
 
-    ort = open_backend("onnxruntime", args.model, shape, threads=1)
+    ort = open_backend("onnxruntime", model, shape, threads=1)
+    if args.profile:
+        from sortline.models.backends import exported
+        from sortline.models.backends.onnxruntime import OnnxRuntimeBackend
+
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        ort = OnnxRuntimeBackend(exported(model, shape), threads=1, profile=str(Path(args.profile) / "ort"))
     t_ort = time_backend(ort, strips, runs_ort)
-    ref = open_backend("torch", args.model, shape, threads=1)
+    if args.profile:
+        print(f"ONNX Runtime profile: {ort.end_profiling()}")
+    ref = open_backend("torch", model, shape, threads=1)
     t_torch = time_backend(ref, strips, runs_torch)
 
     needed = settings.line_rate_hz("rgb", args.speed) / settings.model.strip_lines
@@ -118,7 +131,7 @@ def main() -> int:
         "overlap_lines": settings.model.overlap_lines,
         "width": shape.width,
         "model": ort.model_hash,
-        "gmac": round(gmac(Path(args.model), shape), 3),
+        "gmac": round(gmac(model, shape), 3),
         "strips_per_s_needed": round(needed, 2),
         "ort_ms_p50": round(statistics.median(t_ort) * 1000, 2),
         "ort_ms_p90": round(float(np.percentile(t_ort, 90)) * 1000, 2),

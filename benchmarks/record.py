@@ -40,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import recording  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.messages import Header, Message  # noqa: E402
+from sortline.pipeline import recording  # noqa: E402
+from sortline.pipeline.graph import load_config  # noqa: E402
+from sortline.pipeline.messages import Header, Message  # noqa: E402
 
 SPEED_M_S = 3.0
 VARIANTS = 8  # distinct frames per stream, cycled
@@ -82,7 +82,7 @@ def messages(streams, pairs: int):
 
 
 def run_record(settings, streams, pairs: int, path: Path, compression: str = "lz4") -> tuple[float, int]:
-    from nodes.record import Recorder
+    from sortline.nodes.record import Recorder
 
     node = Recorder("record", Recorder.Params(path=str(path), overwrite=True, compression=compression), settings)
     node.setup()

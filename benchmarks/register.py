@@ -32,12 +32,12 @@ if hasattr(os, "sched_setaffinity"):
 
 import numpy as np  # noqa: E402
 
-from calibration.spatial import Geometry, blobs_from_frames, fit  # noqa: E402
-from calibration.spectral import SpectralReference  # noqa: E402
-from nodes.register import StripCutter  # noqa: E402
-from nodes.simulate import Simulation  # noqa: E402
-from nodes.simulate.cameras import Misregistration  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from sortline.calibration.spatial import Geometry, blobs_from_frames, fit  # noqa: E402
+from sortline.calibration.spectral import SpectralReference  # noqa: E402
+from sortline.nodes.register import StripCutter  # noqa: E402
+from sortline.nodes.simulate import Simulation  # noqa: E402
+from sortline.nodes.simulate.cameras import Misregistration  # noqa: E402
+from sortline.pipeline.graph import load_config  # noqa: E402
 
 
 def calibrate(settings, mis: Misregistration, frames: int = 64):
@@ -47,7 +47,7 @@ def calibrate(settings, mis: Misregistration, frames: int = 64):
     hf = [(target.position("hsi", f), target.hsi(f)) for f in range(frames)]
     spatial = fit(blobs_from_frames(rf, rgb.ticks_per_line, rgb.mm_per_pixel, rgb.ticks_per_line / tpm),
                   blobs_from_frames(hf, hsi.ticks_per_line, hsi.mm_per_pixel, hsi.ticks_per_line / tpm),
-                  Geometry.from_settings(settings))
+                  Geometry.from_machine(settings))
     dark = np.concatenate([Simulation(settings, seed=2, scene="dark").hsi(f) for f in range(8)])
     white = np.concatenate([Simulation(settings, seed=2, scene="white").hsi(f) for f in range(8)])
     return SpectralReference.from_frames(dark, white, white_reflectance=0.92), spatial

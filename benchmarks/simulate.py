@@ -32,8 +32,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {0})
 
-from nodes.simulate import Simulation  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from sortline.nodes.simulate import Simulation  # noqa: E402
+from sortline.pipeline.graph import load_config  # noqa: E402
 
 
 def measure(config: Path, speed: float, belt_m: float, truth: bool = True) -> dict:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.infer import arguments, held_out_strips, time_backend  # noqa: E402
-from models.export import StripShape  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from sortline.models.contract import StripShape  # noqa: E402
+from sortline.pipeline.graph import load_config  # noqa: E402
 
 
 def main() -> int:
@@ -47,18 +47,19 @@ def main() -> int:
         return 2
     import torch
 
-    from models import checkpoint
-    from models.backends import OnnxRuntimeBackend, TensorRTBackend
-    from models.engine import build, gpu_name
-    from models.export import export
+    from sortline.models.backends.onnxruntime import OnnxRuntimeBackend
+    from sortline.models.backends.tensorrt import TensorRTBackend, gpu_name
+    from sortline.models.contract import model_file
+    from sortline.models.training import checkpoint
+    from sortline.models.training.engine import build
+    from sortline.models.training.export import export
 
     torch.set_num_threads(1)
     settings = load_config(args.config)
-    args.model = args.model or str(ROOT / settings.model.path)
-    shape = StripShape.from_settings(settings)
+    shape = StripShape.from_machine(settings)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sortline-trt-"))
     work.mkdir(parents=True, exist_ok=True)
-    net, meta = checkpoint.load(args.model)
+    net, meta = checkpoint.load(model_file(args.model))
     onnx_path = export(net, meta, shape, work / "model.onnx")
     strips = held_out_strips(settings, 4 if args.quick else 16)
     reference = OnnxRuntimeBackend(onnx_path, threads=4)

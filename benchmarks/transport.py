@@ -52,7 +52,7 @@ def nbytes(payload) -> int:
 
 
 def make_edge(run_dir: Path, shm: bool):
-    from pipeline.graph import Edge
+    from sortline.pipeline.graph import Edge
 
     address = f"ipc://{run_dir}/bench-{'shm' if shm else 'zmq'}.sock"
     return Edge(name="bench", src="p", src_port="out", dst="c", dst_port="in", policy="lossless",
@@ -70,8 +70,8 @@ def consume(path: str, run_dir: str, total: int, results, cpu: int | None) -> No
     pin(cpu)
     import zmq
 
-    from pipeline.messages import decode_header, inline_arrays
-    from pipeline.transport import Input, SlotReaders
+    from sortline.pipeline.messages import decode_header, inline_arrays
+    from sortline.pipeline.transport import Input, SlotReaders
 
     ctx = zmq.Context()
     edge = make_edge(Path(run_dir), shm=path == "shm")
@@ -109,8 +109,8 @@ def consume(path: str, run_dir: str, total: int, results, cpu: int | None) -> No
 def produce(path: str, payload: dict, n_fast: int, n_paced: int, cpus: tuple = (None, None)) -> dict:
     import zmq
 
-    from pipeline.messages import Header, inline_frames
-    from pipeline.transport import Output
+    from sortline.pipeline.messages import Header, inline_frames
+    from sortline.pipeline.transport import Output
 
     run_dir = Path(tempfile.mkdtemp(prefix="slb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     results = mp.get_context("spawn").Queue()

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from calibration.spectral import CalibrationError
+from sortline.calibration.spectral import CalibrationError
 
 FORMAT = "sortline-spatial"
 VERSION = 1
@@ -91,9 +91,9 @@ class Geometry:
     hsi_scan_line_mm: float     # relative to the RGB scan line (negative: upstream)
 
     @classmethod
-    def from_settings(cls, settings) -> "Geometry":
-        rgb, hsi = settings.cameras.rgb, settings.cameras.hsi
-        return cls(rgb.pixels, rgb.mm_per_pixel, hsi.pixels, hsi.mm_per_pixel, settings.belt.ticks_per_mm,
+    def from_machine(cls, machine) -> "Geometry":
+        rgb, hsi = machine.cameras.rgb, machine.cameras.hsi
+        return cls(rgb.pixels, rgb.mm_per_pixel, hsi.pixels, hsi.mm_per_pixel, machine.belt.ticks_per_mm,
                    rgb.ticks_per_line, hsi.ticks_per_line, hsi.scan_line_mm - rgb.scan_line_mm)
 
     def nominal(self) -> tuple[np.ndarray, np.ndarray]:

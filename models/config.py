@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from nodes.simulate.materials import CLASSES
-
 VARIANTS = ("fusion", "rgb", "hsi")
 
 
@@ -18,7 +16,7 @@ VARIANTS = ("fusion", "rgb", "hsi")
 class ModelConfig:
     variant: str = "fusion"            # fusion, rgb (RGB-only baseline) or hsi (HSI-only baseline)
     size: str = "tiny"
-    classes: tuple[str, ...] = CLASSES
+    classes: tuple[str, ...] = ()      # the data set's classes; classes[0] is the background (the empty belt)
     bands: int = 32                    # HSI bands fed to the model (binned from the camera's)
     slices: int = 4                    # the bands cut into this many contiguous groups: S spectral tokens per cell
     ratio: int = 4                     # RGB pixels per HSI pixel, along and across the belt
@@ -84,6 +82,8 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         n = len(self.rgb_dims)
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes {list(self.classes)}: the background and at least one class, no name twice")
         if self.hsi_input not in ("reflectance", "absorbance"):
             raise ValueError(f"hsi_input {self.hsi_input!r}: reflectance or absorbance")
         if self.variant not in VARIANTS:
@@ -127,7 +127,8 @@ SIZES: dict[str, dict] = {
 }
 
 
-def make_config(size: str = "tiny", variant: str = "fusion", **overrides) -> ModelConfig:
+def make_config(size: str = "tiny", variant: str = "fusion", *, classes: tuple[str, ...], **overrides) -> ModelConfig:
+    """A model of a named size for these classes (the data set's: classes[0] is the background)."""
     if size not in SIZES:
         raise ValueError(f"size {size!r}: one of {', '.join(SIZES)}")
-    return ModelConfig(size=size, variant=variant, **{**SIZES[size], **overrides}).validate()
+    return ModelConfig(size=size, variant=variant, classes=tuple(classes), **{**SIZES[size], **overrides}).validate()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import dims
+from sortline.models.blocks import dims
 
 
 class Decoder(nn.Module):

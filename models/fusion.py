@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import Mlp, attend, dims, split
-from models.hsi import SliceCollapse
+from sortline.models.blocks import Mlp, attend, dims, split
+from sortline.models.hsi import SliceCollapse
 
 
 class CrossFusion(nn.Module):

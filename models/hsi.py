@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import Mlp, PatchMerge, SelfAttention, WindowBlock, dims, stages
+from sortline.models.blocks import Mlp, PatchMerge, SelfAttention, WindowBlock, dims, stages
 
 
 class SpectralBlock(nn.Module):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import dims, init_weights
-from models.config import ModelConfig
-from models.decoder import Decoder
-from models.fusion import CrossFusion
-from models.hsi import HSIBackbone, SliceCollapse
-from models.rgb import RGBBackbone
+from sortline.models.blocks import dims, init_weights
+from sortline.models.config import ModelConfig
+from sortline.models.decoder import Decoder
+from sortline.models.fusion import CrossFusion
+from sortline.models.hsi import HSIBackbone, SliceCollapse
+from sortline.models.rgb import RGBBackbone
 
 
 class SortNet(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.blocks import PatchMerge, WindowBlock, stages
+from sortline.models.blocks import PatchMerge, WindowBlock, stages
 
 
 class RGBBackbone(nn.Module):

@@ -15,6 +15,12 @@ valve, the first and last line it covers: the valve windows, in encoder
 ticks at the valve bar. Long objects are decided and blown while still
 being seen (their front reaches the bar before their end has passed the
 camera).
+
+Class names come with the masks (MaskMeta.classes: the model's own list) and
+the targets from the machine's recipe; a target the masks' classes do not
+have stops the node (78). An object's id is the belt position and column of
+its first pixel: the same while it grows across strips, unique within a run,
+and after a restart of this node too.
 """
 
 from __future__ import annotations
@@ -25,16 +31,15 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import Field, field_validator
-
 from prometheus_client import Counter
+from pydantic import Field
 
-from nodes.encoder import EncoderTrack
-from nodes.valves import BarGeometry
-from pipeline.config import Section
-from pipeline.node import Node
+from sortline.nodes.belt.bar import BarGeometry
+from sortline.nodes.belt.encoder import EncoderTrack
+from sortline.nodes.streams import EJECT, LINES, MASK, EjectMeta, ObjectReport, Window
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.node import Node
 
-CLASS_NAMES = ("belt", "PET", "PP", "HDPE", "LDPE", "PS", "PVC", "paper", "aluminium", "other")
 MAX_CARRY_LINES = 4096   # an "object" longer than this (a jam) is cut
 
 OBJECTS = Counter("sortline_objects", "Objects found, by majority class and decision", ["node", "cls", "decision"])
@@ -42,7 +47,7 @@ OBJECTS = Counter("sortline_objects", "Objects found, by majority class and deci
 
 @dataclass
 class Obj:
-    id: int
+    id: int                   # first pixel in raster order: absolute line x mask width + column
     rows: np.ndarray          # absolute RGB line numbers of its pixels (seen so far)
     cols: np.ndarray
     hist: np.ndarray          # pixels per class
@@ -77,7 +82,6 @@ class ObjectFinder:
         # Lines of open objects kept for the next chunk: (first line, classes, confidence, planned).
         self.carry: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_line: int | None = None
-        self.next_id = 1
 
     def feed(self, line0: int, classes: np.ndarray, confidence: np.ndarray, plan, gap: bool = False) -> list[Obj]:
         done = []
@@ -130,15 +134,13 @@ class ObjectFinder:
                                                           cv2.CC_STAT_HEIGHT))
                 in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
                 done_px = planned[rr, cc]
-                obj = Obj(0, rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
+                obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
                           np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
                           bool(done_px.any()), not is_open,
                           np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes))
                 if obj.fresh.any() and plan(obj):
                     planned[rr, cc] = True
                 if not is_open:
-                    obj.id = self.next_id
-                    self.next_id += 1
                     out.append(obj)
         if open_tops and not final:
             start = min(open_tops)
@@ -149,7 +151,6 @@ class ObjectFinder:
 
 
 class Policy(Section):
-    targets: list[str] = Field(["PET"], min_length=1, description="classes this valve bar ejects")
     min_area_mm2: float = Field(60.0, ge=0, description="smaller objects are noise")
     min_confidence: float = Field(0.6, ge=0, le=1, description="mean confidence over the target pixels")
     mixed_share: float = Field(0.2, ge=0, le=1, description="an object with more than this share of "
@@ -158,14 +159,6 @@ class Policy(Section):
         "eject", description="a target touching a non-target: eject it anyway (recovery), skip it "
         "(purity), or eject when its target share is at least min_target_share")
     min_target_share: float = Field(0.5, ge=0, le=1, description="the purity/recovery knob for by_share")
-
-    @field_validator("targets")
-    @classmethod
-    def _known(cls, targets):
-        unknown = [t for t in targets if t not in CLASS_NAMES[1:]]
-        if unknown:
-            raise ValueError(f"unknown classes {unknown}; known: {', '.join(CLASS_NAMES[1:])}")
-        return targets
 
 
 def decide(obj: Obj, policy: Policy, target_ids: np.ndarray, min_area_px: float) -> str:
@@ -176,7 +169,7 @@ def decide(obj: Obj, policy: Policy, target_ids: np.ndarray, min_area_px: float)
         return "not_target"
     if obj.area < min_area_px:
         return "small"
-    if obj.conf_sum[obj.cls] / obj.area / 255.0 < policy.min_confidence:
+    if confidence(obj) < policy.min_confidence:
         return "unsure"
     # Touching others: the air aimed at it hits them too.
     share = obj.cluster[target_ids].sum() / obj.cluster[1:].sum()
@@ -185,6 +178,11 @@ def decide(obj: Obj, policy: Policy, target_ids: np.ndarray, min_area_px: float)
     if policy.touching == "by_share" and share >= policy.min_target_share:
         return "eject"
     return "touching"
+
+
+def confidence(obj: Obj) -> float:
+    """The model's mean confidence (0..1) over the object's pixels."""
+    return float(obj.conf_sum[obj.cls] / obj.area / 255.0)
 
 
 def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: int) -> list[list[int]]:
@@ -205,8 +203,8 @@ def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: in
 
 
 class EjectPlan(Node):
-    inputs = ("in", "encoder")
-    outputs = ("out",)
+    inputs = {"in": MASK, "encoder": LINES}
+    outputs = {"out": EJECT}
 
     class Params(Policy):
         command_lead_ms: float = Field(25.0, ge=0, description="time the ejector needs before a command's "
@@ -218,44 +216,58 @@ class EjectPlan(Node):
                                   "(masks per RGB pixel; a coarser mask is smooth at its own scale)")
 
     def setup(self) -> None:
-        s, p = self.settings, self.params
+        m, p = self.machine, self.params
         # Masks come on the grid of model.mask_stride: a cell of k x k RGB pixels is a mask pixel.
-        self.bar = BarGeometry(s, s.model.mask_stride)
-        px_mm2 = self.bar.mm_per_px * self.bar.tpl / s.belt.ticks_per_mm
+        self.stride = m.model.mask_stride
+        self.bar = BarGeometry(m, self.stride)
+        self.expect("in", width=len(self.bar.valve_of_col), ticks_per_line=self.bar.tpl)
+        px_mm2 = self.bar.mm_per_px * self.bar.tpl / m.belt.ticks_per_mm
         self.min_area_px = p.min_area_mm2 / px_mm2
         self.finder = ObjectFinder(max(1, int(self.min_area_px)))
-        self.target_ids = np.array([CLASS_NAMES.index(t) for t in p.targets])
-        self.before = int(round(s.ejector.margin_before_mm * s.belt.ticks_per_mm))
-        self.after = int(round(s.ejector.margin_after_mm * s.belt.ticks_per_mm))
+        self.targets = m.recipe.targets
+        self.classes: list[str] | None = None   # the masks' classes (the model's), from the first mask
+        self.target_ids = np.zeros(0, np.int64)
+        self.before = int(round(m.ejector.margin_before_mm * m.belt.ticks_per_mm))
+        self.after = int(round(m.ejector.margin_after_mm * m.belt.ticks_per_mm))
         self.counts: dict[str, int] = {}
-        self.windows: list[list[int]] = []
+        self.windows: list[Window] = []
         self.clipped = 0
         self.last_seq = -1
         # Time a command needs before the air must arrive (valve opening, driver, the ejector's lead).
-        self.command_ns = (s.valves.open_ms + s.ejector.driver_latency_ms + p.command_lead_ms) * 1e6
-        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
+        self.command_ns = (m.valve_bar.open_ms + m.ejector.driver_latency_ms + p.command_lead_ms) * 1e6
+        self.track = EncoderTrack(m.belt.ticks_per_mm, m.belt.speed_m_s)
         self.log.info("ejecting %s; %d valves at %.1f mm pitch, %.0f mm downstream",
-                      ", ".join(p.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
+                      ", ".join(self.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
+
+    def _learn_classes(self, classes: list[str]) -> None:
+        """The masks' class list: fixed for the run (metric labels come from it, so it stays bounded)."""
+        if classes == self.classes:
+            return
+        if self.classes is not None:
+            raise ValueError(f"mask classes {classes}, the masks so far had {self.classes}: a model with other "
+                             "classes needs this node restarted")
+        missing = [t for t in self.targets if t not in classes[1:]]
+        if missing:
+            raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the model's classes "
+                               f"({', '.join(classes[1:])}); the masks cannot be sorted for it"])
+        self.classes = list(classes)
+        self.target_ids = np.array([classes.index(t) for t in self.targets])
+        self.finder.classes = len(classes)
 
     def process(self, port, msg):
-        h = msg.header
         if port == "encoder":
             self.track.follow(msg)
             return None
-        classes, conf = msg.arrays.get("classes"), msg.arrays.get("confidence")
-        if classes is None or conf is None or classes.shape != conf.shape or classes.ndim != 2:
-            raise ValueError("a mask message needs 2-D 'classes' and 'confidence' arrays of one shape")
-        if classes.shape[1] != len(self.bar.valve_of_col) or h.ticks_per_line != self.bar.tpl:
-            raise ValueError(f"mask is {classes.shape[1]} pixels wide at {h.ticks_per_line} ticks per line; "
-                             f"cameras.rgb.pixels and model.mask_stride = {self.settings.model.mask_stride} "
-                             f"make {len(self.bar.valve_of_col)} at {self.bar.tpl}")
-        valid = int(h.meta.get("valid_lines", len(classes)))
+        h, meta = msg.header, msg.meta
+        self._learn_classes(meta.classes)
+        classes, conf = msg.arrays["classes"], msg.arrays["confidence"]
+        valid = min(meta.valid_lines, len(classes))
         line0 = h.position // self.bar.tpl
-        if self.params.despeckle and self.settings.model.mask_stride == 1:
+        if self.params.despeckle and self.stride == 1:
             # Single misread pixels would each be an object of their own: a 3x3 median takes them out.
             # (A coarser mask is the model's own grid, already smooth at that scale.)
             classes = cv2.medianBlur(np.ascontiguousarray(classes), 3)
-        self.windows: list[list[int]] = []
+        self.windows = []
         objs = self.finder.feed(line0, classes[:valid], conf[:valid], self._plan, gap=h.gap)
         if valid < len(classes):
             objs += self.finder.flush(self._plan)   # the lines after these are missing: nothing continues
@@ -272,18 +284,17 @@ class EjectPlan(Node):
         # Air cannot arrive at the bar before the belt there has moved on by the time a command needs
         # (valve opening, driver, sending ahead): the front of an object decided late is not blown, the
         # rest is. Such windows start later (counted as clipped); none is sent doomed to be late.
-        # Where the belt is now (it has moved on while this mask was made) plus how far it moves while a
-        # command is on its way: a window must start past that to be blown in time.
         earliest = -np.inf
         if self.params.timing and self.track.known:
             earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
+        cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
         for v, a, b in valve_windows(obj, self.bar, self.before, self.after):
             if a < earliest:
                 self.clipped += 1
                 if b <= earliest:
                     continue
                 a = earliest
-            self.windows.append([v, v, int(a), int(b), 0, obj.cls])
+            self.windows.append(Window(v, v, int(a), int(b), obj.id, cls, conf))
         return True
 
     def _publish(self, objs: list[Obj], like):
@@ -292,20 +303,21 @@ class EjectPlan(Node):
         described = []
         for o in objs:
             decision = decide(o, self.params, self.target_ids, self.min_area_px)
-            cls = CLASS_NAMES[o.cls]
+            cls = self.classes[o.cls]
             OBJECTS.labels(self.name, cls, decision).inc()
             self.counts[decision] = self.counts.get(decision, 0) + 1
             x = (o.cols + 0.5) * self.bar.mm_per_px
-            described.append({"id": o.id, "cls": cls, "decision": decision, "area_px": o.area,
-                              "x0_mm": round(float(x.min()), 1), "x1_mm": round(float(x.max()), 1),
-                              "p0": int(o.rows.min() * self.bar.tpl), "p1": int((o.rows.max() + 1) * self.bar.tpl)})
-        fields = {"stream": "eject", "meta": {"windows": self.windows, "objects": described}}
+            described.append(ObjectReport(o.id, cls, decision, o.area, round(float(x.min()), 1),
+                                          round(float(x.max()), 1), int(o.rows.min() * self.bar.tpl),
+                                          int((o.rows.max() + 1) * self.bar.tpl)))
+        fields = {"stream": "eject", "meta": EjectMeta(self.windows, described)}
         if like is None:   # the flush at the end of the stream
-            fields.update(seq=self.last_seq + 1, position=(self.finder.next_line or 0) * self.bar.tpl, ticks_per_line=self.bar.tpl)
+            fields.update(seq=self.last_seq + 1, position=(self.finder.next_line or 0) * self.bar.tpl,
+                          ticks_per_line=self.bar.tpl)
         else:
             self.last_seq = like.header.seq
         out = self.out["out"].new({}, like=like, **fields)
         return None if out is None else [("out", out)]
 
     def status(self) -> dict:
-        return {**dict(sorted(getattr(self, "counts", {}).items())), "clipped_windows": getattr(self, "clipped", 0)}
+        return {**dict(sorted(self.counts.items())), "clipped_windows": self.clipped}

@@ -16,6 +16,11 @@ The sender's loop does no allocation beyond the command it sends and no
 heavy work: the schedule is a heap of small lists, times are a
 multiply-add. It is a thread of its own so that messages arriving on the
 node's sockets never delay a command.
+
+Ejections are counted per object (its id, unique within a run), by class:
+`sortline_ejections_total{cls}`. Only the recipe's targets can be ejected,
+so a window for any other class is refused and counted, and the metric has
+at most one series per target.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
-from nodes.eject_plan import CLASS_NAMES
-from nodes.encoder import EncoderTrack
-from nodes.valves import DRIVERS, Command
-from pipeline.config import ConfigError, Section
-from pipeline.metrics import LATENCY_BUCKETS
-from pipeline.node import Node
+from sortline.nodes.belt.datagram import Command
+from sortline.nodes.belt.drivers import DRIVERS
+from sortline.nodes.belt.encoder import EncoderTrack
+from sortline.nodes.streams import EJECT, LINES
+from sortline.pipeline import metrics
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.metrics import LATENCY_BUCKETS
+from sortline.pipeline.node import Node
 
 LATE = Counter("sortline_ejector_late", "Commands refused: their deadline had passed", ["node"])
 COMMANDS = Counter("sortline_valve_commands", "Commands sent to the valve driver", ["node"])
@@ -53,12 +60,12 @@ class Schedule:
         self.latency_ns, self.ahead_ns = latency_ms * 1e6, ahead_ms * 1e6
         self.min_pulse_ns, self.max_pulse_ns = min_pulse_ms * 1e6, max_pulse_ms * 1e6
         self.merge_ticks = merge_ticks
-        self.heap: list[list] = []              # [open_pos, n, valve, close_pos, object, cls, t_exposure]
+        self.heap: list[list] = []              # [open_pos, n, valve, close_pos, object id, cls, t_exposure]
         self.last: dict[int, list] = {}         # valve -> its latest pending window
         self.n = 0
         self.clamped = 0
 
-    def add(self, valve: int, open_pos: int, close_pos: int, obj: int, cls: int, t_exposure: int = 0) -> None:
+    def add(self, valve: int, open_pos: int, close_pos: int, obj: int, cls: str, t_exposure: int = 0) -> None:
         w = self.last.get(valve)
         if w is not None and w[0] <= open_pos <= w[3] + self.merge_ticks:
             w[3] = max(w[3], close_pos)         # overlaps or nearly touches the pending one: one pulse
@@ -98,7 +105,7 @@ class Schedule:
 
 
 class Ejector(Node):
-    inputs = ("in", "encoder")
+    inputs = {"in": EJECT, "encoder": LINES}
 
     class Params(Section):
         send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "
@@ -110,25 +117,27 @@ class Ejector(Node):
                              "decisions on a belt that waits for the pipeline; never on a machine)")
 
     def setup(self) -> None:
-        s, p = self.settings, self.params
-        e, v = s.ejector, s.valves
+        m, p = self.machine, self.params
+        e, v = m.ejector, m.valve_bar
         try:
             self.driver = DRIVERS[e.driver](e.address)
         except (ValueError, OSError) as exc:
             raise ConfigError([f"ejector.address = {e.address!r}: {exc}"]) from None
-        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
+        self.track = EncoderTrack(m.belt.ticks_per_mm, m.belt.speed_m_s)
         self.schedule = Schedule(v.open_ms, v.close_ms, e.driver_latency_ms, p.send_ahead_ms, v.min_pulse_ms,
-                                 v.max_pulse_ms, int(p.merge_gap_mm * s.belt.ticks_per_mm))
+                                 v.max_pulse_ms, int(p.merge_gap_mm * m.belt.ticks_per_mm))
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.sent = self.late = self.seq = 0
         self.recent = deque(maxlen=4096)        # object ids a command went out for (ejections are counted once)
         self.recent_set: set[int] = set()
+        self.ejections = {cls: EJECTIONS.labels(self.name, cls) for cls in m.recipe.targets}
+        self.not_target = metrics.MALFORMED.labels(self.name, "window_class")
         self.lead_ms = np.zeros(4096)
         self.decision_ms = np.zeros(4096)
         self.n_lead = self.n_decision = 0
-        # For `sortline hil`: per command (exposure, sent, deadline, missed), per decision its whole trace.
-        self.samples = np.zeros((1 << 20, 4)) if p.samples else None
+        # For `sortline hil`: per command (exposure, sent, deadline, missed, object id), per decision its trace.
+        self.samples = np.zeros((1 << 20, 5)) if p.samples else None
         self.n_samples = 0
         self.traces: list | None = [] if p.samples else None
         self.stages: list[str] = []
@@ -146,7 +155,7 @@ class Ejector(Node):
             with self.lock:
                 self.track.follow(msg)
             return None
-        windows = h.meta.get("windows", [])
+        windows = [w for w in msg.meta.windows if self._target(w)]
         t_exposure = h.trace[0].t_in_ns if h.trace else 0
         if h.trace:
             now = time.monotonic_ns()
@@ -156,17 +165,25 @@ class Ejector(Node):
                 self.traces.append([now] + [t for e in h.trace for t in (e.t_in_ns, e.t_out_ns)])
                 self.stages = self.stages or [e.stage for e in h.trace]
         if not self.params.timing:
-            for lo, hi, open_pos, close_pos, obj, cls in windows:
-                duration = (close_pos - open_pos) / self.track.nominal     # ns at the nominal speed
-                for valve in range(int(lo), int(hi) + 1):
-                    self._send([int(open_pos), 0, valve, int(close_pos), int(obj), int(cls), 0], 0, duration, 0)
+            for w in windows:
+                duration = (w.close_pos - w.open_pos) / self.track.nominal     # ns at the nominal speed
+                for valve in range(w.valve_lo, w.valve_hi + 1):
+                    self._send([w.open_pos, 0, valve, w.close_pos, w.object_id, w.cls, 0], 0, duration, 0)
             return None
         with self.lock:
-            for lo, hi, open_pos, close_pos, obj, cls in windows:
-                for valve in range(int(lo), int(hi) + 1):
-                    self.schedule.add(valve, int(open_pos), int(close_pos), int(obj), int(cls), t_exposure)
+            for w in windows:
+                for valve in range(w.valve_lo, w.valve_hi + 1):
+                    self.schedule.add(valve, w.open_pos, w.close_pos, w.object_id, w.cls, t_exposure)
         self.wake.set()
         return None
+
+    def _target(self, w) -> bool:
+        if w.cls in self.ejections:
+            return True
+        self.not_target.inc()
+        self.log.warning("refused a window for object %d of class %r: not a target (recipe.targets: %s)",
+                         w.object_id, w.cls, ", ".join(self.ejections))
+        return False
 
     def _send_loop(self) -> None:
         while self.running:
@@ -182,9 +199,9 @@ class Ejector(Node):
             for w, deadline in late:
                 self.late += 1
                 self._late.inc()
-                self._sample(w[6], now, deadline, missed=True)
+                self._sample(w[6], now, deadline, missed=True, obj=w[4])
                 self.log.warning("late: valve %d for object %d (%s) missed its deadline; not sent",
-                                 w[2], w[4], CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else w[5])
+                                 w[2], w[4], w[5])
             wait = 0.005 if nxt is None else min(max((nxt - time.monotonic_ns()) / 1e9, 0.0002), 0.005)
             self.wake.wait(wait)
             self.wake.clear()
@@ -203,7 +220,7 @@ class Ejector(Node):
         self.sent += 1
         self._commands.inc()
         self._open_s.inc(duration / 1e9)
-        self._sample(w[6], time.monotonic_ns(), t_cmd - self.schedule.latency_ns, missed=False)
+        self._sample(w[6], time.monotonic_ns(), t_cmd - self.schedule.latency_ns, missed=False, obj=w[4])
         if self.params.timing:
             lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
             self.lead_ms[self.n_lead % 4096] = lead
@@ -214,14 +231,14 @@ class Ejector(Node):
                 self.recent_set.discard(self.recent[0])
             self.recent.append(w[4])
             self.recent_set.add(w[4])
-            EJECTIONS.labels(self.name, CLASS_NAMES[w[5]] if w[5] < len(CLASS_NAMES) else str(w[5])).inc()
+            self.ejections[w[5]].inc()
 
-    def _sample(self, t_exposure: int, t_sent: int, deadline: float, missed: bool) -> None:
+    def _sample(self, t_exposure: int, t_sent: int, deadline: float, missed: bool, obj: int = 0) -> None:
         """One command for the latency report (preallocated: no allocation in the sender's loop)."""
         if self.samples is None or not t_exposure:
             return
         i = self.n_samples % len(self.samples)
-        self.samples[i] = (t_exposure, t_sent, deadline, missed)
+        self.samples[i] = (t_exposure, t_sent, deadline, missed, obj)
         self.n_samples += 1
 
     def end_of_stream(self):
@@ -235,7 +252,7 @@ class Ejector(Node):
         return None
 
     def teardown(self) -> None:
-        if getattr(self, "sender", None) is not None:
+        if hasattr(self, "sender"):
             self.running = False
             self.wake.set()
             self.sender.join(timeout=1)
@@ -248,8 +265,6 @@ class Ejector(Node):
                          stages=np.array(self.stages), late=self.late, sent=self.sent)
 
     def status(self) -> dict:
-        if not hasattr(self, "schedule"):
-            return {}
         out = {"sent": self.sent, "late": self.late, "pending": len(self.schedule.heap),
                "speed_m_s": round(self.track.speed_m_s(), 3)}
         for name, arr, n in (("lead", self.lead_ms, self.n_lead), ("decision", self.decision_ms, self.n_decision)):

@@ -15,8 +15,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.config import Section
-from pipeline.node import Node
+from sortline.nodes.streams import LINES
+from sortline.pipeline.config import Section
+from sortline.pipeline.node import Node
 
 
 @lru_cache(maxsize=8)
@@ -34,7 +35,7 @@ def pattern(shape: tuple[int, ...], dtype: str, seq: int, out: np.ndarray | None
 
 
 class PatternSource(Node):
-    outputs = ("out",)
+    outputs = {"out": LINES}
 
     class Params(Section):
         camera: Literal["rgb", "hsi"] = "rgb"
@@ -48,11 +49,11 @@ class PatternSource(Node):
         speed_m_s: float = Field(0.0, ge=0, description="0: the belt's nominal speed")
 
     def setup(self) -> None:
-        p, cam = self.params, getattr(self.settings.cameras, self.params.camera)
+        p, cam = self.params, getattr(self.machine.cameras, self.params.camera)
         self.stream = p.stream or p.camera
         self.shape = (p.lines or cam.lines_per_frame, p.pixels or cam.pixels, p.bands or cam.bands)
         self.ticks_per_line = cam.ticks_per_line
-        rate = self.settings.line_rate_hz(p.camera, p.speed_m_s or None)
+        rate = self.machine.line_rate_hz(p.camera, p.speed_m_s or None)
         self.frame_ns = int(self.shape[0] / rate * 1e9)
         self.seq = 0
         self.t0 = 0  # set by the first step: the belt starts when the graph does

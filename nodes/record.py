@@ -33,10 +33,11 @@ from typing import Literal
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
-from pipeline import recording
-from pipeline.config import ConfigError, Section, config_toml
-from pipeline.mcap_writer import McapWriter
-from pipeline.node import Node, _RateLimitedLog
+from sortline.pipeline import recording
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.mcap_writer import McapWriter
+from sortline.pipeline.node import Node, _RateLimitedLog
+from sortline.pipeline.ports import ANY
 
 EX_IOERR = 74  # sysexits.h: the file cannot be written; the supervisor restarts the node (a new file)
 PLAUSIBLE_AGE_NS = 60 * 10**9  # an acquisition time older than this is from another host's clock
@@ -68,7 +69,7 @@ def free_path(path: Path) -> Path:
 
 
 class Recorder(Node):
-    inputs = ("in",)
+    inputs = {"in": ANY}
 
     class Params(Section):
         path: str = Field(min_length=1, description="the MCAP file to write")
@@ -90,7 +91,7 @@ class Recorder(Node):
             if not Path(cal).is_file():
                 raise ConfigError([f"{key}.calibration: {cal!r} is not a file"])
         # The machine's own calibration goes with every recording: a file must explain itself.
-        self.calibrations = [*p.calibration, *(c for c in self.settings.calibration.model_dump().values()
+        self.calibrations = [*p.calibration, *(c for c in self.machine.calibration.model_dump().values()
                                                if c and Path(c).is_file() and c not in p.calibration)]
         if path.exists() and not p.overwrite:
             kept, path = path, free_path(path)
@@ -129,13 +130,13 @@ class Recorder(Node):
                                                   recording.SCHEMA_TEXT.encode())
         now = time.time_ns()
         self.writer.add_metadata(recording.META_RUN, {
-            "sortline_version": sortline_version(), "profile": self.settings.profile,
-            "graph": self.settings.graph.name, "node": self.name,
+            "sortline_version": sortline_version(), "profile": self.machine.profile,
+            "graph": self.context.graph, "node": self.name,
             "start_time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "belt_ticks_per_mm": repr(self.settings.belt.ticks_per_mm), "compression": p.compression,
+            "belt_ticks_per_mm": repr(self.machine.belt.ticks_per_mm), "compression": p.compression,
         })
         self.writer.add_attachment(now, now, recording.CONFIG_ATTACHMENT, "application/toml",
-                                   config_toml(self.settings).encode())
+                                   self.context.config_toml.encode())
         for cal in self.calibrations:
             self.writer.add_attachment(now, now, f"calibration/{Path(cal).name}", "application/octet-stream",
                                        Path(cal).read_bytes())
@@ -271,8 +272,6 @@ class Recorder(Node):
         self.log.info("recorded %s: %s", self.path, self._summary_line())
 
     def status(self) -> dict:
-        if not hasattr(self, "stats"):
-            return {}
         return {"messages": sum(s.messages for s in self.stats.values()),
                 "mb": round(sum(s.bytes for s in self.stats.values()) / 1e6, 1),
                 "queue_mb": round(self.queued / 2**20, 1), "stalls": self.stalls}

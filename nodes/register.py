@@ -24,19 +24,21 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from calibration.spatial import SpatialCalibration
-from calibration.spectral import CalibrationError, SpectralReference, bin_bands
-from pipeline import metrics
-from pipeline.config import ConfigError, Section
-from pipeline.node import Node
+from sortline.calibration.spatial import SpatialCalibration
+from sortline.calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from sortline.nodes.streams import LINES, STRIP, StripMeta
+from sortline.pipeline import metrics
+from sortline.pipeline.config import ConfigError, Machine, Section
+from sortline.pipeline.node import Node
 
 
 class StripCutter:
     """The node's logic without sockets: feed rgb()/hsi() chunks, collect strips()."""
 
-    def __init__(self, settings, spectral: SpectralReference, spatial: SpatialCalibration, max_wait_lines: int = 2048):
-        rgb, hsi, m = settings.cameras.rgb, settings.cameras.hsi, settings.model
-        self.r = settings.hsi_ratio
+    def __init__(self, machine: Machine, spectral: SpectralReference, spatial: SpatialCalibration,
+                 max_wait_lines: int = 2048):
+        rgb, hsi, m = machine.cameras.rgb, machine.cameras.hsi, machine.model
+        self.r = machine.hsi_ratio
         self.tpl_r, self.tpl_h = rgb.ticks_per_line, hsi.ticks_per_line
         self.width, self.hsi_pixels, self.bands = rgb.pixels, hsi.pixels, m.bands
         self.groups = [tuple(r) for r in m.band_ranges] or m.bands    # explicit ranges, or N equal groups
@@ -187,41 +189,35 @@ class StripCutter:
 
 
 class Register(Node):
-    inputs = ("rgb", "hsi")
-    outputs = ("out",)
+    inputs = {"rgb": LINES, "hsi": LINES}
+    outputs = {"out": STRIP}
 
     class Params(Section):
-        spectral: str = Field("", description="spectral calibration file; empty: calibration.spectral")
-        spatial: str = Field("", description="spatial calibration file; empty: calibration.spatial")
         max_wait_lines: int = Field(2048, gt=0, description="RGB lines held while waiting for HSI before giving them up")
 
     def setup(self) -> None:
-        s, p = self.settings, self.params
-        paths = {"spectral": p.spectral or s.calibration.spectral, "spatial": p.spatial or s.calibration.spatial}
-        for key, path in paths.items():
-            if not path:
+        m = self.machine
+        cams, files = m.cameras, m.calibration
+        for key in ("spectral", "spatial"):
+            if not getattr(files, key):
                 raise ConfigError([f"calibration.{key}: not set; the register node needs it "
                                    f"(make one with `sortline calibrate {key}`)"])
         try:
-            spectral = SpectralReference.load(paths["spectral"], pixels=s.cameras.hsi.pixels, bands=s.cameras.hsi.bands)
-            spatial = SpatialCalibration.load(paths["spatial"], rgb_pixels=s.cameras.rgb.pixels,
-                                              hsi_pixels=s.cameras.hsi.pixels)
+            spectral = SpectralReference.load(files.spectral, pixels=cams.hsi.pixels, bands=cams.hsi.bands)
+            spatial = SpatialCalibration.load(files.spatial, rgb_pixels=cams.rgb.pixels, hsi_pixels=cams.hsi.pixels)
         except CalibrationError as exc:
             raise ConfigError([str(exc)]) from None
-        self.cutter = StripCutter(s, spectral, spatial, p.max_wait_lines)
+        self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
+        self.expect("rgb", pixels=cams.rgb.pixels, channels=3, ticks_per_line=cams.rgb.ticks_per_line)
+        self.expect("hsi", pixels=cams.hsi.pixels, channels=cams.hsi.bands, ticks_per_line=cams.hsi.ticks_per_line)
         self.last_rgb = None
         self.given_up = metrics.DROPS.labels(f"{self.name}.hsi", "hsi_missing")
         self.log.info("strips of %d+2x%d RGB lines, HSI binned to %d bands; calibrations %s, %s",
-                      self.cutter.core, self.cutter.overlap, self.cutter.bands, paths["spectral"], paths["spatial"])
+                      self.cutter.core, self.cutter.overlap, self.cutter.bands, files.spectral, files.spatial)
 
     def process(self, port, msg):
-        h = msg.header
-        lines = msg.arrays.get("lines")
-        if lines is None or lines.ndim != 3:
-            raise ValueError(f"{port} message without a lines × pixels × channels array 'lines'")
+        h, lines = msg.header, msg.arrays["lines"]
         if port == "rgb":
-            if lines.shape[1:] != (self.cutter.width, 3):
-                raise ValueError(f"rgb lines are {lines.shape[1:]}, expected ({self.cutter.width}, 3)")
             self.cutter.rgb(h.position, lines, h.gap)
             self.last_rgb = msg
         else:
@@ -232,8 +228,7 @@ class Register(Node):
             out = self.out["out"].new({"rgb": (rgb.shape, np.uint8), "hsi": (hsi.shape, np.float16)},
                                       like=self.last_rgb, stream="strip", seq=self.cutter.seq - 1, position=top,
                                       ticks_per_line=self.cutter.tpl_r, gap=gap,
-                                      meta={"overlap": self.cutter.overlap, "ratio": self.cutter.r,
-                                            "valid_lines": valid})
+                                      meta=StripMeta(self.cutter.overlap, self.cutter.r, valid))
             if out is None:
                 break
             out.arrays["rgb"][...] = rgb
@@ -246,5 +241,4 @@ class Register(Node):
         return outs
 
     def status(self) -> dict:
-        c = getattr(self, "cutter", None)
-        return {} if c is None else {"strips": c.seq, "hsi_missing_lines": c.dropped_lines}
+        return {"strips": self.cutter.seq, "hsi_missing_lines": self.cutter.dropped_lines}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.node import Node
+from sortline.pipeline.node import Node
+from sortline.pipeline.ports import ANY
 
 
 class Relay(Node):
-    inputs = ("in",)
-    outputs = ("out",)
+    inputs = {"in": ANY}
+    outputs = {"out": ANY}
 
     def process(self, port, msg):
         out = self.out["out"].new({k: (a.shape, a.dtype) for k, a in msg.arrays.items()}, like=msg)

@@ -24,17 +24,18 @@ import time
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline import metrics, recording
-from pipeline.config import ConfigError, Section
-from pipeline.messages import MessageError
-from pipeline.node import Node, _RateLimitedLog
+from sortline.nodes.streams import LINES, TRUTH
+from sortline.pipeline import metrics, recording
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.messages import MessageError
+from sortline.pipeline.node import Node, _RateLimitedLog
 
 # Header fields a replayed message takes from the recording (trace and slot start anew).
 KEPT = ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "meta")
 
 
 class Replay(Node):
-    outputs = ("rgb", "hsi", "truth")
+    outputs = {"rgb": LINES, "hsi": LINES, "truth": TRUTH}
 
     class Params(Section):
         path: str = Field(min_length=1, description="the recording (MCAP) to replay")
@@ -162,6 +163,5 @@ class Replay(Node):
         return None
 
     def status(self) -> dict:
-        return {"published": getattr(self, "published", 0), "passes": getattr(self, "passes", 0) + 1,
-                "damaged": int(getattr(self, "damaged", False))}
+        return {"published": self.published, "passes": self.passes + 1, "damaged": int(self.damaged)}
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 from pydantic import Field
 
-from nodes.pattern import base_pattern
-from pipeline import metrics
-from pipeline.clock import tcp_edges_upstream
-from pipeline.config import ConfigError, Section
-from pipeline.node import Node
+from sortline.nodes.pattern import base_pattern
+from sortline.pipeline import metrics
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.node import Node
+from sortline.pipeline.ports import ANY
 
 SAMPLE_STRIDE = 97  # bytes checked per frame: every 97th, enough to catch a wrong or torn frame
 
@@ -33,7 +33,7 @@ def _percentiles(values) -> dict:
 
 
 class Sink(Node):
-    inputs = ("in",)
+    inputs = {"in": ANY}
 
     class Params(Section):
         verify: bool = Field(True, description="check test-pattern content")
@@ -56,12 +56,11 @@ class Sink(Node):
         self.first_ns = self.last_ns = 0
         self._e2e = metrics.E2E_SECONDS.labels(self.name)
         # Across hosts the trace is only as good as the hosts' clock agreement (pipeline/clock.py).
-        tcp = tcp_edges_upstream(self.settings, self.name)
         self.e2e_refused = ""
-        if tcp and not self.settings.clock.ptp_synchronised:
+        if self.context.unsynchronised_edges:
             self.e2e_refused = "clocks not synchronised"
             self.log.warning("end-to-end latency not reported: its path crosses tcp edges (%s) and "
-                             "clock.ptp_synchronised is false", ", ".join(tcp))
+                             "clock.ptp_synchronised is false", ", ".join(self.context.unsynchronised_edges))
 
     def process(self, port, msg):
         now = time.monotonic_ns()

@@ -33,11 +33,13 @@ import numpy as np
 from prometheus_client import Counter
 from pydantic import Field
 
-from nodes.eject_plan import CLASS_NAMES
-from nodes.encoder import EncoderTrack
-from nodes.valves import SIZE, BarGeometry, DatagramError, decode, parse_address
-from pipeline.config import ConfigError, Section
-from pipeline.node import Node
+from sortline.nodes.belt.bar import BarGeometry
+from sortline.nodes.belt.datagram import SIZE, DatagramError, decode
+from sortline.nodes.belt.drivers import parse_address
+from sortline.nodes.belt.encoder import EncoderTrack
+from sortline.nodes.streams import LINES, TRUTH
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.node import Node
 
 BAD = Counter("sortline_valve_sim_bad_datagrams", "Datagrams the valve-bar simulator refused", ["node", "kind"])
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux: kernel receive time, CLOCK_REALTIME
@@ -45,23 +47,24 @@ SETTLE_MM = 150.0   # truth is scored once the belt has carried it this far past
 
 
 class ValveSim(Node):
-    inputs = ("truth", "encoder")
+    inputs = {"truth": TRUTH, "encoder": LINES}
 
     class Params(Section):
-        targets: list[str] = Field(["PET"], min_length=1, description="classes that should be ejected")
         hit_fraction: float = Field(0.5, gt=0, le=1, description="share of an object's area the air must cover")
         report: str = Field("", description="write the score here (JSON) when the node stops")
         by_position: bool = Field(False, description="place the air by the commands' encoder positions, not "
                                   "their times (scoring decisions alone, with an ejector whose timing is off)")
 
     def setup(self) -> None:
-        s, p = self.settings, self.params
-        unknown = [t for t in p.targets if t not in CLASS_NAMES[1:]]
-        if unknown:
-            raise ConfigError([f"nodes.{self.name}.params.targets: unknown classes {unknown}"])
-        self.bar = BarGeometry(s)
-        self.track = EncoderTrack(s.belt.ticks_per_mm, s.belt.speed_m_s)
-        self.open_ns, self.close_ns = s.valves.open_ms * 1e6, s.valves.close_ms * 1e6
+        m = self.machine
+        self.bar = BarGeometry(m)
+        self.expect("truth", pixels=m.cameras.rgb.pixels)
+        self.track = EncoderTrack(m.belt.ticks_per_mm, m.belt.speed_m_s)
+        self.open_ns, self.close_ns = m.valve_bar.open_ms * 1e6, m.valve_bar.close_ms * 1e6
+        self.targets = m.recipe.targets
+        self.classes: list[str] | None = None   # the belt's classes, from the first truth message
+        self.target_ids: set[int] = set()
+        self.commanded: set[int] = set()        # object ids (u32) the datagrams named
         self.lock = threading.Lock()
         self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
         self.commands = self.late_arrivals = 0
@@ -71,21 +74,20 @@ class ValveSim(Node):
         self.pending: deque[tuple[int, np.ndarray, np.ndarray]] = deque()   # truth chunks not yet scored
         self.objects: dict[int, list] = {}                             # id -> [cls, pixels, hit pixels]
         self.looks: dict[int, str] = {}                                # id -> look (from the truth's object list)
-        self.target_ids = {CLASS_NAMES.index(t) for t in p.targets}
-        host, port = parse_address(s.ejector.address)
+        host, port = parse_address(m.ejector.address)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.bind((host, port))
         except OSError as exc:
-            raise ConfigError([f"ejector.address = {s.ejector.address!r}: the valve-bar simulator cannot listen "
+            raise ConfigError([f"ejector.address = {m.ejector.address!r}: the valve-bar simulator cannot listen "
                                f"there ({exc.strerror})"]) from None
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.settimeout(0.1)
         self.running = True
         self.receiver = threading.Thread(target=self._receive, name="valves", daemon=True)
         self.receiver.start()
-        self.log.info("valve bar of %d valves listening on %s; scoring %s", self.bar.count, s.ejector.address,
-                      ", ".join(p.targets))
+        self.log.info("valve bar of %d valves listening on %s; scoring %s", self.bar.count, m.ejector.address,
+                      ", ".join(self.targets))
 
     def _receive(self) -> None:
         while self.running:
@@ -112,6 +114,7 @@ class ValveSim(Node):
             t_cmd = c.open_at_ns - realtime_offset
             with self.lock:
                 self.commands += 1
+                self.commanded.add(c.object_id)
                 self.last_command = time.monotonic()
                 if self.params.by_position:
                     a = c.open_pos - self.bar.travel_ticks
@@ -139,13 +142,18 @@ class ValveSim(Node):
             if pair is not None and not self.params.by_position:
                 self._score_settled(pair[0])
             return None
-        labels, ids = msg.arrays.get("labels"), msg.arrays.get("instances")
-        if labels is None or ids is None:
-            raise ValueError("a truth message needs 'labels' and 'instances'")
-        self.pending.append((h.position, labels.copy(), ids.copy()))
-        for o in h.meta.get("objects", ()):
-            if isinstance(o, dict) and "id" in o and "look" in o:
-                self.looks[int(o["id"])] = str(o["look"])
+        if self.classes is None:
+            missing = [t for t in self.targets if t not in msg.meta.classes[1:]]
+            if missing:
+                raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the belt's classes "
+                                   f"({', '.join(msg.meta.classes[1:])}): nothing to score them against"])
+            self.classes = list(msg.meta.classes)
+            self.target_ids = {self.classes.index(t) for t in self.targets}
+        elif msg.meta.classes != self.classes:
+            raise ValueError(f"truth classes {msg.meta.classes}, the truth so far had {self.classes}")
+        self.pending.append((h.position, msg.arrays["labels"].copy(), msg.arrays["instances"].copy()))
+        for o in msg.meta.objects:
+            self.looks[o.id] = o.look
         return None
 
     def end_of_stream(self):
@@ -213,7 +221,7 @@ class ValveSim(Node):
         others: dict[str, int] = {}
         for r in hit:
             if r[0] not in self.target_ids:
-                others[CLASS_NAMES[r[0]]] = others.get(CLASS_NAMES[r[0]], 0) + 1
+                others[self.classes[r[0]]] = others.get(self.classes[r[0]], 0) + 1
         area_hit = sum(r[2] for r in self.objects.values())
         area_hit_targets = sum(r[2] for r in targets)
         return {
@@ -227,18 +235,17 @@ class ValveSim(Node):
             "recovery_by_look": {look: round(t[1] / t[0], 4) for look, t in sorted(by_look.items())},
             "hit_others_by_class": dict(sorted(others.items())),
             "commands": self.commands, "late_arrivals": self.late_arrivals, "bad_datagrams": sum(self.bad.values()),
-            "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.params.targets,
+            "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.targets,
+            "commanded_objects": len(self.commanded),
         }
 
     def status(self) -> dict:
-        if not hasattr(self, "objects"):
-            return {}
         s = self.score()
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
                 if k in ("objects", "targets", "recovery", "purity", "commands", "late_arrivals", "bad_datagrams")}
 
     def teardown(self) -> None:
-        if getattr(self, "receiver", None) is None:
+        if not hasattr(self, "receiver"):
             return
         self.running = False
         self.receiver.join(timeout=1)

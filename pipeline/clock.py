@@ -18,9 +18,9 @@ import time
 
 import msgspec
 
-from pipeline.config import Settings
-from pipeline.graph import edges
-from pipeline.messages import Header, TraceEntry
+from sortline.pipeline.config import Settings
+from sortline.pipeline.graph import edges
+from sortline.pipeline.messages import Header, TraceEntry
 
 
 def _shifted(trace: list[TraceEntry], delta_ns: int) -> list[TraceEntry]:

@@ -1,4 +1,11 @@
-"""The machine configuration: one TOML file, overridable by SORTLINE_* variables.
+"""The configuration: one TOML file, overridable by SORTLINE_* variables.
+
+It has two halves. The **machine** (`Machine`: belt, cameras, valve bar,
+ejector, model, calibration, recipe, ...) is what the nodes are given: the
+facts about the sorting machine they work on. The **graph** (nodes, edges)
+and the runtime's own sections (supervisor, metrics, security, clock) are
+what the runtime needs to start them and wire them together; `Settings` is
+both, as read from the file.
 
 Every section forbids unknown keys (pydantic-settings would otherwise drop a
 misspelt key in a nested table without a word), a missing file is an error,
@@ -8,18 +15,21 @@ latency budget) are computed here, never typed into the file.
 
 Environment overrides use `__` between levels, e.g.
 SORTLINE_BELT__SPEED_M_S=3 or SORTLINE_GRAPH__RUNTIME_DIR=/run/sortline.
+
+File paths in the file (calibration, model, keys) are relative to the file
+itself; a path of the form `shipped:NAME` names a file that comes with
+sortline (the model's reader resolves it).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -37,6 +47,8 @@ class ConfigError(Exception):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+# The machine.
 
 class Belt(Section):
     width_mm: float = Field(gt=0, le=5000)
@@ -88,7 +100,8 @@ class Ejector(Section):
 
 
 class Model(Section):
-    path: str = ""
+    path: str = Field("", description="the model: a checkpoint (.safetensors), an ONNX export or a TensorRT "
+                      "engine; shipped:NAME for one that comes with sortline")
     backend: Literal["onnxruntime", "onnxruntime-cuda", "tensorrt", "torch"] = "onnxruntime"
     strip_lines: int = Field(128, gt=0, description="RGB lines per strip")
     overlap_lines: int = Field(16, ge=0, description="RGB lines of context on each side of a strip")
@@ -115,6 +128,88 @@ class GenICamSettings(Section):
 class Budget(Section):
     margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
 
+
+class Recipe(Section):
+    targets: list[str] = Field(["PET"], min_length=1, description="the classes this machine ejects, by the "
+                               "names the model gives them; a name the model does not know stops start-up")
+
+
+class Machine(Section):
+    """The sorting machine: what every node is given (never the graph or the runtime's sections)."""
+
+    profile: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    belt: Belt
+    cameras: Cameras
+    valve_bar: ValveBar
+    ejector: Ejector = Ejector()
+    model: Model = Model()
+    calibration: CalibrationFiles = CalibrationFiles()
+    budget: Budget = Budget()
+    genicam: GenICamSettings = GenICamSettings()
+    recipe: Recipe = Recipe()
+
+    @model_validator(mode="after")
+    def _strips_fit_both_grids(self):
+        # A strip and its overlap must cover whole HSI lines, and the RGB line whole HSI pixels,
+        # so that both grids of a strip cover the same belt region.
+        r = self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
+        m, k = self.model, self.model.mask_stride
+        for key in ("strip_lines", "overlap_lines"):
+            value = getattr(m, key)
+            if value % r:
+                raise ValueError(f"model.{key} = {value} must be a multiple of the RGB:HSI ratio {r}")
+            if value % k:
+                raise ValueError(f"model.{key} = {value} must be a multiple of model.mask_stride = {k}")
+        if self.cameras.rgb.pixels % k:
+            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of model.mask_stride = {k}")
+        if self.cameras.rgb.pixels % r:
+            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of the RGB:HSI ratio {r}")
+        bands = self.cameras.hsi.bands
+        if m.band_ranges:
+            if len(m.band_ranges) != m.bands:
+                raise ValueError(f"model.band_ranges has {len(m.band_ranges)} ranges; model.bands = "
+                                 f"{m.bands}: one range per model band")
+            ends = [b for _, b in m.band_ranges]
+            if any(not 0 <= a < b <= bands for a, b in m.band_ranges) or any(
+                    a < end for (a, _), end in zip(m.band_ranges[1:], ends)):
+                raise ValueError(f"model.band_ranges must be increasing, non-overlapping [start, end) within "
+                                 f"0..{bands}: {m.band_ranges}")
+        elif bands % m.bands:
+            raise ValueError(f"model.bands = {m.bands} must divide cameras.hsi.bands = {bands} "
+                             "(equal groups of bands), or give model.band_ranges")
+        return self
+
+    # Derived figures: one place computes them, everything else reads them.
+
+    def line_rate_hz(self, camera: str, speed_m_s: float | None = None) -> float:
+        cam = getattr(self.cameras, camera)
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return speed * 1000.0 * self.belt.ticks_per_mm / cam.ticks_per_line
+
+    @property
+    def hsi_ratio(self) -> int:
+        return self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
+
+    def budget_ms(self, speed_m_s: float | None = None) -> float:
+        """Time from the last scan line seeing an object to its valve command."""
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return self.travel_mm() / speed - self.valve_bar.open_ms - self.budget.margin_ms
+
+    def travel_mm(self) -> float:
+        """Distance from the scan line farther downstream to the valve bar."""
+        last_scan = max(self.cameras.rgb.scan_line_mm, self.cameras.hsi.scan_line_mm)
+        return self.valve_bar.distance_mm - last_scan
+
+    def budget_derivation(self, speed_m_s: float | None = None) -> str:
+        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
+        return (
+            f"{self.travel_mm():.0f} mm scan line to valve bar / {speed:g} m/s = {self.travel_mm() / speed:.1f} ms"
+            f" - {self.valve_bar.open_ms:g} ms valve opening - {self.budget.margin_ms:g} ms margin"
+            f" = {self.budget_ms(speed):.1f} ms"
+        )
+
+
+# The graph and the runtime.
 
 class GraphSettings(Section):
     name: str = Field("sortline", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -186,18 +281,11 @@ class SupervisorSettings(Section):
     status_every_s: float = Field(2.0, gt=0)
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, Machine):
+    """The whole file: the machine, the graph and the runtime's sections."""
+
     model_config = SettingsConfigDict(env_prefix="SORTLINE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
-    profile: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    belt: Belt
-    cameras: Cameras
-    valves: ValveBar
-    ejector: Ejector = Ejector()
-    model: Model = Model()
-    calibration: CalibrationFiles = CalibrationFiles()
-    budget: Budget = Budget()
-    genicam: GenICamSettings = GenICamSettings()
     graph: GraphSettings = GraphSettings()
     metrics: MetricsSettings = MetricsSettings()
     security: Security = Security()
@@ -206,34 +294,6 @@ class Settings(BaseSettings):
     nodes: dict[str, NodeConfig]
     edges: list[EdgeConfig] = []
 
-    @model_validator(mode="after")
-    def _strips_fit_both_grids(self):
-        # A strip and its overlap must cover whole HSI lines, and the RGB line whole HSI pixels,
-        # so that both grids of a strip cover the same belt region.
-        r = self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
-        for key in ("strip_lines", "overlap_lines"):
-            value = getattr(self.model, key)
-            if value % r:
-                raise ValueError(f"model.{key} = {value} must be a multiple of the RGB:HSI ratio {r}")
-        k = self.model.mask_stride
-        for key in ("strip_lines", "overlap_lines"):
-            if getattr(self.model, key) % k:
-                raise ValueError(f"model.{key} = {getattr(self.model, key)} must be a multiple of model.mask_stride = {k}")
-        if self.cameras.rgb.pixels % k:
-            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of model.mask_stride = {k}")
-        if self.cameras.rgb.pixels % r:
-            raise ValueError(f"cameras.rgb.pixels = {self.cameras.rgb.pixels} must be a multiple of the RGB:HSI ratio {r}")
-        if self.model.band_ranges:
-            from calibration.spectral import band_groups
-            if len(self.model.band_ranges) != self.model.bands:
-                raise ValueError(f"model.band_ranges has {len(self.model.band_ranges)} ranges; model.bands = "
-                                 f"{self.model.bands}: one range per model band")
-            band_groups(self.cameras.hsi.bands, self.model.band_ranges)   # raises with what is wrong
-        elif self.cameras.hsi.bands % self.model.bands:
-            raise ValueError(f"model.bands = {self.model.bands} must divide cameras.hsi.bands = "
-                             f"{self.cameras.hsi.bands} (equal groups of bands), or give model.band_ranges")
-        return self
-
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
@@ -241,34 +301,9 @@ class Settings(BaseSettings):
             sources += (TomlConfigSettingsSource(settings_cls),)
         return sources
 
-    # Derived figures: one place computes them, everything else reads them.
-
-    def line_rate_hz(self, camera: str, speed_m_s: float | None = None) -> float:
-        cam = getattr(self.cameras, camera)
-        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
-        return speed * 1000.0 * self.belt.ticks_per_mm / cam.ticks_per_line
-
-    @property
-    def hsi_ratio(self) -> int:
-        return self.cameras.hsi.ticks_per_line // self.cameras.rgb.ticks_per_line
-
-    def budget_ms(self, speed_m_s: float | None = None) -> float:
-        """Time from the last scan line seeing an object to its valve command."""
-        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
-        return self.travel_mm() / speed - self.valves.open_ms - self.budget.margin_ms
-
-    def travel_mm(self) -> float:
-        """Distance from the scan line farther downstream to the valve bar."""
-        last_scan = max(self.cameras.rgb.scan_line_mm, self.cameras.hsi.scan_line_mm)
-        return self.valves.distance_mm - last_scan
-
-    def budget_derivation(self, speed_m_s: float | None = None) -> str:
-        speed = self.belt.speed_m_s if speed_m_s is None else speed_m_s
-        return (
-            f"{self.travel_mm():.0f} mm scan line to valve bar / {speed:g} m/s = {self.travel_mm() / speed:.1f} ms"
-            f" - {self.valves.open_ms:g} ms valve opening - {self.budget.margin_ms:g} ms margin"
-            f" = {self.budget_ms(speed):.1f} ms"
-        )
+    def machine(self) -> Machine:
+        """The machine half, as the nodes get it (already validated: not checked again)."""
+        return Machine.model_construct(**{key: getattr(self, key) for key in Machine.model_fields})
 
     def runtime_dir(self) -> Path:
         if self.graph.runtime_dir:
@@ -277,6 +312,15 @@ class Settings(BaseSettings):
             return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / self.graph.name
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         return base / f"sortline-{os.getuid()}" / self.graph.name
+
+
+def cache_dir() -> Path:
+    """Where derived files (ONNX exports, generated training strips) are kept: $SORTLINE_CACHE, the
+    unit's CacheDirectory= under systemd, else the XDG cache directory. Never beside the package."""
+    for var in ("SORTLINE_CACHE", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sortline"
 
 
 def _one_line(value: Any) -> str:
@@ -298,8 +342,13 @@ def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
-def load_config(path: str | os.PathLike) -> Settings:
-    """Read, validate and cross-check a configuration, or raise ConfigError."""
+def _has_scheme(path: str) -> bool:
+    return ":" in path and not os.path.isabs(path) and "/" not in path.split(":", 1)[0]
+
+
+def read_config(path: str | os.PathLike) -> Settings:
+    """Read and validate a configuration file, or raise ConfigError. (pipeline.graph.load_config
+    checks its graph too: what the commands and nodes use.)"""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path}: not found"])
@@ -319,63 +368,20 @@ def load_config(path: str | os.PathLike) -> Settings:
     except ValidationError as exc:
         raise ConfigError([f"{path}: {line}" for line in format_validation(exc)]) from None
 
-    from pipeline.graph import check_graph  # the graph check needs the node classes
-
-    problems = check_graph(settings)
-    if problems:
-        raise ConfigError([f"{path}: {line}" for line in problems])
-    # Calibration and key files live beside the config they belong to: relative paths start there.
+    # Files the configuration names live beside it: relative paths start there.
     def beside(v: str) -> str:
-        return str((path.parent / v).resolve()) if v and not os.path.isabs(v) else v
+        return str((path.parent / v).resolve()) if v and not os.path.isabs(v) and not _has_scheme(v) else v
 
     cal = CalibrationFiles(**{k: beside(v) for k, v in settings.calibration.model_dump().items()})
+    model = settings.model.model_copy(update={"path": beside(settings.model.path)})
     sec = settings.security.model_copy(update={"key": beside(settings.security.key),
                                                "authorized": beside(settings.security.authorized)})
     edges = [e.model_copy(update={"server_key": beside(e.server_key)}) for e in settings.edges]
-    return settings.model_copy(update={"calibration": cal, "security": sec, "edges": edges})
+    return settings.model_copy(update={"calibration": cal, "model": model, "security": sec, "edges": edges})
 
 
 def config_toml(settings: Settings) -> str:
-    """The configuration as TOML that load_config reads back to the same Settings
+    """The configuration as TOML that read_config reads back to the same Settings
     (with SORTLINE_* overrides applied): what a recording attaches, and what a
     rewritten graph (replay, --record) runs from."""
-    data = settings.model_dump(mode="json", by_alias=True, exclude_none=True)
-    lines: list[str] = []
-    _toml_table(lines, [], data)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON's string escapes are TOML's
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_table(lines: list[str], path: list[str], table: dict) -> None:
-    def is_tables(v):
-        return isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
-
-    for key, value in table.items():
-        if not isinstance(value, dict) and not is_tables(value):
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in table.items():
-        sub = [*path, _toml_key(key)]
-        if isinstance(value, dict):
-            lines += ["", f"[{'.'.join(sub)}]"]
-            _toml_table(lines, sub, value)
-        elif is_tables(value):
-            for item in value:
-                lines += ["", f"[[{'.'.join(sub)}]]"]
-                _toml_table(lines, sub, item)
+    return tomli_w.dumps(settings.model_dump(mode="json", by_alias=True, exclude_none=True))

@@ -2,19 +2,22 @@
 
 Nodes never name each other; they declare ports. The configuration's
 `[[edges]]` connect `node.port` to `node.port`, and this module turns that
-into concrete sockets and shared-memory lanes, checks the graph, and orders
-it (sources first) for start-up and shutdown.
+into concrete sockets and shared-memory lanes, checks the graph (kinds,
+params, ports, payloads, cycles), and orders it (sources first) for start-up
+and shutdown. Node kinds come from the registry (pipeline.registry).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.config import Settings, format_validation
+from sortline.pipeline import registry
+from sortline.pipeline.config import ConfigError, Settings, format_validation, read_config
 
 IPC_PATH_MAX = 107  # sun_path in struct sockaddr_un
 
@@ -57,49 +60,36 @@ def edges(settings: Settings) -> list[Edge]:
     return result
 
 
-def node_class(settings: Settings, name: str):
-    from nodes import node_class as lookup
-
-    return lookup(settings.nodes[name].kind)
-
-
 def node_params(settings: Settings, name: str):
-    return node_class(settings, name).Params.model_validate(settings.nodes[name].params)
+    return registry.node_class(settings.nodes[name].kind).Params.model_validate(settings.nodes[name].params)
 
 
 def topo_order(settings: Settings) -> list[str]:
-    """Node names, every producer before its consumers."""
-    downstream: dict[str, set[str]] = {n: set() for n in settings.nodes}
-    indegree = dict.fromkeys(settings.nodes, 0)
+    """Node names, every producer before its consumers; the same order for the same configuration
+    (a node's place in it gives its metrics port). graphlib.CycleError for a graph with a cycle."""
+    sorter = TopologicalSorter({name: [] for name in settings.nodes})
     for e in edges(settings):
-        if e.dst not in downstream[e.src]:
-            downstream[e.src].add(e.dst)
-            indegree[e.dst] += 1
-    order, ready = [], [n for n, d in indegree.items() if d == 0]
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        for m in sorted(downstream[n]):
-            indegree[m] -= 1
-            if indegree[m] == 0:
-                ready.append(m)
-    return order
+        sorter.add(e.dst, e.src)
+    return list(sorter.static_order())
 
 
 def check_graph(settings: Settings) -> list[str]:
     """Problems with the graph, one line each (empty when it is sound)."""
-    from nodes import KINDS
-
     problems = []
-    ports: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    classes = {}
+    try:
+        known = registry.kinds()
+    except ConfigError as exc:
+        return exc.lines
     for name, node in settings.nodes.items():
-        if node.kind not in KINDS:
-            problems.append(f"nodes.{name}.kind = {node.kind!r}: unknown node kind, one of {', '.join(sorted(KINDS))}")
+        if node.kind not in known:
+            problems.append(f"nodes.{name}.kind = {node.kind!r}: unknown node kind, one of {', '.join(sorted(known))}")
             continue
-        cls = node_class(settings, name)
-        ports[name] = (cls.inputs, cls.outputs)
         try:
+            cls = classes[name] = registry.node_class(node.kind)
             cls.Params.model_validate(node.params)
+        except ConfigError as exc:
+            problems.extend(f"nodes.{name}: {line}" for line in exc.lines)
         except ValidationError as exc:
             problems.extend(format_validation(exc, prefix=f"nodes.{name}.params"))
     if problems:
@@ -108,14 +98,22 @@ def check_graph(settings: Settings) -> list[str]:
     connected = set()
     for i, e in enumerate(edges(settings)):
         where = f"edges[{i}]"
-        if e.src not in ports:
+        src, dst = classes.get(e.src), classes.get(e.dst)
+        if src is None:
             problems.append(f"{where}.from = '{e.src}.{e.src_port}': no node named {e.src!r}")
-        elif e.src_port not in ports[e.src][1]:
-            problems.append(f"{where}.from = '{e.src}.{e.src_port}': {e.src} has outputs {list(ports[e.src][1])}")
-        if e.dst not in ports:
+        elif e.src_port not in src.outputs:
+            problems.append(f"{where}.from = '{e.src}.{e.src_port}': {e.src} has outputs {list(src.outputs)}")
+            src = None
+        if dst is None:
             problems.append(f"{where}.to = '{e.dst}.{e.dst_port}': no node named {e.dst!r}")
-        elif e.dst_port not in ports[e.dst][0]:
-            problems.append(f"{where}.to = '{e.dst}.{e.dst_port}': {e.dst} has inputs {list(ports[e.dst][0])}")
+        elif e.dst_port not in dst.inputs:
+            problems.append(f"{where}.to = '{e.dst}.{e.dst_port}': {e.dst} has inputs {list(dst.inputs)}")
+            dst = None
+        if src is not None and dst is not None:
+            sends, takes = src.outputs[e.src_port], dst.inputs[e.dst_port]
+            if not takes.accepts(sends):
+                problems.append(f"{where}: {e.src}.{e.src_port} sends {sends.name} messages, "
+                                f"{e.dst}.{e.dst_port} takes {takes.name}")
         for addr in {e.address, e.bind}:
             if addr.startswith("ipc://") and len(addr) - len("ipc://") > IPC_PATH_MAX:
                 problems.append(f"{where}: ipc path {addr[6:]!r} is longer than {IPC_PATH_MAX} bytes; shorten graph.runtime_dir")
@@ -123,13 +121,31 @@ def check_graph(settings: Settings) -> list[str]:
             problems.append(f"{where}: a tcp edge with security.curve needs server_key, the public certificate "
                             f"of {e.src}'s host")
         connected.add((e.dst, e.dst_port))
-    for name, (inputs, _) in ports.items():
-        for port in inputs:
+    for name, cls in classes.items():
+        for port in cls.inputs:
             if (name, port) not in connected:
                 problems.append(f"nodes.{name}: input {port!r} has no edge; add an [[edges]] entry with to = '{name}.{port}'")
-    if not problems and len(topo_order(settings)) != len(settings.nodes):
-        problems.append("edges: the graph has a cycle; data must flow one way")
+    if not problems:
+        try:
+            topo_order(settings)
+        except CycleError as exc:
+            problems.append(f"edges: the graph has a cycle ({' -> '.join(exc.args[1])}); data must flow one way")
     return problems
+
+
+def load_config(path: str | os.PathLike) -> Settings:
+    """A configuration whose values and graph are sound (kinds, params, ports, payloads), or ConfigError
+    with one line per problem: what every command and node starts from."""
+    settings = read_config(path)
+    problems = check_graph(settings)
+    if problems:
+        raise ConfigError([f"{path}: {line}" for line in problems])
+    return settings
+
+
+def source_nodes(settings: Settings) -> list[str]:
+    """Nodes without inputs: cameras, simulators, test patterns, replays."""
+    return [name for name, node in settings.nodes.items() if not registry.node_class(node.kind).inputs]
 
 
 def inputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
@@ -151,8 +167,6 @@ def outputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
 def prepare_runtime_dir(path: Path) -> Path:
     """Create the private runtime directory (mode 0700) or refuse a shared one.
     Either failure is a ConfigError: a restart would not fix it."""
-    from pipeline.config import ConfigError
-
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.stat()
@@ -164,69 +178,3 @@ def prepare_runtime_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         path.chmod(0o700)
     return path
-
-
-# Rewrites of a configured graph (for `sortline replay`, `--record`). Each
-# returns new Settings; run them through config.config_toml, as node
-# processes read their configuration from a file.
-
-def source_nodes(settings: Settings) -> list[str]:
-    """Nodes without inputs: cameras, simulators, test patterns, replays."""
-    return [name for name in settings.nodes if not node_class(settings, name).inputs]
-
-
-def with_recorder(settings: Settings, path: str, node: str = "record", **params) -> Settings:
-    """The graph plus a `record` node writing `path` (with the record node's
-    `params`), fed by a lossless edge from every output port of every source
-    node (one recorded stream each)."""
-    from pipeline.config import ConfigError, EdgeConfig, NodeConfig
-
-    if node in settings.nodes:
-        raise ConfigError([f"nodes.{node}: the graph already has a node of that name; cannot add a recorder"])
-    # Lossless, with room for a few frames of jitter in the recorder before a source waits.
-    new_edges = [EdgeConfig.model_validate({"from": f"{src}.{port}", "to": f"{node}.in", "policy": "lossless",
-                                            "hwm": 16})
-                 for src in source_nodes(settings) for port in node_class(settings, src).outputs]
-    if not new_edges:
-        raise ConfigError(["the graph has no source node to record"])
-    recorder = NodeConfig(kind="record", params={"path": str(Path(path).absolute()), **params})
-    return settings.model_copy(update={"nodes": {**settings.nodes, node: recorder},
-                                       "edges": [*settings.edges, *new_edges]})
-
-
-def replay_graph(settings: Settings, path: str, node: str = "replay", **params) -> Settings:
-    """The graph with its source nodes replaced by one replay of `path`.
-
-    Each edge that left a source now leaves the replay output of the stream
-    that source produced: the source's port name when it is one of the
-    replay's outputs ("rgb", "hsi", "truth"), else its `stream` or `camera`
-    parameter. With speed 0 ("as fast as accepted") those edges become
-    lossless, since only back-pressure makes that mean every message.
-    """
-    from nodes.replay import Replay
-    from pipeline.config import ConfigError, NodeConfig
-
-    sources = set(source_nodes(settings))
-    if not sources:
-        raise ConfigError(["the graph has no source node for the replay to replace"])
-    new_edges, problems = [], []
-    for i, edge in enumerate(settings.edges):
-        src, port = edge.src.split(".")
-        if src not in sources:
-            new_edges.append(edge)
-            continue
-        src_params = settings.nodes[src].params
-        stream = port if port in Replay.outputs else src_params.get("stream") or src_params.get("camera")
-        if stream not in Replay.outputs:
-            problems.append(f"edges[{i}].from = '{edge.src}': no recorded stream to take its place "
-                            f"(a replay publishes {', '.join(Replay.outputs)})")
-            continue
-        update = {"src": f"{node}.{stream}"}
-        if params.get("speed", 1.0) == 0:
-            update.update(policy="lossless", pattern="pushpull")
-        new_edges.append(edge.model_copy(update=update))
-    if problems:
-        raise ConfigError(problems)
-    nodes = {name: cfg for name, cfg in settings.nodes.items() if name not in sources}
-    nodes[node] = NodeConfig(kind="replay", params={"path": str(Path(path).absolute()), **params})
-    return settings.model_copy(update={"nodes": nodes, "edges": new_edges})

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
-
-if TYPE_CHECKING:
-    from pipeline.slots import SlotLease
 
 SCHEMA_VERSION = 1
 
@@ -43,7 +40,8 @@ class MessageError(Exception):
     header), "schema" (unknown schema version), "size" (array bytes do not
     match shape x dtype, or a bad shape/dtype), "slot" (the shared-memory slot
     is missing or out of range), "overwritten" (a `latest` edge reused the
-    slot before it was read: a counted drop, not a fault).
+    slot before it was read: a counted drop, not a fault), "payload" (a valid
+    message that is not what the receiving port takes: pipeline.ports).
     """
 
     def __init__(self, kind: str, detail: str):
@@ -109,20 +107,31 @@ _decoder = msgspec.msgpack.Decoder(Header)
 _version_decoder = msgspec.msgpack.Decoder(_Version)
 
 
+class Lease(Protocol):
+    """A hold on the shared-memory slot a message's arrays sit in (pipeline.slots.SlotLease)."""
+
+    def intact(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Message:
     """A decoded message. Arrays are views: valid until the node returns.
 
     A node that keeps data beyond its `process` call copies it; for a shared
     memory slot, `intact()` tells whether the producer has since overwritten
-    it (only a `latest` edge ever does).
+    it (only a `latest` edge ever does). `header.meta` is the wire form of the
+    message's structured payload; `meta` is the same, typed by the receiving
+    port (pipeline.ports).
     """
 
     header: Header
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    lease: SlotLease | None = None
+    lease: Lease | None = None
     outgoing: tuple | None = field(default=None, repr=False)  # (pool, slot, offsets) until sent
     t_in_ns: int = 0  # a source's acquisition time, used as its trace entry's t_in
+    meta: Any = None  # header.meta as its port's payload declares it (a msgspec Struct), once checked
 
     def intact(self) -> bool:
         return self.lease is None or self.lease.intact()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from sortline.pipeline.graph import topo_order
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.14, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 MESSAGES = Counter("sortline_messages", "Messages a node received or sent", ["node", "port", "direction"])
@@ -31,8 +33,6 @@ def port_of(settings, name: str) -> int:
     The supervisor, a node started by systemd and `sortline status` all agree on it."""
     if not settings.metrics.port_base:
         return 0
-    from pipeline.graph import topo_order
-
     return settings.metrics.port_base + topo_order(settings).index(name)
 
 

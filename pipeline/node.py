@@ -1,12 +1,15 @@
 """The node: what every stage of the pipeline is, and the loop that runs it.
 
-A node declares its input and output ports and a `Params` model, and
-implements one compute step: `process(port, msg)` for a node with inputs,
-`step()` for a source. It returns the messages to send as (port, message)
-pairs. Everything else is done here, the same way for every node: sockets,
-decoding and counting malformed input, the trace entry, metrics, heartbeats,
-end of stream, and SIGTERM/SIGINT (stop taking data, finish what is queued
-for up to DRAIN_S, exit cleanly).
+A node kind declares its input and output ports with the payload each
+carries (pipeline.ports), a `Params` model, and one compute step:
+`process(port, msg)` for a node with inputs, `step()` for a source. It
+returns the messages to send as (port, message) pairs. A node is given its
+own parameters and the machine (the config's `Machine` half: belt, cameras,
+valve bar, model, ...), never the graph. Everything else is done here, the
+same way for every node: sockets, decoding and counting malformed input,
+checking each message against its port's payload, the trace entry, metrics,
+heartbeats, end of stream, and SIGTERM/SIGINT (stop taking data, finish
+what is queued for up to DRAIN_S, exit cleanly).
 
 Input arrays are views into the producer's memory and are valid only until
 the step returns: a node copies what it keeps.
@@ -19,19 +22,21 @@ import logging
 import os
 import signal
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import msgspec
 import zmq
 
-from pipeline import metrics
-from pipeline.config import EX_CONFIG, ConfigError, Section, Settings
-from pipeline.curve import Curve
-from pipeline.graph import inputs_of, node_class, node_params, outputs_of, prepare_runtime_dir
-from pipeline.messages import Message, MessageError
-from pipeline.notify import Notifier, status_line
-from pipeline.slots import remove_dead_segments
-from pipeline.transport import Input, Output, SlotReaders
+from sortline.pipeline import clock, metrics, registry
+from sortline.pipeline.config import EX_CONFIG, ConfigError, Machine, Section, Settings, config_toml
+from sortline.pipeline.graph import inputs_of, node_params, outputs_of, prepare_runtime_dir
+from sortline.pipeline.messages import Message, MessageError
+from sortline.pipeline.notify import Notifier, status_line
+from sortline.pipeline.ports import Payload
+from sortline.pipeline.security import Curve
+from sortline.pipeline.slots import remove_dead_segments
+from sortline.pipeline.transport import Input, Output, SlotReaders
 
 DRAIN_S = 0.8  # after SIGTERM: time to finish queued input, within the 1 s a stop may take
 QUIET_S = 0.1  # ... or less, once no more input arrives
@@ -47,16 +52,29 @@ class NoParams(Section):
     pass
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a node may know of the run beyond its machine: for the few that report on the run itself."""
+
+    graph: str = "sortline"
+    config_toml: str = ""   # the configuration the graph runs from (what a recording attaches)
+    # tcp edges upstream of this node whose hosts' clocks are not known to agree (no PTP): latency
+    # measured across them would be meaningless (pipeline.clock).
+    unsynchronised_edges: tuple[str, ...] = ()
+
+
 class Node:
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
+    inputs: Mapping[str, Payload] = {}
+    outputs: Mapping[str, Payload] = {}
     Params: type[Section] = NoParams
 
-    def __init__(self, name: str, params: Section, settings: Settings):
+    def __init__(self, name: str, params: Section, machine: Machine, context: Context = Context()):
         self.name = name
         self.params = params
-        self.settings = settings
+        self.machine = machine
+        self.context = context
         self.out: dict[str, Output] = {}
+        self.bound: dict[str, dict[str, int]] = {}   # per input port: dimensions its payload must have
         self.log = logging.getLogger(f"sortline.{name}")
         self.finished = False
         self._runner: Runner | None = None
@@ -67,6 +85,8 @@ class Node:
         """Open devices, load models. Raise ConfigError for what a restart will not fix."""
 
     def process(self, port: str, msg: Message) -> Outputs:
+        """One message, already checked against the port's payload (msg.meta is typed).
+        Raise ConfigError when what arrives shows the configuration cannot work (the node stops, 78)."""
         raise NotImplementedError
 
     def step(self) -> Outputs:
@@ -85,6 +105,10 @@ class Node:
         return {}
 
     # What a node may call.
+
+    def expect(self, port: str, **dims: int) -> None:
+        """Sizes the messages on an input port must have (named dimensions of its payload)."""
+        self.bound[port] = dict(dims)
 
     @property
     def stopping(self) -> bool:
@@ -108,6 +132,14 @@ class Node:
             if left <= 0:
                 return True
             time.sleep(min(left / 1e9, 0.05))
+
+
+def build(settings: Settings, name: str) -> Node:
+    """The configured node `name`, constructed (not set up), with what the run tells it."""
+    cls = registry.node_class(settings.nodes[name].kind)
+    unsynced = () if settings.clock.ptp_synchronised else tuple(clock.tcp_edges_upstream(settings, name))
+    context = Context(settings.graph.name, config_toml(settings), unsynced)
+    return cls(name, node_params(settings, name), settings.machine(), context)
 
 
 class _RateLimitedLog:
@@ -140,7 +172,7 @@ class Runner:
         self._deadline: float | None = None
         self._heartbeat_addr = heartbeat
         self._metrics_port = metrics_port
-        self.node: Node = node_class(settings, name)(name, node_params(settings, name), settings)
+        self.node: Node = build(settings, name)
         self.node._runner = self
         self.log = self.node.log
         self._warn = _RateLimitedLog(self.log)
@@ -176,7 +208,7 @@ class Runner:
         try:
             curve = Curve(ctx, self.settings, self.name)
             for port, edges in inputs_of(self.settings, self.name).items():
-                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve)
+                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve, node.inputs[port])
             outs = outputs_of(self.settings, self.name)
             for port in node.outputs:
                 node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
@@ -284,11 +316,21 @@ class Runner:
                 self._poller.unregister(sock)
                 inp.end(sock)
                 return
+            try:
+                inp.payload.check(msg, self.node.bound.get(port, {}))
+            except MessageError as exc:
+                metrics.MALFORMED.labels(self.name, exc.kind).inc()
+                self._warn(exc.kind, f"dropped a message on {edge.name}: {exc}")
+                msg.release()
+                continue
             inp.received.inc()
             if "lines" in msg.arrays:  # camera lines (sources' messages): lines per second on the dashboard
                 inp.lines.inc(len(msg.arrays["lines"]))
             try:
                 outs = list(self.node.process(port, msg) or ())
+            except ConfigError:
+                msg.release()
+                raise  # what arrived shows the configuration cannot work: stop (78), do not crash-loop
             except Exception as exc:  # a bad message must not take the node down
                 metrics.MALFORMED.labels(self.name, "process").inc()
                 self._warn("process", f"dropped a message on {edge.name}: processing failed: {exc!r}")

@@ -14,7 +14,7 @@ import os
 
 import sdnotify
 
-from pipeline import metrics
+from sortline.pipeline import metrics
 
 
 class Notifier:

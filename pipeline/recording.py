@@ -31,7 +31,7 @@ from mcap.reader import make_reader
 from mcap.records import Attachment, Channel, Footer, Message, Metadata
 from mcap.stream_reader import StreamReader
 
-from pipeline.messages import ArraySpec, Header, MessageError, decode_header, encode_header
+from sortline.pipeline.messages import ArraySpec, Header, MessageError, decode_header, encode_header
 
 SCHEMA_NAME = "sortline.Frame"
 SCHEMA_ENCODING = "text/markdown"  # the schema record holds the layout below, for people and tools that list it

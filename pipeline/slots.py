@@ -48,7 +48,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.messages import ArraySpec, MessageError, SlotRef
+from sortline.pipeline.messages import ArraySpec, MessageError, SlotRef
 
 MAGIC = 0x534C4F54534C3031  # "SLOTSL01"
 ALIGN = 64

@@ -24,9 +24,9 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from pipeline import metrics
-from pipeline.config import EX_CONFIG, Settings
-from pipeline.graph import prepare_runtime_dir, topo_order
+from sortline.pipeline import metrics
+from sortline.pipeline.config import EX_CONFIG, Settings
+from sortline.pipeline.graph import prepare_runtime_dir, topo_order
 
 log = logging.getLogger("sortline.supervisor")
 
@@ -106,7 +106,7 @@ class Supervisor:
         return self.exit_code
 
     def _start(self, child: Child) -> None:
-        cmd = [sys.executable, "-m", "pipeline.cli", "node", child.name, "--config", self.config_path,
+        cmd = [sys.executable, "-m", "sortline", "node", child.name, "--config", self.config_path,
                "--heartbeat", self.heartbeat_addr]
         if self.settings.metrics.port_base:
             cmd += ["--metrics-port", str(metrics.port_of(self.settings, child.name))]
@@ -234,9 +234,10 @@ class Supervisor:
         print("\n".join(rows), file=self.out, flush=True)
 
     def write_report(self, path: str) -> None:
-        """Each node's final state, restarts, metrics and status, as JSON."""
-        report = {name: {"state": c.state, "restarts": c.restarts, "metrics": c.beat.get("metrics", {}),
-                         "status": c.beat.get("status", {})} for name, c in self.children.items()}
+        """Each node's kind, final state, restarts, metrics and status, as JSON."""
+        report = {name: {"kind": self.settings.nodes[name].kind, "state": c.state, "restarts": c.restarts,
+                         "metrics": c.beat.get("metrics", {}), "status": c.beat.get("status", {})}
+                  for name, c in self.children.items()}
         tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:
             json.dump({"exit_code": self.exit_code, "nodes": report}, fh, indent=2)

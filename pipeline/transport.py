@@ -32,9 +32,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from pipeline import clock, metrics
-from pipeline.graph import Edge
-from pipeline.messages import (
+from sortline.pipeline import clock, metrics
+from sortline.pipeline.graph import Edge
+from sortline.pipeline.messages import (
     ArraySpec,
     Header,
     Message,
@@ -47,7 +47,8 @@ from pipeline.messages import (
     inline_arrays,
     inline_frames,
 )
-from pipeline.slots import SlotPool, SlotReader, align
+from sortline.pipeline.ports import ANY, Payload
+from sortline.pipeline.slots import SlotPool, SlotReader, align
 
 log = logging.getLogger("sortline.transport")
 
@@ -77,8 +78,17 @@ def _socket(ctx: zmq.Context, edge: Edge, sending: bool, curve=None) -> zmq.Sock
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if curve is not None:
-        curve.secure(sock, edge, sending)  # tcp edges: CURVE keys (pipeline/curve.py)
+        curve.secure(sock, edge, sending)  # tcp edges: CURVE keys (pipeline/security.py)
     return sock
+
+
+# What an output message takes over from the input it derives from (`like`), unless the node says otherwise.
+INHERITED = ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace", "meta")
+
+
+def derived_header(like: Message | None, fields: dict) -> Header:
+    base = {} if like is None else {f: getattr(like.header, f) for f in INHERITED}
+    return Header(**{**base, **fields})
 
 
 class Output:
@@ -120,11 +130,7 @@ class Output:
         while a lossless consumer still holds every slot, and when bounded
         consumers hold every slot (the message is dropped and counted).
         """
-        base = {} if like is None else {
-            f: getattr(like.header, f)
-            for f in ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "trace", "meta")
-        }
-        header = Header(**{**base, **fields})
+        header = derived_header(like, fields)
         if not self._shm_edges or not arrays:   # a header alone needs no slot
             return Message(header, {name: np.empty(shape, dtype) for name, (shape, dtype) in arrays.items()})
         specs, total = [], 0
@@ -299,8 +305,10 @@ class Output:
 class Input:
     """One input port: a socket per arriving edge, decoded into Messages."""
 
-    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders, curve=None):
+    def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders, curve=None,
+                 payload: Payload = ANY):
         self.node, self.port = node, port
+        self.payload = payload  # what the port takes: every message is checked against it (pipeline.ports)
         self._readers = readers
         self.sockets: dict[zmq.Socket, Edge] = {}
         for edge in edges:

@@ -11,19 +11,39 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
+
+from sortline.pipeline import metrics
+from sortline.pipeline.config import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.toml"
 
 
-def machine_toml() -> str:
-    """The demo profile's machine sections, without its graph (calibration paths made absolute)."""
-    text = DEMO.read_text()
-    return text[: text.index("[graph]")].replace('"calibration/', f'"{DEMO.parent}/calibration/')
+def demo_config() -> dict:
+    """The demo profile as data, its calibration files named by absolute paths (they live beside it)."""
+    data = tomllib.loads(DEMO.read_text())
+    data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
+    return data
+
+
+def machine_toml(**sections) -> str:
+    """The demo profile's machine sections, without its graph; `sections` update them (ejector={...})."""
+    return tomli_w.dumps(merged({k: v for k, v in demo_config().items() if k in Machine.model_fields}, sections))
+
+
+def merged(data: dict, update: dict) -> dict:
+    """data with update's keys set, tables merged key by key."""
+    out = dict(data)
+    for key, value in update.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def chain(camera: str = "", sink: str = "", policy: str = "lossless", transport: str = "auto",
@@ -57,18 +77,16 @@ pattern = "{pattern}"
 """
 
 
-def demo_toml(udp_port: int, oracle: bool = False) -> str:
-    """The demo profile with its whole graph, calibration paths absolute, the valve bar on `udp_port`;
+def demo_toml(udp_port: int, oracle: bool = False, **sections) -> str:
+    """The demo profile with its whole graph, the valve bar on `udp_port`, `sections` merged in (see merged);
     with `oracle`, the belt's truth stands in for the model's masks (perfect segmentation)."""
-    text = DEMO.read_text().replace('"calibration/', f'"{DEMO.parent}/calibration/')
-    text = text.replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{udp_port}"')
+    data = merged(demo_config(), {"ejector": {"address": f"127.0.0.1:{udp_port}"}, **sections})
     if oracle:
-        head, infer = text.split("[nodes.infer]\n", 1)
-        infer = infer.replace('kind = "infer"', 'kind = "oracle"', 1)
-        text = (head + "[nodes.infer]\n" + infer).replace(
-            'from = "register.out"\nto = "infer.in"', 'from = "belt.truth"\nto = "infer.in"')
-        assert 'kind = "oracle"' in text and 'from = "belt.truth"\nto = "infer.in"' in text
-    return text
+        data["nodes"]["infer"] = {"kind": "oracle"}
+        for edge in data["edges"]:
+            if edge["to"] == "infer.in":
+                edge["from"] = "belt.truth"
+    return tomli_w.dumps(data)
 
 
 def node_toml(name: str, kind: str, params: str = "") -> str:
@@ -85,15 +103,25 @@ def belt_graph(belt: str, sink: str, streams: tuple[str, ...] = ("rgb", "hsi", "
             + "".join(edge_toml(f"belt.{s}", "sink.in") for s in streams))
 
 
-def write_config(path: Path, graph: str, run_dir: Path, extra: str = "") -> Path:
+def write_config(path: Path, graph: str, run_dir: Path, extra: str = "", **sections) -> Path:
+    """The demo machine (`sections` updating it, see machine_toml), `extra` TOML, a test graph name and
+    runtime directory, quick supervisor beats, and the graph (TOML text)."""
     path.write_text(
-        machine_toml()
+        machine_toml(**sections)
         + extra
         + f'\n[graph]\nname = "test"\nruntime_dir = "{run_dir}"\n\n'
         + "[supervisor]\nstatus_every_s = 1\nheartbeat_s = 0.2\n\n"
         + graph
     )
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked `system` start real processes; every other test is a `unit` test (`pytest -m unit` runs
+    those alone, in seconds; `make test` runs both)."""
+    for item in items:
+        if item.get_closest_marker("system") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
@@ -106,12 +134,12 @@ def run_dir():
 
 
 def sortline(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sortline", *args], capture_output=True, text=True,
                           cwd=ROOT, **kwargs)
 
 
-def start(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+def start(*args, python: str = sys.executable, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([python, "-m", "sortline", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -123,24 +151,20 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> tuple[int, str, str]:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """A node's Prometheus endpoint, as {'name{labels}': value}."""
+    """A node's Prometheus endpoint, as {'name{labels}': value} (labels sorted, as metrics.key writes them)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    result = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            result[key] = float(value)
-    return result
+    return {metrics.key(s.name, s.labels): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples}
 
 
 def metric(samples: dict[str, float], name: str, **labels) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0
     for key, value in samples.items():
-        m = re.fullmatch(r"([^{]+)(?:\{(.*)\})?", key)
-        if m.group(1) != name:
+        sample, _, rest = key.partition("{")
+        if sample != name:
             continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
         if all(have.get(k) == str(v) for k, v in labels.items()):
             total += value
     return total

@@ -63,22 +63,18 @@ to = "sink.in"
 policy = "{policy}"
 hwm = {hwm}
 """
-    cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[genicam]\ncti = [{toml(VIKY)}]\n")
-    text = cfg.read_text()
     # The demo profile's RGB camera is 640 px x 32 lines; viky's closest frame is 800 x 100.
-    text = text.replace("pixels = 640", f"pixels = {RGB['pixels']}").replace("lines_per_frame = 32",
-                                                                             f"lines_per_frame = {RGB['lines']}")
-    cfg.write_text(text)
-    return cfg
+    return write_config(tmp_path / "c.toml", graph, run_dir, genicam={"cti": [str(VIKY)]},
+                        cameras={"rgb": {"pixels": RGB["pixels"], "lines_per_frame": RGB["lines"]}})
 
 
 class Collector:
     """A real consumer: a sortline Input socket on the sink's port, keeping every header."""
 
     def __init__(self, cfg):
-        from pipeline.config import load_config
-        from pipeline.graph import inputs_of
-        from pipeline.transport import Input, SlotReaders
+        from sortline.pipeline.graph import load_config
+        from sortline.pipeline.graph import inputs_of
+        from sortline.pipeline.transport import Input, SlotReaders
 
         settings = load_config(cfg)
         self.ctx = zmq.Context()
@@ -123,6 +119,7 @@ def check_continuity(headers):
             assert h.position == end, (prev.seq, end, h.position)
 
 
+@pytest.mark.system
 def test_cameras_lists_the_producers_devices_and_their_features():
     res = sortline("cameras", "--cti", VIKY, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -135,6 +132,7 @@ def test_cameras_lists_the_producers_devices_and_their_features():
     assert res.stdout.count("TriggerSelector: not offered") == 3
 
 
+@pytest.mark.system
 def test_cameras_with_a_config_says_which_device_each_node_selects(tmp_path, run_dir):
     cfg = camera_config(tmp_path, run_dir, acquire_node(serial="2"))
     res = sortline("cameras", "--config", str(cfg), timeout=60)
@@ -142,6 +140,7 @@ def test_cameras_with_a_config_says_which_device_each_node_selects(tmp_path, run
     assert "node camera (serial='2'): Machine Vision Games Ltd. Viky serial 2" in res.stdout
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("select, expected", [
     ({"serial": "7"}, "no device matches serial '7'; found 3: Machine Vision Games Ltd. Viky serial 0; "
                       "Machine Vision Games Ltd. Viky serial 1; Machine Vision Games Ltd. Viky serial 2"),
@@ -155,6 +154,7 @@ def test_a_selection_matching_no_device_or_several_stops_startup_listing_what_wa
     assert f"nodes.camera.params: {expected}" in res.stderr
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("feature, expected", [
     (("TriggerSelector", "LineStart"), "feature TriggerSelector = 'LineStart' on Machine Vision Games Ltd. Viky "
                                        "serial 1: the device has no such feature"),
@@ -170,6 +170,7 @@ def test_a_required_feature_missing_or_rejected_stops_startup_naming_it(tmp_path
     assert expected in res.stderr
 
 
+@pytest.mark.system
 def test_a_producer_that_does_not_load_stops_startup(tmp_path, run_dir):
     junk = tmp_path / "junk.cti"
     junk.write_bytes(b"not a shared library")
@@ -180,6 +181,7 @@ def test_a_producer_that_does_not_load_stops_startup(tmp_path, run_dir):
         in res.stderr
 
 
+@pytest.mark.system
 def test_a_device_geometry_that_does_not_fit_the_camera_config_stops_startup(tmp_path, run_dir):
     features = [("Width", 640), *RGB_FEATURES[1:4]]
     cfg = camera_config(tmp_path, run_dir, acquire_node(features))
@@ -189,6 +191,7 @@ def test_a_device_geometry_that_does_not_fit_the_camera_config_stops_startup(tmp
             in res.stderr)
 
 
+@pytest.mark.system
 def test_rgb_frames_become_messages_with_contiguous_positions(tmp_path, run_dir):
     count = 150
     cfg = camera_config(tmp_path, run_dir, acquire_node(count=count))
@@ -218,6 +221,7 @@ def test_rgb_frames_become_messages_with_contiguous_positions(tmp_path, run_dir)
     assert "feature PixelFormat = 'RGBa8'" in err and "chunk data: none (not offered: FrameID, Timestamp" in err
 
 
+@pytest.mark.system
 def test_a_hyperspectral_frame_becomes_one_line_of_pixels_by_bands(tmp_path, run_dir):
     count = 30
     cfg = camera_config(tmp_path, run_dir, acquire_node(HSI_FEATURES, camera="hsi", serial="2",
@@ -235,6 +239,7 @@ def test_a_hyperspectral_frame_becomes_one_line_of_pixels_by_bands(tmp_path, run
     assert got.headers[0].stream == "hsi" and got.headers[0].meta["pixel_format"] == "Mono8"
 
 
+@pytest.mark.system
 def test_under_the_supervisor_with_metrics_and_a_report(tmp_path, run_dir):
     count = 200
     cfg = camera_config(tmp_path, run_dir, acquire_node(count=count), sink=f'report = "{tmp_path}/sink.json"')
@@ -253,6 +258,7 @@ def test_under_the_supervisor_with_metrics_and_a_report(tmp_path, run_dir):
     assert metric(m, "sortline_camera_producer_delivered_total", camera="camera") > 0
 
 
+@pytest.mark.system
 def test_a_graph_slower_than_the_camera_drops_counts_and_flags_the_gap(tmp_path, run_dir):
     # ~187 frames/s into a lossless edge whose sink takes 20 ms a message: the ring fills,
     # frames are dropped and counted, and the message after each drop is flagged.
@@ -274,9 +280,9 @@ def _camera_with_faults(cfg: str, faults: list[str], out: str) -> None:
     once the node is acquiring again after the previous one."""
     import logging
 
-    from nodes.acquire import device
-    from pipeline.config import load_config
-    from pipeline.node import Runner
+    from sortline.nodes.acquire import device
+    from sortline.pipeline.graph import load_config
+    from sortline.pipeline.node import Runner
 
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     runner = Runner(load_config(cfg), "camera")
@@ -348,6 +354,7 @@ def run_with_faults(cfg, faults: list[str], out) -> tuple[Collector, dict]:
     return got, result
 
 
+@pytest.mark.system
 def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with_gaps_flagged(tmp_path, run_dir):
     # In turn: the fetch thread held up for 0.5 s (frames lost in the producer), the camera
     # stopping without an error (stall timeout), the device destroyed under the node, and
@@ -382,6 +389,7 @@ def test_a_stalled_fetch_a_silent_camera_and_a_vanished_device_are_survived_with
     assert status["lost_outage"] > 0  # estimated from the frame rate over each outage
 
 
+@pytest.mark.system
 def test_a_gap_inside_a_hyperspectral_message_ends_it_early_and_flags_the_next(tmp_path, run_dir):
     # Eight pushbroom frames make a message; a stalled fetch loses frames in the middle of one.
     count = 40

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nodes.acquire.convert import FrameShape, convert, pixel_format
-from nodes.acquire.position import BeltTracker
+from sortline.nodes.acquire.convert import FrameShape, convert, pixel_format
+from sortline.nodes.acquire.position import BeltTracker
 
 
 def run(raw: np.ndarray, fmt: str, width: int, height: int, **kw) -> np.ndarray:

@@ -15,6 +15,7 @@ def drops(report: dict) -> float:
     return sum(metric(node["metrics"], "sortline_edge_drops_total") for node in report["nodes"].values())
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("transport", ["shm", "inline"])
 def test_lossless_chain_moves_10000_messages_in_order(tmp_path, run_dir, transport):
     graph = chain("lines = 4, pixels = 64, bands = 3, count = 10000, paced = false",
@@ -32,6 +33,7 @@ def test_lossless_chain_moves_10000_messages_in_order(tmp_path, run_dir, transpo
     assert list(run_dir.glob("*.slots")) == [] and list(run_dir.glob("*.sock")) == []
 
 
+@pytest.mark.system
 def test_lossless_chain_across_tcp(tmp_path, run_dir):
     # Nodes on different hosts talk tcp; here both ends are on loopback.
     a, b = free_port(), free_port()
@@ -48,6 +50,7 @@ def test_lossless_chain_across_tcp(tmp_path, run_dir):
     assert sink["received"] == 2000 and sink["lost"] == 0 and sink["corrupt"] == 0 and sink["reordered"] == 0
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("pattern", ["pushpull", "pubsub"])
 def test_latest_chain_drops_and_counts_when_the_sink_is_slow(tmp_path, run_dir, pattern):
     # 533 frames/s into a sink that takes 10 ms each: about four in five must go.
@@ -66,6 +69,7 @@ def test_latest_chain_drops_and_counts_when_the_sink_is_slow(tmp_path, run_dir, 
     assert sink["e2e"]["p99_ms"] < 100, sink["e2e"]
 
 
+@pytest.mark.system
 def test_bounded_chain_reads_every_queued_message_and_drops_only_when_full(tmp_path, run_dir):
     # The same overload as above on a bounded edge: the sink reads every message that
     # was queued, in order, and the sender drops (and counts) the ones that find the queue full.
@@ -84,6 +88,7 @@ def test_bounded_chain_reads_every_queued_message_and_drops_only_when_full(tmp_p
     assert sink["reordered"] == 0 and sink["corrupt"] == 0
 
 
+@pytest.mark.system
 def test_killed_consumer_holding_slots_is_restarted_and_the_producer_carries_on(tmp_path, run_dir):
     # Lossless and a sink slower than the camera: the camera's slot pool is full of
     # messages the relay holds or has queued when the relay is killed.
@@ -115,6 +120,7 @@ def test_killed_consumer_holding_slots_is_restarted_and_the_producer_carries_on(
     assert run["nodes"]["sink"]["status"]["corrupt"] == 0
 
 
+@pytest.mark.system
 def test_every_node_stops_within_a_second_with_messages_still_queued(tmp_path, run_dir):
     # Lossless, a producer far faster than the sink: every queue and slot pool is full
     # when all three nodes get SIGTERM at once (as systemd stops a target).
@@ -133,6 +139,7 @@ def test_every_node_stops_within_a_second_with_messages_still_queued(tmp_path, r
     assert elapsed < 1.5, elapsed
 
 
+@pytest.mark.system
 def test_supervisor_stops_the_graph_cleanly_on_sigterm(tmp_path, run_dir):
     graph = chain("lines = 16, pixels = 640, bands = 3, paced = false", 'delay_ms = 5')
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)
@@ -147,6 +154,7 @@ def test_supervisor_stops_the_graph_cleanly_on_sigterm(tmp_path, run_dir):
     assert list(run_dir.glob("*.slots")) == []
 
 
+@pytest.mark.system
 def test_a_node_whose_loop_stalls_is_killed_and_restarted(tmp_path, run_dir):
     # A sink that takes 3 s over one message sends no heartbeat for 3 s.
     graph = chain("lines = 4, pixels = 64, bands = 3", "delay_ms = 3000")
@@ -158,6 +166,7 @@ def test_a_node_whose_loop_stalls_is_killed_and_restarted(tmp_path, run_dir):
     assert load_json(tmp_path / "run.json")["nodes"]["sink"]["restarts"] >= 1
 
 
+@pytest.mark.system
 def test_a_configuration_fault_found_at_setup_is_not_restarted(tmp_path, run_dir):
     graph = chain("lines = 4, pixels = 64, bands = 3", f'report = "{tmp_path}/no/such/dir/sink.json"')
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from conftest import edge_toml, free_port, load_json, node_toml, sortline, start, stop, write_config
-from pipeline.messages import decode_header
+from sortline.pipeline.messages import decode_header
 
 
 def tcp_graph(port: int, camera: str, sink: str = "") -> str:
@@ -16,6 +16,7 @@ def tcp_graph(port: int, camera: str, sink: str = "") -> str:
             + edge_toml("camera.out", "sink.in") + f'address = "tcp://127.0.0.1:{port}"\n')
 
 
+@pytest.mark.system
 def test_a_trace_leaves_over_tcp_in_wall_clock_time(tmp_path, run_dir):
     port = free_port()
     cfg = write_config(tmp_path / "c.toml", tcp_graph(port, "lines = 4, pixels = 64, bands = 3, count = 5"), run_dir)
@@ -40,6 +41,7 @@ def test_a_trace_leaves_over_tcp_in_wall_clock_time(tmp_path, run_dir):
         assert abs(received - entry.t_out_ns) < 10e9 and entry.t_in_ns <= entry.t_out_ns
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("synchronised", [False, True])
 def test_latency_across_a_tcp_edge_is_reported_only_with_synchronised_clocks(tmp_path, run_dir, synchronised):
     graph = tcp_graph(free_port(), "lines = 4, pixels = 64, bands = 3, count = 300",

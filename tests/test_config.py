@@ -7,7 +7,8 @@ import os
 import pytest
 
 from conftest import DEMO, ROOT, machine_toml, sortline, write_config
-from pipeline.config import EX_CONFIG, ConfigError, load_config
+from sortline.pipeline.config import EX_CONFIG, ConfigError
+from sortline.pipeline.graph import load_config
 
 GRAPH = """
 [nodes.camera]
@@ -57,10 +58,10 @@ def good() -> str:
     [
         ("speed_m_s = 2.0", "speed_m_s = -2.0", "belt.speed_m_s = -2.0: Input should be greater than 0"),
         ("speed_m_s = 2.0", 'speed_m_s = "fast"', "belt.speed_m_s = 'fast': Input should be a valid number"),
-        ("count = 48", "count = 0", "valves.count = 0: Input should be greater than 0"),
+        ("count = 48", "count = 0", "valve_bar.count = 0: Input should be greater than 0"),
         ('driver = "sim"', 'driver = "can"', "ejector.driver = 'can': Input should be 'sim' or 'udp'"),
         ("ticks_per_line = 60", "ticks_per_line = 50", "must be a whole multiple of rgb.ticks_per_line"),
-        ("pitch_mm = 12.5", "pitch_mm = 12.5\npitch = 3", "valves.pitch = 3: Extra inputs are not permitted"),
+        ("pitch_mm = 12.5", "pitch_mm = 12.5\npitch = 3", "valve_bar.pitch = 3: Extra inputs are not permitted"),
         ("strip_lines = 64", "strip_lines = 64\nstrip_line = 64", "model.strip_line = 64: Extra inputs are not permitted"),
         ("mask_stride = 4", "mask_stride = 3", "model.mask_stride = 3: Input should be 1, 2 or 4"),
         ("width_mm = 600\n", "", "belt.width_mm: missing, this key is required"),
@@ -110,7 +111,7 @@ def test_environment_overrides_merge_into_the_file(tmp_path, monkeypatch):
     path = tmp_path / "ok.toml"
     path.write_text(good())
     monkeypatch.setenv("SORTLINE_BELT__SPEED_M_S", "3")
-    monkeypatch.setenv("SORTLINE_VALVES__OPEN_MS", "4")
+    monkeypatch.setenv("SORTLINE_VALVE_BAR__OPEN_MS", "4")
     cfg = load_config(path)
     assert cfg.belt.speed_m_s == 3.0 and cfg.belt.width_mm == 600  # only the overridden keys change
     assert cfg.budget_ms() == pytest.approx(300 / 3 - 4 - 5)
@@ -123,6 +124,7 @@ def test_a_bad_environment_override_is_named(tmp_path):
     assert "belt.speedd = '3': Extra inputs are not permitted" in lines[0]
 
 
+@pytest.mark.system
 def test_commands_refuse_a_bad_config_with_one_line_and_exit_78(tmp_path, run_dir):
     cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir)
     cfg.write_text(cfg.read_text().replace("speed_m_s = 2.0", "speed_m_s = 0"))
@@ -134,12 +136,14 @@ def test_commands_refuse_a_bad_config_with_one_line_and_exit_78(tmp_path, run_di
         ]
 
 
+@pytest.mark.system
 def test_check_prints_the_budget_derivation():
     res = sortline("check", "--config", str(DEMO), timeout=60)
     assert res.returncode == 0, res.stderr
     assert "300 mm scan line to valve bar / 2 m/s = 150.0 ms - 5 ms valve opening - 5 ms margin = 140.0 ms" in res.stdout
 
 
+@pytest.mark.system
 def test_unknown_node_name_is_refused(tmp_path, run_dir):
     cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir)
     res = sortline("node", "relay", "--config", str(cfg), timeout=60)
@@ -147,6 +151,7 @@ def test_unknown_node_name_is_refused(tmp_path, run_dir):
     assert "no node named 'relay'" in res.stderr
 
 
+@pytest.mark.system
 def test_help_explains_each_command():
     res = sortline("--help", timeout=60)
     assert res.returncode == 0

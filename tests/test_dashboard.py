@@ -7,9 +7,9 @@ import re
 
 from prometheus_client import REGISTRY
 
-import nodes.acquire.acquisition  # noqa: F401  (registers the camera metrics)
-import nodes.ejector  # noqa: F401  (and the ejector's)
-import pipeline.metrics  # noqa: F401
+import sortline.nodes.acquire.acquisition  # noqa: F401  (registers the camera metrics)
+import sortline.nodes.ejector  # noqa: F401  (and the ejector's)
+import sortline.pipeline.metrics  # noqa: F401
 from conftest import ROOT
 
 EJECTOR = {"sortline_ejector_late_total", "sortline_ejections_total", "sortline_valve_open_seconds_total"}

@@ -9,11 +9,12 @@ import zlib
 import numpy as np
 import pytest
 
-from nodes.eject_plan import ObjectFinder, Policy, decide, valve_windows
-from nodes.ejector import Schedule
-from nodes.encoder import EncoderTrack
-from nodes.valves import SIZE, BarGeometry, Command, DatagramError, decode, encode
-from pipeline.config import load_config
+from sortline.nodes.belt.bar import BarGeometry
+from sortline.nodes.belt.datagram import SIZE, Command, DatagramError, decode, encode
+from sortline.nodes.belt.encoder import EncoderTrack
+from sortline.nodes.eject_plan import ObjectFinder, Policy, decide, valve_windows
+from sortline.nodes.ejector import Schedule
+from sortline.pipeline.graph import load_config
 from tests.conftest import (DEMO, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
                             start, stop, wait_for, write_config)
 
@@ -120,12 +121,12 @@ def test_policy_touching_and_confidence():
     conf = np.full(mask.shape, 250, np.uint8)
     pet = next(o for o in finder.feed(0, mask, conf, lambda o: False) + finder.flush(lambda o: False) if o.cls == 1)
     ids = np.array([1])
-    assert decide(pet, Policy(targets=["PET"], touching="eject"), ids, 10) == "eject"
-    assert decide(pet, Policy(targets=["PET"], touching="skip"), ids, 10) == "touching"
-    assert decide(pet, Policy(targets=["PET"], touching="by_share", min_target_share=0.2), ids, 10) == "eject"
-    assert decide(pet, Policy(targets=["PET"], touching="by_share", min_target_share=0.5), ids, 10) == "touching"
-    assert decide(pet, Policy(targets=["PET"], min_confidence=0.99), ids, 10) == "unsure"
-    assert decide(pet, Policy(targets=["PP"]), np.array([2]), 10) == "not_target"
+    assert decide(pet, Policy(touching="eject"), ids, 10) == "eject"
+    assert decide(pet, Policy(touching="skip"), ids, 10) == "touching"
+    assert decide(pet, Policy(touching="by_share", min_target_share=0.2), ids, 10) == "eject"
+    assert decide(pet, Policy(touching="by_share", min_target_share=0.5), ids, 10) == "touching"
+    assert decide(pet, Policy(min_confidence=0.99), ids, 10) == "unsure"
+    assert decide(pet, Policy(), np.array([2]), 10) == "not_target"
 
 
 def test_schedule_follows_a_speed_change_between_detection_and_firing():
@@ -136,8 +137,8 @@ def test_schedule_follows_a_speed_change_between_detection_and_firing():
     track.update(3200, 100 * ms)
     sched = Schedule(open_ms=5, close_ms=5, latency_ms=1, ahead_ms=10, min_pulse_ms=2, max_pulse_ms=200,
                      merge_ticks=80)
-    sched.add(valve=7, open_pos=9600, close_pos=11200, obj=1, cls=1)   # air due at 300 ms at 2 m/s
-    sched.add(valve=7, open_pos=11220, close_pos=12000, obj=2, cls=1)  # 20 ticks later: one pulse
+    sched.add(valve=7, open_pos=9600, close_pos=11200, obj=1, cls="PET")   # air due at 300 ms at 2 m/s
+    sched.add(valve=7, open_pos=11220, close_pos=12000, obj=2, cls="PET")  # 20 ticks later: one pulse
     assert len(sched.heap) == 1
     # The belt slows to 1 m/s (16 ticks/ms) after detection: the air is now due at 100 + 6400/16 = 500 ms.
     for t in range(110, 360, 10):
@@ -156,10 +157,10 @@ def test_a_command_past_its_deadline_is_refused():
     track.update(0, 0)
     track.update(3200, 100_000_000)
     sched = Schedule(5, 5, 1, 10, 2, 200, 0)
-    sched.add(3, 4000, 5000, obj=9, cls=1)          # air at 125 ms: command by 120 ms, deadline 119 ms
+    sched.add(3, 4000, 5000, obj=9, cls="PET")      # air at 125 ms: command by 120 ms, deadline 119 ms
     send, late = sched.due(119_500_000, track)
     assert send == [] and [w[4] for w, _ in late] == [9]
-    sched.add(4, 8000, 8010, obj=10, cls=1)         # a pulse shorter than the valve allows is lengthened
+    sched.add(4, 8000, 8010, obj=10, cls="PET")     # a pulse shorter than the valve allows is lengthened
     (w, t_cmd, duration), = sched.due(240_000_000, track)[0]   # air at 250 ms, deadline 244 ms
     assert duration == 2_000_000 and sched.clamped == 1
 
@@ -188,14 +189,14 @@ def test_datagram_round_trip_and_every_kind_of_damage():
     assert exc.value.kind == "valves"
 
 
+@pytest.mark.system
 def test_the_valve_bar_simulator_refuses_bad_datagrams(tmp_path, run_dir):
     """A real valve-sim process on a real UDP port: bad datagrams are counted by kind and dropped."""
     port, udp = free_port(), free_port()
-    graph = (node_toml("belt", "simulate") + node_toml("valves", "valve_sim", "targets = ['PET']")
-             + edge_toml("belt.truth", "valves.truth") + edge_toml("belt.rgb", "valves.encoder"))
-    cfg = write_config(tmp_path / "v.toml", graph, run_dir)
-    cfg.write_text(cfg.read_text().replace('address = "127.0.0.1:5700"', f'address = "127.0.0.1:{udp}"'))
-    proc = start("node", "valves", "--config", str(cfg), "--metrics-port", str(port))
+    graph = (node_toml("belt", "simulate") + node_toml("valve_sim", "valve_sim")
+             + edge_toml("belt.truth", "valve_sim.truth") + edge_toml("belt.rgb", "valve_sim.encoder"))
+    cfg = write_config(tmp_path / "v.toml", graph, run_dir, ejector={"address": f"127.0.0.1:{udp}"})
+    proc = start("node", "valve_sim", "--config", str(cfg), "--metrics-port", str(port))
     try:
         wait_for(lambda: metric(scrape(port), "sortline_node_up") == 1, timeout=20)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -212,6 +213,7 @@ def test_the_valve_bar_simulator_refuses_bad_datagrams(tmp_path, run_dir):
     assert rc == 0, err[-2000:]
 
 
+@pytest.mark.system
 def test_score_on_the_synthetic_belt(tmp_path):
     """sortline score: the whole chain as processes, scored by the valve-bar simulator."""
     cfg = tmp_path / "demo.toml"

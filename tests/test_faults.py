@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.graph import topo_order
+from sortline.pipeline.graph import load_config
+from sortline.pipeline.graph import topo_order
 from tests.conftest import demo_toml, free_port, load_json, metric, pid_of, scrape, start, stop, wait_for
 
 
+@pytest.mark.system
 def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_counted(tmp_path, run_dir):
     port, udp = free_port(), free_port()
     cfg = tmp_path / "demo.toml"
-    cfg.write_text(demo_toml(udp).replace('[graph]\nname = "demo"', f'[graph]\nname = "faults"\nruntime_dir = "{run_dir}"')
-                   + f"\n[metrics]\nport_base = {port}\n")
+    cfg.write_text(demo_toml(udp, graph={"name": "faults", "runtime_dir": str(run_dir)}, metrics={"port_base": port}))
     sup = start("run", "--config", str(cfg), "--seconds", "14", "--report", str(tmp_path / "run.json"))
     try:
         # Node i in data-flow order serves port_base + i.
@@ -49,6 +51,7 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
     assert run["nodes"]["infer"]["status"]["strips"] > 0
 
 
+@pytest.mark.system
 def test_a_stalled_stage_drops_and_counts_while_the_recording_loses_nothing(tmp_path, run_dir):
     """The demo pipeline with every source recorded; the model's stage is frozen (SIGSTOP) for 1.5 s
     under load. The live edge into it drops and counts what does not fit its queue, the stage catches
@@ -57,8 +60,7 @@ def test_a_stalled_stage_drops_and_counts_while_the_recording_loses_nothing(tmp_
 
     port, udp = free_port(), free_port()
     cfg = tmp_path / "demo.toml"
-    cfg.write_text(demo_toml(udp).replace('[graph]\nname = "demo"', f'[graph]\nname = "stall"\nruntime_dir = "{run_dir}"')
-                   + f"\n[metrics]\nport_base = {port}\n")
+    cfg.write_text(demo_toml(udp, graph={"name": "stall", "runtime_dir": str(run_dir)}, metrics={"port_base": port}))
     rec = tmp_path / "belt.mcap"
     sup = start("run", "--config", str(cfg), "--seconds", "10", "--record", str(rec), "--report",
                 str(tmp_path / "run.json"))

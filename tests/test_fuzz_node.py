@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import chain, free_port, metric, scrape, start, stop, wait_for, write_config
-from pipeline.messages import SCHEMA_VERSION, ArraySpec, Header, MessageError, SlotRef, encode_header, inline_frames
-from pipeline.slots import SlotPool
-from pipeline.transport import SlotReaders
+from sortline.pipeline.messages import SCHEMA_VERSION, ArraySpec, Header, MessageError, SlotRef, encode_header, inline_frames
+from sortline.pipeline.slots import SlotPool
+from sortline.pipeline.transport import SlotReaders
 
 class Harness:
     """A relay node under test; this process plays its camera and its sink."""
@@ -118,6 +118,7 @@ messages = st.one_of(
 )
 
 
+@pytest.mark.system
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(messages, min_size=1, max_size=25))
 def test_fuzzed_messages_are_counted_and_the_node_carries_on(harness, batch):

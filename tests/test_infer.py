@@ -3,6 +3,7 @@ against the same model run directly; bad models and bad strips refused."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -10,25 +11,31 @@ import pytest
 import zmq
 
 from conftest import ROOT, free_port, metric, scrape, start, stop, write_config
-from models.backends import open_backend
-from models.export import StripShape
-from nodes.simulate import Simulation
-from pipeline.config import EX_CONFIG, load_config
-from pipeline.graph import inputs_of, outputs_of
-from pipeline.transport import Input, Output, SlotReaders
+from sortline.models.backends import open_backend
+from sortline.models.contract import StripShape
+from sortline.nodes.simulate import Simulation
+from sortline.pipeline.config import EX_CONFIG
+from sortline.pipeline.graph import load_config
+from sortline.pipeline.graph import inputs_of, outputs_of
+from sortline.pipeline.transport import Input, Output, SlotReaders
 
 WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-nano.safetensors"   # the demo profile's model
 
 
-def graph(model: str, backend: str = "onnxruntime", extra: str = "") -> str:
-    """A stand-in register (this test process) -> infer -> a stand-in sink (this process too)."""
-    return f"""
-[nodes.register]
+# The graph the config names; only infer runs as a process: this test binds register.out and reads infer.out.
+GRAPH = """
+[nodes.camera]
 kind = "pattern"
+
+[nodes.register]
+kind = "relay"
+
+[[edges]]
+from = "camera.out"
+to = "register.in"
 
 [nodes.infer]
 kind = "infer"
-params = {{ model = "{model}", backend = "{backend}"{extra} }}
 
 [nodes.sink]
 kind = "sink"
@@ -45,7 +52,7 @@ to = "sink.in"
 
 def strips(settings, count: int, seed: int = 1100):
     """Registered strips of the held-out belt, as the register node sends them."""
-    from calibration.spectral import bin_bands
+    from sortline.calibration.spectral import bin_bands
 
     m = settings.model
     lines = m.strip_lines + 2 * m.overlap_lines
@@ -55,24 +62,28 @@ def strips(settings, count: int, seed: int = 1100):
         yield s["rgb"], bin_bands(s["hsi"], m.bands, dtype=np.float16)
 
 
-class Harness:
-    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", extra: str = ""):
+class Around:
+    """The infer node as a process, with this test process as its register and its sink."""
+
+    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", targets=("PET",),
+                 python: str = sys.executable):
         self.port = free_port()
-        self.cfg = write_config(tmp_path / "c.toml", graph(model, backend, extra), run_dir,
-                                extra=f"\n[metrics]\nport_base = {self.port}\n")
+        self.cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n",
+                                model={"path": str(model), "backend": backend}, recipe={"targets": list(targets)})
         self.settings = load_config(self.cfg)
         self.ctx = zmq.Context()
         self.readers = SlotReaders(run_dir)
         self.out = Output(self.ctx, "register", "out", outputs_of(self.settings, "register")["out"], run_dir,
                           lambda: False)
         self.inp = Input(self.ctx, "sink", "in", inputs_of(self.settings, "sink")["in"], self.readers)
-        self.node = start("node", "infer", "--config", str(self.cfg), "--metrics-port", str(self.port))
+        self.node = start("node", "infer", "--config", str(self.cfg), "--metrics-port", str(self.port), python=python)
 
     def send(self, seq: int, rgb, hsi, **meta) -> None:
         m = self.settings.model
         msg = self.out.new({"rgb": (rgb.shape, rgb.dtype), "hsi": (hsi.shape, hsi.dtype)}, stream="strip", seq=seq,
                            position=1000 + seq * m.strip_lines * 15, ticks_per_line=15, gap=seq == 0,
-                           meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio, **meta})
+                           meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio,
+                                 "valid_lines": m.strip_lines, **meta})
         msg.arrays["rgb"][...] = rgb
         msg.arrays["hsi"][...] = hsi
         self.out.send(msg, time.monotonic_ns(), "register")
@@ -100,11 +111,12 @@ class Harness:
         return rc, err
 
 
+@pytest.mark.system
 def test_masks_match_the_model_run_directly(tmp_path, run_dir):
-    h = Harness(tmp_path, run_dir, str(WEIGHTS))
+    h = Around(tmp_path, run_dir, str(WEIGHTS))
     try:
         settings = h.settings
-        shape = StripShape.from_settings(settings)
+        shape = StripShape.from_machine(settings)
         direct = open_backend("onnxruntime", WEIGHTS, shape)
         sent = list(strips(settings, 3))
         for seq, (rgb, hsi) in enumerate(sent):
@@ -126,29 +138,34 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
             # A trained model finds objects: not everything is belt, and it is sure of the belt.
             assert 0.05 < (classes > 0).mean() < 0.95 and np.median(conf[classes == 0]) > 200
 
-        # Strips that do not fit the model: dropped, counted, logged; the node carries on.
+        # Strips that do not fit the model: dropped, counted, logged; the node carries on. The port refuses
+        # those that are not strips of this machine; the node those made for another overlap.
         rgb, hsi = sent[0]
         h.send(10, rgb[:-4], hsi[:-1])                      # a truncated strip
         h.send(11, rgb, hsi, overlap=8)                     # another overlap than the model's
-        h.send(12, rgb, hsi.astype(np.float64).astype(np.float32)[..., :16])  # too few bands
-        h.send(13, rgb, hsi)
+        h.send(12, rgb, hsi.astype(np.float32)[..., :16])   # too few bands, and not float16
+        h.send(13, rgb, hsi, valid_lines="all")             # a meta that is not a strip's
+        h.send(14, rgb, hsi)
         header, arrays = h.receive()
-        assert header.seq == 13 and np.array_equal(arrays["classes"], direct.run(rgb, hsi)[0])
-        assert metric(scrape(h.port), "sortline_malformed_messages_total", node="infer", kind="process") == 3
+        assert header.seq == 14 and np.array_equal(arrays["classes"], direct.run(rgb, hsi)[0])
+        samples = scrape(h.port)
+        assert metric(samples, "sortline_malformed_messages_total", node="infer", kind="payload") == 3
+        assert metric(samples, "sortline_malformed_messages_total", node="infer", kind="process") == 1
     finally:
         rc, err = h.close()
     assert rc == 0, err
     assert err.count("dropped a message") >= 1
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_stride", "other_classes",
+@pytest.mark.system
+@pytest.mark.parametrize("problem", ["missing", "not_a_model", "other_strips", "other_stride", "unknown_target",
                                      "no_tensorrt"])
 def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, problem):
-    backend, extra = "onnxruntime", ""
-    if problem == "other_classes":   # downstream sorts by other class names than the model knows
-        model, extra = WEIGHTS, ', classes = ["belt", "PET", "PP", "glass"]'
+    backend, targets = "onnxruntime", ("PET",)
+    if problem == "unknown_target":   # the recipe ejects a class the model does not know
+        model, targets = WEIGHTS, ("PET", "glass")
     elif problem == "no_tensorrt":   # an engine on a machine without TensorRT (every CPU machine)
-        from models.engine import write_engine
+        from sortline.models.contract import write_engine
 
         model, backend = write_engine(tmp_path / "m.engine", {"tensorrt": "10.0"}, b"plan"), "tensorrt"
     elif problem == "missing":
@@ -157,14 +174,14 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
         model = tmp_path / "junk.onnx"
         model.write_bytes(b"not an onnx file")
     else:   # an ONNX model exported for another strip size, or a mask per RGB pixel
-        from models import checkpoint
-        from models.export import export
+        from sortline.models.training import checkpoint
+        from sortline.models.training.export import export
 
         net, meta = checkpoint.load(WEIGHTS)
         lines, stride = (160, 4) if problem == "other_strips" else (96, 1)
         model = export(net, meta, StripShape(lines=lines, width=640, overlap=16, ratio=4, bands=32, stride=stride),
                        tmp_path / "m.onnx")
-    h = Harness(tmp_path, run_dir, str(model), backend, extra)
+    h = Around(tmp_path, run_dir, str(model), backend, targets)
     try:
         rc = h.node.wait(timeout=60)
     finally:
@@ -173,5 +190,7 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
     expected = {"missing": "no such model file", "not_a_model": "not a usable ONNX model",
                 "other_strips": "does not fit: RGB input (1, 160, 640, 3)", "no_tensorrt": "is not installed here",
                 "other_stride": "mask stride 1, model.mask_stride is 4",
-                "other_classes": "expected ['belt', 'PET', 'PP', 'glass']"}[problem]
+                "unknown_target": "recipe.targets: glass not among the classes of model c58e74e6bb4fa7d1 (PET, PP, "
+                                  "HDPE, LDPE, PS, PVC, paper, aluminium, other)"}[problem]
     assert expected in err
+    assert len([line for line in err.splitlines() if "ERROR" in line]) == 1, err   # one line says it

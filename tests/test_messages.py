@@ -9,7 +9,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.messages import (
+from sortline.pipeline.messages import (
     SCHEMA_VERSION,
     ArraySpec,
     Header,
@@ -19,7 +19,7 @@ from pipeline.messages import (
     encode_header,
     inline_frames,
 )
-from pipeline.transport import SlotReaders
+from sortline.pipeline.transport import SlotReaders
 
 
 @pytest.fixture

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import checkpoint
-from models.blocks import WindowBlock
-from models.config import ModelConfig, make_config
-from models.export import StripShape, compare, export
-from models.fusion import CrossFusion
-from models.hsi import SliceCollapse
-from models.net import SortNet, count_params
+from sortline.models.training import checkpoint
+from sortline.models.blocks import WindowBlock
+from sortline.nodes.simulate.materials import CLASSES
+from sortline.models.config import ModelConfig, make_config
+from sortline.models.contract import ModelFileError, StripShape
+from sortline.models.training.export import compare, export
+from sortline.models.fusion import CrossFusion
+from sortline.models.hsi import SliceCollapse
+from sortline.models.net import SortNet, count_params
 
 torch.set_num_threads(1)
 
@@ -23,7 +25,7 @@ def inputs(lines=64, width=128, bands=32, seed=0):
 
 @pytest.mark.parametrize("variant", ["fusion", "rgb", "hsi"])
 def test_every_variant_gives_logits_at_rgb_resolution(variant):
-    net = SortNet(make_config("tiny", variant)).eval()
+    net = SortNet(make_config("tiny", variant, classes=CLASSES)).eval()
     with torch.no_grad():
         out = net(*inputs())
     assert out.shape == (1, 10, 64, 128) and torch.isfinite(out).all()
@@ -31,9 +33,9 @@ def test_every_variant_gives_logits_at_rgb_resolution(variant):
 
 def test_deployed_gives_the_argmax_and_its_softmax_probability():
     """The exported head computes confidence as 1 / sum(exp(logit - max)): check it is max softmax."""
-    from models.net import Deployed
+    from sortline.models.net import Deployed
 
-    net = SortNet(make_config("tiny", "fusion")).eval()
+    net = SortNet(make_config("tiny", "fusion", classes=CLASSES)).eval()
     x = inputs(lines=96)
     with torch.no_grad():
         logits = net(*x)[:, :, 16:-16]
@@ -48,9 +50,9 @@ def test_deployed_gives_the_argmax_and_its_softmax_probability():
 def test_a_coarser_mask_is_the_decoder_grid_without_upsampling(size):
     """Stride 4: one class per 4 x 4 RGB pixels, from the logits the full-resolution mask is
     interpolated from, the overlap cropped in cells."""
-    from models.net import Deployed
+    from sortline.models.net import Deployed
 
-    net = SortNet(make_config(size, "fusion")).eval()
+    net = SortNet(make_config(size, "fusion", classes=CLASSES)).eval()
     x = inputs(lines=96)
     with torch.no_grad():
         fine = net(*x)
@@ -69,21 +71,21 @@ def test_a_coarser_mask_is_the_decoder_grid_without_upsampling(size):
 
 
 def test_sizes():
-    tiny = {v: count_params(SortNet(make_config("tiny", v))) for v in ("fusion", "rgb", "hsi")}
+    tiny = {v: count_params(SortNet(make_config("tiny", v, classes=CLASSES))) for v in ("fusion", "rgb", "hsi")}
     assert 1.0e6 < tiny["fusion"] < 2.5e6          # the design point: ~2 M parameters or fewer
     assert tiny["rgb"] < tiny["fusion"] and tiny["hsi"] < tiny["fusion"]
-    assert count_params(SortNet(make_config("base", "fusion"))) > 4 * tiny["fusion"]
-    assert count_params(SortNet(make_config("nano", "fusion"))) < 0.5 * tiny["fusion"]
-    make_config("nano").check_strip(96, 640)    # the demo profile's strip: 64 + 2 x 16 lines
-    assert make_config("nano").hsi_input == "absorbance" and make_config("tiny").hsi_input == "reflectance"
+    assert count_params(SortNet(make_config("base", "fusion", classes=CLASSES))) > 4 * tiny["fusion"]
+    assert count_params(SortNet(make_config("nano", "fusion", classes=CLASSES))) < 0.5 * tiny["fusion"]
+    make_config("nano", classes=CLASSES).check_strip(96, 640)    # the demo profile's strip: 64 + 2 x 16 lines
+    assert make_config("nano", classes=CLASSES).hsi_input == "absorbance" and make_config("tiny", classes=CLASSES).hsi_input == "reflectance"
     with pytest.raises(ValueError, match="hsi_input 'counts'"):
-        make_config("tiny", hsi_input="counts")
+        make_config("tiny", hsi_input="counts", classes=CLASSES)
 
 
 def test_absorbance_input_turns_a_brightness_change_into_an_offset():
     """Half as bright (a thinner or darker item) shifts every band's absorbance by ln 2: the spectral
     shape the HSI backbone sees is unchanged, however dark the item."""
-    net = SortNet(make_config("nano", "fusion")).eval()
+    net = SortNet(make_config("nano", "fusion", classes=CLASSES)).eval()
     seen = []
     net.hsi.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     rgb, hsi = inputs(lines=96)
@@ -96,15 +98,15 @@ def test_absorbance_input_turns_a_brightness_change_into_an_offset():
 
 
 def test_strips_that_do_not_fit_both_grids_are_refused():
-    c = make_config("tiny")
+    c = make_config("tiny", classes=CLASSES)
     c.check_strip(160, 640)                  # the demo strip with its overlap
     c.check_strip(320, 2560)                 # the production strip
     with pytest.raises(ValueError, match="multiples of 32"):
         c.check_strip(144, 640)
     with pytest.raises(ValueError, match="bands"):
-        make_config("tiny", bands=30)
+        make_config("tiny", bands=30, classes=CLASSES)
     with pytest.raises(ValueError, match="variant"):
-        make_config("tiny", "both")
+        make_config("tiny", "both", classes=CLASSES)
 
 
 def test_slice_collapse_weighs_each_cell_from_its_own_tokens():
@@ -150,7 +152,7 @@ def test_shifted_windows_never_attend_across_the_strip_edges():
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):
-    net = SortNet(make_config("tiny", "rgb"))
+    net = SortNet(make_config("tiny", "rgb", classes=CLASSES))
     path = checkpoint.save(tmp_path / "m.safetensors", net, step=7)
     back, meta = checkpoint.load(path)
     assert back.config == net.config and meta["step"] == "7"
@@ -160,9 +162,9 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
         assert torch.equal(net.eval()(*x), back(*x))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(checkpoint.ModelFileError, match="not a readable safetensors"):
+    with pytest.raises(ModelFileError, match="not a readable safetensors"):
         checkpoint.load(junk)
-    with pytest.raises(checkpoint.ModelFileError, match="no such model file"):
+    with pytest.raises(ModelFileError, match="no such model file"):
         checkpoint.load(tmp_path / "none.safetensors")
     assert ModelConfig.from_dict(net.config.to_dict()) == net.config
 
@@ -171,7 +173,7 @@ def test_onnx_export_matches_torch(tmp_path):
     """Exported at the demo strip size; ONNX Runtime against torch, difference bounded."""
     import onnx
 
-    net = SortNet(make_config("tiny", "fusion")).eval()
+    net = SortNet(make_config("tiny", "fusion", classes=CLASSES)).eval()
     shape = StripShape(lines=160, width=640, overlap=16, ratio=4, bands=32)
     path = export(net, {"hash": "abc"}, shape, tmp_path / "m.onnx")
     check = compare(net, path, shape)
@@ -191,9 +193,11 @@ def test_onnx_export_of_a_coarse_mask_matches_torch(tmp_path):
     """The demo profile's deployment: nano, 96-line strips, a mask of 4 x 4 pixel cells."""
     import onnx
 
-    from models.backends import OnnxRuntimeBackend
+    from dataclasses import replace
 
-    net = SortNet(make_config("nano", "fusion")).eval()
+    from sortline.models.backends.onnxruntime import OnnxRuntimeBackend
+
+    net = SortNet(make_config("nano", "fusion", classes=CLASSES)).eval()
     shape = StripShape(lines=96, width=640, overlap=16, ratio=4, bands=32, stride=4)
     assert shape.core == (16, 160)
     path = export(net, {"hash": "abc"}, shape, tmp_path / "m.onnx")
@@ -204,19 +208,19 @@ def test_onnx_export_of_a_coarse_mask_matches_torch(tmp_path):
     # The three top-down resizes of the decoder, and no final upsampling to the strip.
     assert [n.op_type for n in proto.graph.node].count("Resize") == 3
     backend = OnnxRuntimeBackend(path)
-    backend.expect(shape.rgb, shape.hsi, stride=4)
-    with pytest.raises(checkpoint.ModelFileError, match="mask stride 4, model.mask_stride is 1"):
-        backend.expect(shape.rgb, shape.hsi, stride=1)
+    backend.expect(shape)
+    with pytest.raises(ModelFileError, match="mask stride 4, model.mask_stride is 1"):
+        backend.expect(replace(shape, stride=1))
 
 
 def test_engine_files_carry_a_header_and_junk_is_refused(tmp_path):
-    from models.engine import read_header, write_engine
+    from sortline.models.contract import read_engine_header, write_engine
 
     header = {"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "rgb_shape": "[1, 160, 640, 3]", "precision": "fp16"}
     path = write_engine(tmp_path / "m.engine", header, b"\x01plan-bytes")
-    back, offset = read_header(path)
+    back, offset = read_engine_header(path)
     assert back == header and path.read_bytes()[offset:] == b"\x01plan-bytes"
     junk = tmp_path / "junk.engine"
     junk.write_bytes(b"a serialized plan without our header")
-    with pytest.raises(checkpoint.ModelFileError, match="not a sortline engine"):
-        read_header(junk)
+    with pytest.raises(ModelFileError, match="not a sortline engine"):
+        read_engine_header(junk)

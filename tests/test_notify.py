@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 import time
@@ -38,6 +40,7 @@ class Listener:
         self.sock.close()
 
 
+@pytest.mark.system
 def test_ready_after_setup_watchdog_from_the_loop_stops_while_it_stalls_then_stopping(tmp_path, run_dir):
     # The sink takes 3 s over the one message: its loop stalls, and so must its pings.
     # Then the end of stream: the sink finishes by itself.
@@ -78,6 +81,7 @@ def test_ready_after_setup_watchdog_from_the_loop_stops_while_it_stalls_then_sto
     assert not any("WATCHDOG" in f for f in keys[stopping:])  # nothing pings for a node on its way out
 
 
+@pytest.mark.system
 def test_a_node_that_fails_setup_never_says_ready(tmp_path, run_dir):
     graph = (node_toml("camera", "pattern") + node_toml("sink", "sink", f'report = "{tmp_path}/no/such/dir/sink.json"')
              + edge_toml("camera.out", "sink.in"))

@@ -29,7 +29,7 @@ from mcap.writer import CompressionType, Writer
 
 from conftest import (edge_toml, free_port, load_json, metric, node_toml, pid_of, scrape, sortline, start, stop,
                       wait_for, write_config)
-from nodes.pattern import pattern
+from sortline.nodes.pattern import pattern
 
 N = 300  # messages per stream in the shared recording
 RGB = "camera = 'rgb', lines = 8, pixels = 64, bands = 3, paced = false"
@@ -98,6 +98,7 @@ def recorded(tmp_path_factory):
     run_dir.rmdir()
 
 
+@pytest.mark.system
 def test_a_recording_holds_every_message_and_reads_with_the_mcap_library_alone(recorded):
     tmp, cfg, _ = recorded
     path = tmp / "a.mcap"
@@ -160,6 +161,7 @@ def check_message_indexes(fh, summary) -> None:
         assert entries > 0
 
 
+@pytest.mark.system
 def test_replay_gives_back_every_message_bit_for_bit(recorded, tmp_path, run_dir):
     tmp, _, _ = recorded
     graph = sources_graph(RGB, HSI, f'report = "{tmp_path}/sink.json"')
@@ -220,6 +222,7 @@ def write_truth_recording(path: Path, n: int = 40, gap_at: int = 20) -> dict[str
     return written
 
 
+@pytest.mark.system
 def test_replay_of_all_three_streams_with_meta_is_bit_for_bit(tmp_path, run_dir):
     src = tmp_path / "truth.mcap"
     written = write_truth_recording(src)
@@ -248,6 +251,7 @@ def chunk_ends(path: Path) -> list[tuple[int, int, int]]:
     return ends
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", ["chunk_end", "mid_chunk", "mid_record_header", "file_header", "corrupt"])
 def test_a_damaged_recording_replays_up_to_the_damage_then_ends(recorded, tmp_path, run_dir, case):
     tmp, _, _ = recorded
@@ -285,6 +289,7 @@ def test_a_damaged_recording_replays_up_to_the_damage_then_ends(recorded, tmp_pa
     assert f"the {expected} messages before it are valid" in inspect.stdout
 
 
+@pytest.mark.system
 def test_replay_range_and_loop_keep_counting_and_flag_each_wrap(recorded, tmp_path, run_dir):
     tmp, _, _ = recorded
     graph = sources_graph(RGB, HSI, f'verify = false, report = "{tmp_path}/sink.json"')
@@ -311,6 +316,7 @@ def test_replay_range_and_loop_keep_counting_and_flag_each_wrap(recorded, tmp_pa
     assert sink["gap_flags"] == sum(h["gap"] for s in ("rgb", "hsi") for h, _ in b[s])
 
 
+@pytest.mark.system
 def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
     # 90 frames of 32 lines at the demo's 2133 lines/s: 1.35 s as recorded.
     rec = recorder(f"path = '{tmp_path}/paced.mcap'", "rgbcam", "hsicam")
@@ -333,6 +339,7 @@ def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
     assert rates["3"] == pytest.approx(3 * recorded_rate, rel=0.2), rates
 
 
+@pytest.mark.system
 def test_a_slow_disk_holds_the_lossless_input_back_loudly_and_loses_nothing(tmp_path, run_dir):
     # The recording goes into a pipe that this test drains at about 4 MB/s: a disk far
     # slower than the camera. Uncompressed, 600 frames of 24 KiB are 15 MB.
@@ -371,6 +378,7 @@ def test_a_slow_disk_holds_the_lossless_input_back_loudly_and_loses_nothing(tmp_
     assert load_json(tmp_path / "sink.json")["received"] == 601  # and the one HSI frame
 
 
+@pytest.mark.system
 def test_inspect_prints_the_streams_and_draws_the_belt(tmp_path):
     src = tmp_path / "truth.mcap"
     written = write_truth_recording(src)
@@ -399,6 +407,7 @@ def test_inspect_prints_the_streams_and_draws_the_belt(tmp_path):
     assert [r for r in range(rows) if hsi[r].any()] == list(range(52, 64))
 
 
+@pytest.mark.system
 def test_bad_recording_and_recorder_settings_stop_with_a_clear_error(tmp_path, run_dir):
     not_mcap = tmp_path / "notes.mcap"
     not_mcap.write_text("not a recording")
@@ -413,8 +422,10 @@ def test_bad_recording_and_recorder_settings_stop_with_a_clear_error(tmp_path, r
 
 
 def test_the_graph_rewrites_for_replay_and_recording(tmp_path, run_dir):
-    from pipeline.config import ConfigError, config_toml, load_config
-    from pipeline.graph import replay_graph, with_recorder
+    from sortline.pipeline.config import ConfigError, config_toml
+    from sortline.pipeline.graph import load_config
+    from sortline.cli.replay import replay_graph
+    from sortline.cli.run import with_recorder
 
     graph = sources_graph(RGB, HSI, "", truth="stream = 'truth'").replace('to = "sink.in"\n',
                                                                          'to = "sink.in"\npolicy = "latest"\n')
@@ -444,9 +455,10 @@ def test_the_graph_rewrites_for_replay_and_recording(tmp_path, run_dir):
         replay_graph(odd, "belt.mcap")
 
 
+@pytest.mark.system
 def test_a_recorder_killed_mid_run_leaves_a_file_that_replays_and_its_restart_writes_a_new_one(tmp_path, run_dir):
-    from pipeline.config import load_config
-    from pipeline.graph import topo_order
+    from sortline.pipeline.graph import load_config
+    from sortline.pipeline.graph import topo_order
 
     port = free_port()
     rec = recorder(f"path = '{tmp_path}/a.mcap', flush_s = 0.3", "rgbcam")
@@ -487,6 +499,7 @@ def read_frames_of(path: Path) -> list[int]:
     return seqs
 
 
+@pytest.mark.system
 def test_a_recorder_that_cannot_write_says_so_and_is_restarted(tmp_path, run_dir):
     # /dev/full: every write fails with "No space left on device", as on a full disk. While
     # the recorder is down its lossless edge holds the camera back; the run still stops cleanly.
@@ -507,7 +520,7 @@ def test_a_recorder_that_cannot_write_says_so_and_is_restarted(tmp_path, run_dir
 def test_the_mcap_writer_writes_what_the_mcap_library_reads(tmp_path, compression):
     # Messages larger than a chunk, smaller ones between, two channels, attachments and
     # metadata between chunks: read back through the summary, the indexes and record by record.
-    from pipeline.mcap_writer import McapWriter
+    from sortline.pipeline.mcap_writer import McapWriter
 
     rng = np.random.default_rng(5)
     sent = [(1 + i % 2, 1000 + 10 * i, rng.bytes(int(rng.choice([40, 900, 5000])))) for i in range(60)]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.spatial import Geometry, fit
-from calibration.spectral import SpectralReference, bin_bands
-from nodes.register import StripCutter
-from nodes.simulate import Simulation
-from nodes.simulate.cameras import Misregistration
-from pipeline.config import load_config
+from sortline.calibration.spatial import Geometry, fit
+from sortline.calibration.spectral import SpectralReference, bin_bands
+from sortline.nodes.register import StripCutter
+from sortline.nodes.simulate import Simulation
+from sortline.nodes.simulate.cameras import Misregistration
+from sortline.pipeline.graph import load_config
 from tests.conftest import DEMO, edge_toml, load_json, node_toml, sortline, write_config
 from tests.test_spatial import target_blobs
 
@@ -24,7 +24,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def calibrations(settings):
-    spatial = fit(*target_blobs(settings, MIS), Geometry.from_settings(settings),
+    spatial = fit(*target_blobs(settings, MIS), Geometry.from_machine(settings),
                   rgb_serial="SIM-RGB-2", hsi_serial="SIM-HSI-2")
     dark = np.concatenate([Simulation(settings, seed=2, scene="dark").hsi(f) for f in range(8)])
     white = np.concatenate([Simulation(settings, seed=2, scene="white").hsi(f) for f in range(8)])
@@ -114,18 +114,19 @@ def test_hsi_that_stops_coming_costs_bounded_memory_and_counts(settings, calibra
     assert cut.dropped_lines > 256
 
 
+@pytest.mark.system
 def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
     """simulate -> register -> sink as processes, with the calibration files from the config."""
     spectral, spatial = calibrations
     spectral.save(tmp_path / "spectral.npz")
     spatial.save(tmp_path / "spatial.json")
     graph = (node_toml("belt", "simulate", "seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05")
-             + node_toml("register", "register", f'spectral = "{tmp_path / "spectral.npz"}", '
-                                                 f'spatial = "{tmp_path / "spatial.json"}"')
+             + node_toml("register", "register")
              + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
              + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi")
              + edge_toml("register.out", "sink.in"))
-    cfg = write_config(tmp_path / "reg.toml", graph, run_dir)
+    cfg = write_config(tmp_path / "reg.toml", graph, run_dir, calibration={
+        "spectral": str(tmp_path / "spectral.npz"), "spatial": str(tmp_path / "spatial.json")})
     result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
                       timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,11 +139,12 @@ def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
     assert status["strips"] == sink["received"]
 
 
+@pytest.mark.system
 def test_missing_calibration_is_a_config_error(tmp_path, run_dir):
-    graph = (node_toml("belt", "simulate")
-             + node_toml("register", "register", 'spatial = "nowhere.json", spectral = "nowhere.npz"')
+    graph = (node_toml("belt", "simulate") + node_toml("register", "register")
              + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi"))
-    cfg = write_config(tmp_path / "nocal.toml", graph, run_dir)
+    cfg = write_config(tmp_path / "nocal.toml", graph, run_dir,
+                       calibration={"spatial": "nowhere.json", "spectral": "nowhere.npz"})
     result = sortline("node", "register", "--config", str(cfg), timeout=60)
     assert result.returncode == 78
     assert "nowhere.npz" in result.stderr and "not a readable spectral calibration" in result.stderr

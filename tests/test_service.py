@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ def verify(unit_dir, *units) -> subprocess.CompletedProcess:
                           env=env, cwd=unit_dir, timeout=120)
 
 
+@pytest.mark.system
 def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph(tmp_path):
     assert shutil.which("systemd-analyze"), "systemd's tools are missing: `make test` installs them"
     root = tmp_path / "root"
@@ -41,15 +44,15 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
         return next((line[6:].split() for line in text.splitlines() if line.startswith("After=")), [])
 
     assert after("belt") == ["sortline@ejector.service", "sortline@plan.service", "sortline@register.service",
-                            "sortline@valves.service"]
+                            "sortline@valve_sim.service"]
     assert after("register") == ["sortline@infer.service"] and after("infer") == ["sortline@plan.service"]
-    assert after("valves") == []
+    assert after("valve_sim") == []
     # The ejector, and only it, fires valves: real-time priority, on the CPUs given.
     realtime = (units / "sortline@ejector.service.d/realtime.conf").read_text()
     assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
     assert sorted(p.parent.name for p in units.glob("*/realtime.conf")) == ["sortline@ejector.service.d"]
     wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
-    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "plan", "register", "valves")]
+    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "plan", "register", "valve_sim")]
     assert os.readlink(units / "sortline.target.wants/sortline@infer.service") == "../sortline@.service"
     assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
 
@@ -63,18 +66,20 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     assert res.returncode == 0 and res.stderr == "" and res.stdout == "", res.stderr
 
 
+@pytest.mark.system
 def test_verify_catches_a_broken_unit(tmp_path):
     # The check above can fail: a misspelt key in a drop-in is reported.
     root = tmp_path / "root"
     assert sortline("install-service", "--config", str(DEMO), "--root", str(root), "--prefix", sys.prefix,
-                    "--nodes", "valves", timeout=60).returncode == 0
+                    "--nodes", "valve_sim", timeout=60).returncode == 0
     units = root / "etc/systemd/system"
-    assert sorted(p.name for p in (units / "sortline.target.wants").iterdir()) == ["sortline@valves.service"]
-    (units / "sortline@valves.service.d/node.conf").write_text("[Service]\nRestartPreventExitStatuss=78\n")
-    res = verify(units, "sortline@valves.service")
+    assert sorted(p.name for p in (units / "sortline.target.wants").iterdir()) == ["sortline@valve_sim.service"]
+    (units / "sortline@valve_sim.service.d/node.conf").write_text("[Service]\nRestartPreventExitStatuss=78\n")
+    res = verify(units, "sortline@valve_sim.service")
     assert "Unknown key 'RestartPreventExitStatuss'" in res.stderr
 
 
+@pytest.mark.system
 def test_install_refuses_a_bad_config_a_wrong_prefix_and_unknown_nodes(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(DEMO.read_text().replace("speed_m_s = 2.0", "speed_m_s = -2.0"))
@@ -91,6 +96,7 @@ def test_install_refuses_a_bad_config_a_wrong_prefix_and_unknown_nodes(tmp_path)
 
 
 
+@pytest.mark.system
 def test_a_restarted_node_removes_the_slot_segments_its_dead_predecessor_left(tmp_path, run_dir):
     # Under systemd no supervisor cleans up after a node that died: the node does, as it starts.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nodes.simulate import Simulation
-from nodes.simulate.belt import BeltMotion
-from nodes.simulate.materials import CLASS_ID, ENDMEMBER
-from pipeline.config import load_config
+from sortline.nodes.simulate import Simulation
+from sortline.nodes.simulate.belt import BeltMotion
+from sortline.nodes.simulate.materials import CLASS_ID, ENDMEMBER
+from sortline.pipeline.graph import load_config
 from tests.conftest import DEMO, belt_graph, load_json, sortline, write_config
 
 
@@ -131,6 +131,7 @@ def test_belt_motion_drifts_but_keeps_its_mean():
     assert again.time_s(5 * ticks_per_m) == motion.time_s(5 * ticks_per_m)
 
 
+@pytest.mark.system
 def test_node_publishes_every_frame_and_flags_gaps(tmp_path, run_dir, settings):
     """simulate -> sink over real sockets, unpaced and lossless, with frames lost on purpose."""
     seconds, rate = 0.6, 0.1
@@ -161,6 +162,7 @@ def test_node_publishes_every_frame_and_flags_gaps(tmp_path, run_dir, settings):
     assert report["gap_flags"] == gaps
 
 
+@pytest.mark.system
 def test_bad_params_are_refused_with_the_key(tmp_path, run_dir):
     graph = """
 [nodes.belt]

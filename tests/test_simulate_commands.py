@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
-from calibration.spatial import SpatialCalibration
-from calibration.spectral import SpectralReference
-from nodes.simulate import Simulation
-from pipeline.config import load_config
-from pipeline.recording import decode_frame, frames
+from sortline.calibration.spatial import SpatialCalibration
+from sortline.calibration.spectral import SpectralReference
+from sortline.nodes.simulate import Simulation
+from sortline.pipeline.graph import load_config
+from sortline.pipeline.recording import decode_frame, frames
 from tests.conftest import DEMO, ROOT, belt_graph, machine_toml, sortline, write_config
 
 
@@ -30,6 +31,7 @@ def simulate(tmp_path: Path, name: str, *args: str, config: Path = DEMO) -> Path
     return path
 
 
+@pytest.mark.system
 def test_same_seed_same_recording_and_it_replays_bit_for_bit(tmp_path, run_dir):
     a = messages(simulate(tmp_path, "a.mcap", "--seed", "7", "--seconds", "0.3", "--drop-rate", "0.1"))
     b = messages(simulate(tmp_path, "b.mcap", "--seed", "7", "--seconds", "0.3", "--drop-rate", "0.1"))
@@ -48,7 +50,7 @@ def test_same_seed_same_recording_and_it_replays_bit_for_bit(tmp_path, run_dir):
         frame = h.position // span
         assert np.array_equal(arrays["lines"], sim.rgb(frame))
         maps, objects = sim.truth(frame)
-        assert np.array_equal(truth["labels"], maps["labels"]) and ht.meta["objects"] == objects
+        assert np.array_equal(truth["labels"], maps["labels"]) and ht.meta["objects"] == msgspec.to_builtins(objects)
         assert (ht.seq, ht.position) == (h.seq, h.position)
 
     # Replay it as fast as the graph takes it, recording again: every message comes back.
@@ -65,6 +67,7 @@ def test_same_seed_same_recording_and_it_replays_bit_for_bit(tmp_path, run_dir):
             assert all(np.array_equal(aa[k], ab[k]) for k in aa)
 
 
+@pytest.mark.system
 def test_calibration_commands_remake_the_shipped_files_and_check_catches_a_moved_camera(tmp_path):
     """The commands of docs/calibration.md, run as a technician would, on the synthetic belt."""
     dark = simulate(tmp_path, "dark.mcap", "--scene", "dark", "--seconds", "0.3")
@@ -103,6 +106,7 @@ params = { misregistration = { offset_mm = 9.0 } }
     assert 2.5 < across_mm < 4.0
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("args, expected", [
     (["spectral", "--dark", "{white}", "--white", "{dark}"], "barely brighter than the dark one"),
     (["spatial", "{dark}"], "target marks seen by both cameras"),

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from pipeline.messages import ArraySpec, MessageError, SlotRef
-from pipeline.slots import SlotPool, SlotReader
+from sortline.pipeline.messages import ArraySpec, MessageError, SlotRef
+from sortline.pipeline.slots import SlotPool, SlotReader
 
 never = lambda: False  # noqa: E731
 always = lambda: True  # noqa: E731
@@ -66,6 +66,7 @@ def test_bounded_lane_keeps_its_queue_and_never_makes_the_producer_wait(run_dir)
     assert pool.acquire(1024, never) in (0, 1)
 
 
+@pytest.mark.system
 def test_an_output_with_lossless_and_bounded_readers_waits_instead_of_dropping(run_dir):
     """A recorder (lossless) beside a bounded live consumer that holds every slot: the new message
     must wait for a slot, not be dropped (the recorder would lose it unseen)."""
@@ -127,6 +128,7 @@ def test_a_reader_that_starts_between_the_look_and_the_claim_keeps_its_slot(run_
     lease.release()
 
 
+@pytest.mark.system
 def test_a_killed_consumer_gives_its_slots_back(run_dir):
     path = run_dir / "p.slots"
     pool = SlotPool(str(path), 4, 1024, [True])
@@ -134,8 +136,8 @@ def test_a_killed_consumer_gives_its_slots_back(run_dir):
     # A real consumer process takes every slot and is killed -9 while holding them.
     code = textwrap.dedent(f"""
         import sys, time
-        from pipeline.messages import ArraySpec, SlotRef
-        from pipeline.slots import SlotReader
+        from sortline.pipeline.messages import ArraySpec, SlotRef
+        from sortline.pipeline.slots import SlotReader
         reader = SlotReader({str(path)!r})
         held = [reader.lease(SlotRef(*r), [ArraySpec("a", "uint8", (1024,), 0)]) for r in {[(r.segment, r.index, r.generation, r.lane) for r in refs]!r}]
         print("holding", flush=True)

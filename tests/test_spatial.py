@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.spatial import Geometry, SpatialCalibration, blobs_from_frames, fit, residual_png, residuals, match
-from calibration.spectral import CalibrationError
-from nodes.simulate import Simulation
-from nodes.simulate.cameras import Misregistration
-from pipeline.config import load_config
+from sortline.calibration.spatial import Geometry, SpatialCalibration, blobs_from_frames, fit, residual_png, residuals, match
+from sortline.calibration.spectral import CalibrationError
+from sortline.nodes.simulate import Simulation
+from sortline.nodes.simulate.cameras import Misregistration
+from sortline.pipeline.graph import load_config
 from tests.conftest import DEMO
 
 
@@ -47,7 +47,7 @@ MISREGISTRATIONS = [
 @pytest.mark.parametrize("mis", MISREGISTRATIONS, ids=["default", "shrunk-left", "wide-tilted"])
 def test_fit_recovers_the_true_geometry(settings, mis):
     rgb_blobs, hsi_blobs = target_blobs(settings, mis)
-    cal = fit(rgb_blobs, hsi_blobs, Geometry.from_settings(settings))
+    cal = fit(rgb_blobs, hsi_blobs, Geometry.from_machine(settings))
     u = np.arange(settings.cameras.hsi.pixels) + 0.5       # every HSI pixel centre
     col, along = true_mapping(settings, mis, u)
     ratio = settings.hsi_ratio
@@ -63,7 +63,7 @@ def test_fit_recovers_the_true_geometry(settings, mis):
 
 
 def test_check_mode_tells_a_moved_camera(settings, tmp_path):
-    geo = Geometry.from_settings(settings)
+    geo = Geometry.from_machine(settings)
     cal = fit(*target_blobs(settings, MISREGISTRATIONS[0]), geo)
     # Same cameras, new recording: residuals stay small without refitting.
     rgb_b, hsi_b = target_blobs(settings, MISREGISTRATIONS[0], frames=40, start=100)
@@ -80,7 +80,7 @@ def test_check_mode_tells_a_moved_camera(settings, tmp_path):
 
 
 def test_file_round_trip_and_refusals(settings, tmp_path):
-    cal = fit(*target_blobs(settings, MISREGISTRATIONS[0], frames=40), Geometry.from_settings(settings),
+    cal = fit(*target_blobs(settings, MISREGISTRATIONS[0], frames=40), Geometry.from_machine(settings),
               rgb_serial="SIM-RGB-2", hsi_serial="SIM-HSI-2")
     path = cal.save(tmp_path / "spatial.json")
     back = SpatialCalibration.load(path, rgb_pixels=640, hsi_pixels=160, hsi_serial="SIM-HSI-2")
@@ -102,4 +102,4 @@ def test_no_target_in_view_is_a_clear_error(settings):
     with pytest.raises(CalibrationError, match="target marks seen by both cameras"):
         fit(blobs_from_frames(rf, rgb.ticks_per_line, rgb.mm_per_pixel, rgb.ticks_per_line / tpm),
             blobs_from_frames(hf, hsi.ticks_per_line, hsi.mm_per_pixel, hsi.ticks_per_line / tpm),
-            Geometry.from_settings(settings))
+            Geometry.from_machine(settings))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.spectral import CalibrationError, SpectralReference, bin_bands
-from nodes.simulate import Simulation
-from nodes.simulate.materials import ENDMEMBER
-from pipeline.config import load_config
+from sortline.calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from sortline.nodes.simulate import Simulation
+from sortline.nodes.simulate.materials import ENDMEMBER
+from sortline.pipeline.graph import load_config
 from tests.conftest import DEMO
 
 

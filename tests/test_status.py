@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import chain, free_port, metric, scrape, sortline, start, stop, wait_for, write_config
 
 
@@ -13,6 +15,7 @@ def table(stdout: str) -> dict[str, list[str]]:
     return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[1:])}
 
 
+@pytest.mark.system
 def test_status_shows_each_node_rates_and_latency_then_down_when_stopped(tmp_path, run_dir):
     port = free_port()
     cfg = write_config(tmp_path / "c.toml", chain("lines = 4, pixels = 64, bands = 3"), run_dir,
@@ -41,6 +44,7 @@ def test_status_shows_each_node_rates_and_latency_then_down_when_stopped(tmp_pat
     assert all(r[1] == "down" for r in table(res.stdout).values())
 
 
+@pytest.mark.system
 def test_status_needs_metrics(tmp_path, run_dir):
     cfg = write_config(tmp_path / "c.toml", chain(), run_dir)
     res = sortline("status", "--config", str(cfg), timeout=60)

@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.spectral import bin_bands
 from conftest import DEMO, ROOT, sortline, start, wait_for
-from models import data as data_mod
-from models.checkpoint import read
-from models.data import Crops, SpectralWaste, SyntheticBelt
-from models.evaluate import scores
-from pipeline.config import load_config
+from sortline.calibration.spectral import bin_bands
+from sortline.models.training.checkpoint import read
+from sortline.models.training.data import Crops, SpectralWaste
+from sortline.models.training.evaluate import scores
+from sortline.nodes.simulate.dataset import SyntheticBelt
+from sortline.pipeline.graph import load_config
 
 SHIPPED = [ROOT / "models" / "weights" / f"belt-fusion-{size}.safetensors" for size in ("nano", "tiny")]
 
@@ -28,7 +28,7 @@ def env(tmp_path):
 
 
 def test_synthetic_strips_are_deterministic_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "CACHE", tmp_path)
+    monkeypatch.setenv("SORTLINE_CACHE", str(tmp_path))
     settings = load_config(DEMO)
     ds = SyntheticBelt(settings, seed=3, count=3, lines=160)
     first = ds[2]
@@ -90,6 +90,7 @@ def losses(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"loss ([0-9.]+)", text)]
 
 
+@pytest.mark.system
 def test_training_is_seeded_resumable_and_the_loss_falls(tmp_path, env):
     common = ["train", "--variant", "rgb", "--strips", "4", "--batch", "2", "--crop-lines", "64", "--crop-width", "128",
               "--warmup", "5", "--lr", "4e-3", "--log-every", "5", "--save-every", "10", "--steps", "40"]
@@ -115,6 +116,7 @@ def test_training_is_seeded_resumable_and_the_loss_falls(tmp_path, env):
     assert other.returncode != 0 and "'lr': (0.004, 0.001)" in other.stderr
 
 
+@pytest.mark.system
 def test_a_spectralwaste_model_trains_and_evaluates(tmp_path, env):
     make_spectralwaste(tmp_path / "sw", "train", ["a", "b"])
     make_spectralwaste(tmp_path / "sw", "test", ["c"], seed=1)
@@ -140,6 +142,7 @@ def test_iou_from_a_confusion_matrix():
     assert r["pixel_accuracy"] == pytest.approx(70 / 85)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("weights", SHIPPED, ids=["nano", "tiny"])
 def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     out, png = tmp_path / "e.json", tmp_path / "cm.png"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import zmq
 
-from pipeline.graph import Edge, prepare_runtime_dir
-from pipeline.transport import Output
+from sortline.pipeline.graph import Edge, prepare_runtime_dir
+from sortline.pipeline.transport import Output
 
 
 def test_slots_of_messages_never_sent_are_given_back(run_dir):

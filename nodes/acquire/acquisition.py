@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from nodes.acquire.camera import Camera, Fetched
-from nodes.acquire.convert import convert
-from nodes.acquire.position import BeltTracker
+from sortline.nodes.acquire.camera import Camera, Fetched
+from sortline.nodes.acquire.convert import convert
+from sortline.nodes.acquire.position import BeltTracker
 
 FRAMES = Counter("sortline_camera_frames", "Frames fetched from the camera", ["camera"])
 LOST = Counter("sortline_camera_lost_frames", "Frames lost, by reason: device (missing frame ids or encoder "

@@ -17,8 +17,8 @@ import numpy as np
 from genicam.gentl import GenericException as GenTLError
 from harvesters.core import Callback, ImageAcquirer
 
-from nodes.acquire import convert, features
-from nodes.acquire.device import DeviceError, DeviceInfo, devices, producers, select
+from sortline.nodes.acquire import convert, features
+from sortline.nodes.acquire.device import DeviceError, DeviceInfo, devices, producers, select
 
 # How often the fetch loop looks for a frame. The genicam binding holds the GIL
 # while it waits inside the producer, so a blocking wait there would stall the

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from harvesters.core import Harvester
 
-from nodes.acquire.features import readable
+from sortline.nodes.acquire.features import readable
 
 
 class DeviceError(Exception):

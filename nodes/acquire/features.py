@@ -16,7 +16,7 @@ from typing import Union
 from genicam.genapi import GenericException as GenApiError
 from pydantic import Field
 
-from pipeline.config import Section
+from sortline.pipeline.config import Section
 
 Value = Union[bool, int, float, str]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from nodes.acquire import device
+from sortline.nodes.acquire import device
 
 
 def producers_of(settings) -> list[str]:

@@ -15,18 +15,19 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from nodes.acquire import device
-from nodes.acquire.acquisition import Acquisition
-from nodes.acquire.camera import Camera
-from nodes.acquire.features import Feature, FeatureError
-from pipeline.config import ConfigError, Section
-from pipeline.node import Node
+from sortline.nodes.acquire import device
+from sortline.nodes.acquire.acquisition import Acquisition
+from sortline.nodes.acquire.camera import Camera
+from sortline.nodes.acquire.features import Feature, FeatureError
+from sortline.nodes.streams import LINES, CameraMeta
+from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.node import Node
 
 TAKE_WAIT_S = 0.1  # the main loop's wait for a message: short, so heartbeats and stops are prompt
 
 
 class Acquire(Node):
-    outputs = ("out",)
+    outputs = {"out": LINES}
 
     class Params(Section):
         camera: Literal["rgb", "hsi"] = "rgb"
@@ -61,10 +62,10 @@ class Acquire(Node):
 
     def setup(self) -> None:
         p = self.params
-        cam = getattr(self.settings.cameras, p.camera)
+        cam = getattr(self.machine.cameras, p.camera)
         self.stream = p.stream or p.camera
         self.ticks_per_line = cam.ticks_per_line
-        cti = p.cti or self.settings.genicam.cti or device.default_cti()
+        cti = p.cti or self.machine.genicam.cti or device.default_cti()
         selector = {"serial": p.serial, "user_name": p.user_name, "model": p.model}
         where = f"nodes.{self.name}.params"
 
@@ -96,11 +97,10 @@ class Acquire(Node):
         fmt = shape.fmt
         self.shape = (cam.lines_per_frame, shape.pixels, shape.channels)
         self.dtype = shape.dtype
-        self.meta = {"camera": p.camera, "serial": camera.info.serial, "pixel_format": fmt.name,
-                     "bit_depth": fmt.bit_depth}
-        if isinstance(camera.applied.get("ExposureTime"), (int, float)):
-            # Spectral references are only valid at the exposure they were taken at: recordings say which.
-            self.meta["exposure_us"] = float(camera.applied["ExposureTime"])
+        # Spectral references are only valid at the exposure they were taken at: recordings say which.
+        exposure = camera.applied.get("ExposureTime")
+        self.meta = CameraMeta(p.camera, camera.info.serial, fmt.name, fmt.bit_depth,
+                               float(exposure) if isinstance(exposure, (int, float)) else None)
         self.seq = 0
         self.log.info("%s: %s, %dx%d %s frames -> messages %s %s, %d frames each; applied %s",
                       self.stream, camera.info.label(), shape.width, shape.height, fmt.name, self.shape,

@@ -20,12 +20,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from nodes.simulate.belt import BeltMotion
-from nodes.simulate.cameras import HSICamera, Misregistration, Noise, RGBCamera
-from nodes.simulate.materials import CLASSES, ENDMEMBER_LOOK, PALETTE
-from nodes.simulate.scene import Scene
-from pipeline.config import Section
-from pipeline.node import Node
+from sortline.nodes.simulate.belt import BeltMotion
+from sortline.nodes.simulate.cameras import HSICamera, Misregistration, Noise, RGBCamera
+from sortline.nodes.simulate.materials import CLASSES, ENDMEMBER_LOOK, PALETTE
+from sortline.nodes.simulate.scene import Scene
+from sortline.nodes.streams import LINES, TRUTH, CameraMeta, TruthMeta, TruthObject
+from sortline.pipeline.config import Machine, Section
+from sortline.pipeline.node import Node
 
 STREAM_ID = {"rgb": 1, "hsi": 2}
 
@@ -45,11 +46,11 @@ class Simulation:
     rgb(frame), hsi(frame), truth(frame) for the content of any frame along the belt.
     """
 
-    def __init__(self, settings, *, seed: int = 1, scene: str = "belt", occupancy: float = 0.3,
+    def __init__(self, machine: Machine, *, seed: int = 1, scene: str = "belt", occupancy: float = 0.3,
                  mix: dict[str, float] | None = None, cluster: float = 0.3, speed_m_s: float = 0.0,
                  drift: float = 0.02, jitter: float = 0.005, misregistration: Misregistration = Misregistration()):
-        rgb, hsi, belt = settings.cameras.rgb, settings.cameras.hsi, settings.belt
-        self.seed, self.settings = seed, settings
+        rgb, hsi, belt = machine.cameras.rgb, machine.cameras.hsi, machine.belt
+        self.seed, self.machine = seed, machine
         self.rgb_cam_cfg, self.hsi_cam_cfg = rgb, hsi
         row_mm = rgb.ticks_per_line / belt.ticks_per_mm
         self.scene = Scene(seed, belt.width_mm, row_mm, rgb.mm_per_pixel, rgb.pixels, mode=scene,
@@ -92,15 +93,14 @@ class Simulation:
             return out
         return img
 
-    def truth(self, frame: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+    def truth(self, frame: int) -> tuple[dict[str, np.ndarray], list[TruthObject]]:
         """Labels and object ids on the RGB grid for RGB frame `frame`, and the objects starting in it."""
         cfg = self.rgb_cam_cfg
         row0 = self.position("rgb", frame) // cfg.ticks_per_line
         maps = self.scene.rows(row0, cfg.lines_per_frame)
         table = self.scene.object_table(row0, cfg.lines_per_frame, cfg.ticks_per_line)
-        objects = [{"id": int(o["id"]), "cls": int(o["cls"]), "x0_mm": round(float(o["x0_mm"]), 2),
-                    "x1_mm": round(float(o["x1_mm"]), 2), "p0": int(o["p0"]), "p1": int(o["p1"]),
-                    "look": ENDMEMBER_LOOK[int(o["endmember"])]} for o in table]
+        objects = [TruthObject(int(o["id"]), int(o["cls"]), round(float(o["x0_mm"]), 2), round(float(o["x1_mm"]), 2),
+                               int(o["p0"]), int(o["p1"]), ENDMEMBER_LOOK[int(o["endmember"])]) for o in table]
         return {"labels": maps["labels"], "instances": maps["instances"]}, objects
 
 
@@ -122,7 +122,7 @@ class Simulation:
 
 
 class Simulate(Node):
-    outputs = ("rgb", "hsi", "truth")
+    outputs = {"rgb": LINES, "hsi": LINES, "truth": TRUTH}
 
     class Params(Section):
         seed: int = Field(1, ge=0)
@@ -151,10 +151,10 @@ class Simulate(Node):
 
     def setup(self) -> None:
         p = self.params
-        self.sim = Simulation(self.settings, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.mix or None,
+        self.sim = Simulation(self.machine, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.mix or None,
                               cluster=p.cluster, speed_m_s=p.speed_m_s, drift=p.drift, jitter=p.jitter,
                               misregistration=Misregistration(**p.misregistration.model_dump()))
-        cams = self.settings.cameras
+        cams = self.machine.cameras
         self.cam = {"rgb": cams.rgb, "hsi": cams.hsi}
         self.frame = {"rgb": 0, "hsi": 0}     # next frame index along the belt (dropped ones count)
         self.seq = {"rgb": 0, "hsi": 0}       # next message number (contiguous)
@@ -165,12 +165,10 @@ class Simulate(Node):
         # A camera nobody listens to is not drawn (the truth goes with the RGB frames, so RGB always is).
         self.cameras = [c for c in ("rgb", "hsi") if c == "rgb" or self.out[c].edges]
         self.t0 = 0
-        self.meta = {
-            "rgb": {"camera": "rgb", "serial": f"SIM-RGB-{p.seed}", "pixel_format": "RGB8", "bit_depth": 8},
-            "hsi": {"camera": "hsi", "serial": f"SIM-HSI-{p.seed}", "pixel_format": "Mono12", "bit_depth": 12},
-        }
+        self.meta = {"rgb": CameraMeta("rgb", f"SIM-RGB-{p.seed}", "RGB8", 8),
+                     "hsi": CameraMeta("hsi", f"SIM-HSI-{p.seed}", "Mono12", 12)}
         self.log.info("%s scene, seed %d, %.2f m/s; rgb %s lines/frame, hsi %s lines/frame, truth %s",
-                      p.scene, p.seed, p.speed_m_s or self.settings.belt.speed_m_s, cams.rgb.lines_per_frame,
+                      p.scene, p.seed, p.speed_m_s or self.machine.belt.speed_m_s, cams.rgb.lines_per_frame,
                       cams.hsi.lines_per_frame, "on" if self.want_truth else "off (not connected)")
 
     def _span(self, stream: str) -> tuple[int, int]:
@@ -219,8 +217,7 @@ class Simulate(Node):
         if stream == "rgb" and self.want_truth:
             maps, objects = self.sim.truth(frame)
             truth = self.out["truth"].new({k: (v.shape, v.dtype) for k, v in maps.items()}, stream="truth",
-                                          meta={"classes": list(CLASSES), "palette": PALETTE.tolist(),
-                                                "objects": objects}, **fields)
+                                          meta=TruthMeta(list(CLASSES), objects, PALETTE.tolist()), **fields)
             if truth is not None:
                 for k, v in maps.items():
                     truth.arrays[k][...] = v
@@ -231,4 +228,4 @@ class Simulate(Node):
     def status(self) -> dict:
         return {"rgb": self.seq["rgb"], "hsi": self.seq["hsi"], "dropped": sum(self.dropped.values()),
                 "overruns": self.overruns,
-                "belt_m": round(self._span("rgb")[0] / self.settings.belt.ticks_per_mm / 1000, 2)}
+                "belt_m": round(self._span("rgb")[0] / self.machine.belt.ticks_per_mm / 1000, 2)}

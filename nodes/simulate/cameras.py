@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodes.simulate.materials import endmember_spectra
+from sortline.nodes.simulate.materials import endmember_spectra
 
 NOISE_BANK = 1 << 22   # pre-drawn unit normals; each frame reads a random window
 

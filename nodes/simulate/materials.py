@@ -106,19 +106,19 @@ VARIANTS = {
 # may have, plus what sits on objects (paper labels, film labels, dirt) and the
 # calibration target's white patches. An index into this table is what the
 # scene stores per pixel; the HSI camera mixes their spectra.
-_ENDMEMBERS: list[tuple[str, str]] = [("belt", "grey")]
+ENDMEMBERS: list[tuple[str, str]] = [("belt", "grey")]
 for _m in CLASSES[1:]:
     for _v in ("clear", "white", "coloured", "black", "brown", "grey", "metal"):
-        _ENDMEMBERS.append((_m, _v))
-_ENDMEMBERS += [("paper", "label"), ("PP", "label"), ("dirt", "dirt"), ("target", "white")]
-ENDMEMBER = {key: i for i, key in enumerate(_ENDMEMBERS)}
-ENDMEMBER_LOOK = tuple(look for _, look in _ENDMEMBERS)   # endmember index -> its look (clear, black, ...)
+        ENDMEMBERS.append((_m, _v))
+ENDMEMBERS += [("paper", "label"), ("PP", "label"), ("dirt", "dirt"), ("target", "white")]
+ENDMEMBER = {key: i for i, key in enumerate(ENDMEMBERS)}
+ENDMEMBER_LOOK = tuple(look for _, look in ENDMEMBERS)   # endmember index -> its look (clear, black, ...)
 
 
 def endmember_spectra(wavelengths_nm: np.ndarray) -> np.ndarray:
     """(endmembers, bands) float32 reflectance table, row i for ENDMEMBER index i."""
     rows = []
-    for material, variant in _ENDMEMBERS:
+    for material, variant in ENDMEMBERS:
         if material == "target":
             rows.append(np.full(wavelengths_nm.shape, 0.92))   # a near-Lambertian white panel
         elif variant in VARIANTS:

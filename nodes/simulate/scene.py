@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from nodes.simulate.materials import (CLASS_ID, CLASSES, DEFAULT_MIX, ENDMEMBER, LOOKS, SHAPES,
+from sortline.nodes.simulate.materials import (CLASS_ID, CLASSES, DEFAULT_MIX, ENDMEMBER, LOOKS, SHAPES,
                                       VARIANTS)
 
 TILE_ROWS = 256           # small, so drawing one never stalls a camera for long

@@ -1,0 +1,30 @@
+"""`sortline check`: validate a configuration and print the figures derived from it."""
+
+from __future__ import annotations
+
+from sortline.cli import common
+
+
+def check(args) -> int:
+    from sortline.pipeline.graph import edges, topo_order
+
+    settings = common.load(args.config)
+    print(f"{args.config}: valid (profile {settings.profile})")
+    for cam in ("rgb", "hsi"):
+        print(f"  {cam} line rate: {settings.line_rate_hz(cam):.0f} lines/s at {settings.belt.speed_m_s:g} m/s")
+    print(f"  RGB:HSI ratio: {settings.hsi_ratio}")
+    print(f"  latency budget: {settings.budget_derivation()}")
+    print(f"  recipe: ejects {', '.join(settings.recipe.targets)}")
+    print(f"  runtime directory: {settings.runtime_dir()}")
+    print(f"  nodes (data-flow order): {', '.join(topo_order(settings))}")
+    for e in edges(settings):
+        print(f"  edge {e.name}: {e.policy}, {'shared memory' if e.shm else 'inline'}, {e.address}")
+    return 0
+
+
+def add(sub) -> None:
+    p = sub.add_parser("check", help="validate a configuration and print the figures derived from it",
+                       description="Validate a configuration; print line rates, the latency budget and "
+                       "its derivation, the recipe, and the graph's edges.")
+    common.add_config(p)
+    p.set_defaults(func=check)

@@ -1,0 +1,80 @@
+"""What the commands share: reading the configuration, and running a graph under the supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from typing import Callable
+
+from sortline.pipeline.config import EX_CONFIG, ConfigError, Settings, config_toml
+from sortline.pipeline.graph import load_config
+from sortline.pipeline.graph import prepare_runtime_dir
+
+
+def config_errors(exc: ConfigError) -> int:
+    for line in exc.lines:
+        print(f"sortline: config error: {line}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def load(path: str) -> Settings:
+    """The configuration, or one line per problem and exit 78."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        sys.exit(config_errors(exc))
+
+
+def add_config(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    p.add_argument("--config", required=required, default=default, help="machine configuration (TOML)")
+
+
+def add_run_options(p: argparse.ArgumentParser, record_help: str) -> None:
+    """What every command that runs a graph takes."""
+    add_config(p)
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
+    p.add_argument("--record", metavar="FILE", default=None, help=record_help)
+
+
+def supervise(settings: Settings, config_path: str, seconds: float | None, report: str | None) -> int:
+    from sortline.pipeline.supervisor import Supervisor
+
+    print(f"sortline: profile {settings.profile}, graph {settings.graph.name}, "
+          f"{len(settings.nodes)} nodes; latency budget {settings.budget_derivation()}", flush=True)
+    return Supervisor(settings, config_path, seconds=seconds, report=report).run()
+
+
+def run_rewritten(settings: Settings, rewrite: Callable[[Settings], Settings], seconds: float | None = None,
+                  report: str | None = None) -> int:
+    """Run the graph `rewrite(settings)` under the supervisor. Node processes read their
+    configuration from a file: the derived one is written to the runtime directory for the
+    length of the run."""
+    try:
+        derived = rewrite(settings)
+    except ConfigError as exc:
+        return config_errors(exc)
+    run_dir = prepare_runtime_dir(derived.runtime_dir())
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="graph-", dir=run_dir) as fh:
+        fh.write(config_toml(derived))
+        fh.flush()
+        return supervise(load(fh.name), fh.name, seconds, report)
+
+
+def with_params(settings: Settings, node: str, **params) -> Settings:
+    """The configuration with these params set on one node."""
+    cfg = settings.nodes[node]
+    nodes = {**settings.nodes, node: cfg.model_copy(update={"params": {**cfg.params, **params}})}
+    return settings.model_copy(update={"nodes": nodes})
+
+
+def nodes_of_kind(settings: Settings, kind: str) -> list[str]:
+    return [name for name, node in settings.nodes.items() if node.kind == kind]
+
+
+def shipped_config(profile: str) -> str:
+    """A machine profile that comes with sortline (configs/PROFILE.toml, package data)."""
+    from importlib.resources import files
+
+    return str(files("sortline") / "configs" / f"{profile}.toml")

@@ -1,0 +1,132 @@
+"""`sortline score`: the whole pipeline on the synthetic belt, scored against its truth by the valve-bar simulator."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from sortline.cli import common
+from sortline.pipeline.config import EX_CONFIG, Settings
+
+NEEDED = ("simulate", "valve_sim", "ejector")
+
+
+def belt_kinds(settings: Settings, config_path: str) -> dict[str, str] | None:
+    """kind -> node name for the belt graph's nodes; None (and a line saying why) if one is missing."""
+    kinds = {n.kind: name for name, n in settings.nodes.items()}
+    missing = [k for k in NEEDED if k not in kinds]
+    if missing:
+        print(f"sortline: this needs a graph with simulate, ejector and valve_sim nodes; {config_path} has no "
+              f"{', '.join(missing)} (configs/demo.toml has them)", file=sys.stderr)
+        return None
+    return kinds
+
+
+def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None, score_path: Path,
+             samples_path: Path | None = None):
+    """The rewrite for a scored run of the synthetic belt: seed, length, speed, pacing, report paths."""
+    def rewrite(s: Settings) -> Settings:
+        sim = {"seed": args.seed, "seconds": args.seconds, "paced": not args.unpaced, "speed_m_s": speed}
+        if occupancy is not None:
+            sim["occupancy"] = occupancy
+        s = common.with_params(s, kinds["simulate"], **sim)
+        s = common.with_params(s, kinds["valve_sim"], report=str(score_path), by_position=args.unpaced)
+        if args.unpaced:   # no clock to keep: decide and send by position
+            for name in common.nodes_of_kind(s, "ejector") + common.nodes_of_kind(s, "eject_plan"):
+                s = common.with_params(s, name, timing=False)
+        if samples_path:
+            for name in common.nodes_of_kind(s, "ejector"):
+                s = common.with_params(s, name, samples=str(samples_path))
+        # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow.
+        update = {"belt": s.belt.model_copy(update={"speed_m_s": speed})}
+        if args.unpaced:   # the belt waits: every edge must hold it back instead of dropping
+            update["edges"] = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in s.edges]
+        return s.model_copy(update=update)
+    return rewrite
+
+
+def ejector_status(run: dict) -> dict:
+    """The ejector's final status in a supervisor report."""
+    return next((n["status"] for n in run.get("nodes", {}).values() if n.get("kind") == "ejector"), {})
+
+
+def score_row(score: dict, run: dict, speed: float, occupancy, args) -> dict:
+    """One flat row: the valve-bar simulator's score, the ejector's late commands, latency."""
+    ejector = ejector_status(run)
+    return {"speed_m_s": speed, "occupancy": occupancy, "seconds": args.seconds, "seed": args.seed,
+            "paced": not args.unpaced, **{k: v for k, v in score.items() if not isinstance(v, (dict, list))},
+            "late": ejector.get("late", 0) + score.get("late_arrivals", 0),
+            "decision_p50_ms": ejector.get("decision_p50_ms"), "decision_p99_ms": ejector.get("decision_p99_ms"),
+            "lead_p50_ms": ejector.get("lead_p50_ms"), "lead_min_ms": ejector.get("lead_min_ms"),
+            **{f"recovery_look_{look}": v for look, v in score.get("recovery_by_look", {}).items()},
+            **{f"hit_other_{cls}": n for cls, n in score.get("hit_others_by_class", {}).items()}}
+
+
+def score_table(rows: list[dict]) -> str:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f} %"
+    out = ["| speed m/s | occupancy | targets | recovery | recovery, black excluded | purity | purity (area) | late "
+           "| missed | air valve-s | decision p50/p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        occ = "default" if r["occupancy"] is None else f"{r['occupancy']:g}"
+        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['targets']} | {pct(r['recovery'])} | "
+                   f"{pct(r.get('recovery_not_black'))} ({r.get('black_targets', 0)} black) | {pct(r['purity'])} | "
+                   f"{pct(r['purity_area'])} | {r['late']} | {r['missed']} | {r['air_valve_s']:.1f} | "
+                   f"{r['decision_p50_ms']} / {r['decision_p99_ms']} |")
+    return "\n".join(out)
+
+
+def score(args) -> int:
+    settings = common.load(args.config)
+    kinds = belt_kinds(settings, args.config)
+    if kinds is None:
+        return EX_CONFIG
+    speeds = [float(v) for v in args.speeds.split(",")] if args.speeds else [args.speed or settings.belt.speed_m_s]
+    occupancies = [float(v) for v in args.occupancies.split(",")] if args.occupancies else [args.occupancy]
+    rows = []
+    for speed in speeds:
+        for occupancy in occupancies:
+            with tempfile.TemporaryDirectory(prefix="sortline-score-") as tmp:
+                score_path, run_path = Path(tmp) / "score.json", Path(tmp) / "run.json"
+                rc = common.run_rewritten(settings, belt_run(kinds, args, speed, occupancy, score_path),
+                                          args.seconds + 30, str(run_path))
+                if rc != 0 or not score_path.exists():
+                    print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
+                    return rc or 1
+                rows.append(score_row(json.loads(score_path.read_text()), json.loads(run_path.read_text()),
+                                      speed, occupancy, args))
+    print(score_table(rows))
+    for r in rows:
+        looks = {k[len("recovery_look_"):]: v for k, v in r.items() if k.startswith("recovery_look_")}
+        print(f"recovery by look at {r['speed_m_s']:g} m/s: "
+              + ", ".join(f"{look} {100 * v:.0f} %" for look, v in looks.items()))
+        others = {k[len("hit_other_"):]: v for k, v in r.items() if k.startswith("hit_other_")}
+        print(f"other objects hit at {r['speed_m_s']:g} m/s: "
+              + (", ".join(f"{cls} {n}" for cls, n in others.items()) or "none"))
+    if args.unpaced:
+        print("UNPACED: the belt waited for the pipeline; these figures score decisions, not timing.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else {"runs": rows}, indent=2) + "\n")
+    return 0
+
+
+def add(sub) -> None:
+    p = sub.add_parser("score", help="run the whole pipeline on the synthetic belt and score the air against the truth",
+                       description="Run the config's graph (it needs a simulate and a valve_sim node, as "
+                       "configs/demo.toml has) for --seconds of belt at the belt's own pace, then print what the "
+                       "valve-bar simulator measured: recovery (targets hit by air over enough of their area), "
+                       "purity (hit objects that are targets, by count and by area), late and missed commands, "
+                       "air use, and the decision latency. --speeds and --occupancies make a table of runs.")
+    common.add_config(p)
+    p.add_argument("--seconds", type=float, default=20.0, help="belt time per run (default 20)")
+    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--seed", type=int, default=1, help="the synthetic belt's seed (default 1)")
+    p.add_argument("--occupancy", type=float, default=None, help="belt occupancy (default: the config's)")
+    p.add_argument("--speeds", default="", help="comma-separated speeds: one run each (a table)")
+    p.add_argument("--occupancies", default="", help="comma-separated occupancies: one run each (a table)")
+    p.add_argument("--unpaced", action="store_true",
+                   help="let the belt wait for the pipeline: scores decisions alone, not timing (says so)")
+    p.add_argument("--json", default=None, help="write the figures here (one flat object; {runs: [...]} for a table)")
+    p.set_defaults(func=score)

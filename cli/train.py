@@ -1,0 +1,67 @@
+"""`sortline train`: train a segmentation model on the synthetic belt or on SpectralWaste (docs/model.md)."""
+
+from __future__ import annotations
+
+from sortline.cli import common
+
+
+def open_dataset(args, split: str):
+    """The data set the command line names; split is 'train' or 'held-out' (SpectralWaste: its split name)."""
+    if args.data == "synthetic":
+        from sortline.nodes.simulate.dataset import SyntheticBelt
+
+        settings = common.load(args.config)
+        seed = args.seed_data if split == "train" else args.seed_data + 1000
+        count = args.strips if split == "train" else args.eval_strips
+        # Strips as the infer node gets them, or longer where training crops are longer.
+        lines = settings.model.strip_lines + 2 * settings.model.overlap_lines
+        if split == "train":
+            lines = max(lines, getattr(args, "crop_lines", 0))
+        return SyntheticBelt(settings, seed=seed, count=count, lines=lines, bands=settings.model.bands)
+    from sortline.models.training.data import SpectralWaste
+
+    if not args.root:
+        raise SystemExit("sortline: --data spectralwaste needs --root (the dataset's folder)")
+    return SpectralWaste(args.root, split, bands=args.bands)
+
+
+def add_data(p) -> None:
+    p.add_argument("--data", choices=("synthetic", "spectralwaste"), default="synthetic")
+    p.add_argument("--config", default=common.shipped_config("demo"),
+                   help="machine config (synthetic data: geometry, bands; default: the shipped demo profile)")
+    p.add_argument("--root", default="", help="SpectralWaste: the dataset folder")
+    p.add_argument("--bands", type=int, default=32, help="SpectralWaste: bands fed to the model")
+    p.add_argument("--strips", type=int, default=600, help="synthetic: training strips (kept in the cache directory)")
+    p.add_argument("--eval-strips", type=int, default=200, help="synthetic: held-out strips")
+    p.add_argument("--seed-data", type=int, default=100, help="synthetic: belt seed of the training strips "
+                   "(held-out strips use this + 1000)")
+
+
+def train(args) -> int:
+    from sortline.models.training.train import train as run
+
+    run(open_dataset(args, "train"), args)
+    return 0
+
+
+def add(sub) -> None:
+    p = sub.add_parser("train", help="train a segmentation model (synthetic belt or SpectralWaste)",
+                       description="Train a model; seeded, resumable (--resume), safetensors checkpoints. "
+                       "The model's classes are the data set's. Needs the .[train] extra.")
+    p.add_argument("--out", required=True, help="folder for last.safetensors (resumable) and model.safetensors")
+    p.add_argument("--variant", choices=("fusion", "rgb", "hsi"), default="fusion")
+    p.add_argument("--size", default="tiny", help="model size from models.config.SIZES (nano, tiny, base)")
+    add_data(p)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--crop-lines", type=int, default=160)
+    p.add_argument("--crop-width", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.set_defaults(func=train)

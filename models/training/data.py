@@ -1,0 +1,129 @@
+"""Training and evaluation data: co-registered RGB + HSI strips with per-pixel labels.
+
+A dataset is anything with `classes`, `bands`, `ratio`, `__len__` and
+`__getitem__(i)` returning a `Sample`: rgb (H, W, 3) uint8, hsi (H/r, W/r,
+bands) float32 reflectance on the RGB grid coarsened by r, labels (H, W)
+uint8 class indices, classes[0] the background. A data set whose samples
+carry `looks` (an index per pixel into its `endmembers`: (material, look)
+pairs) gets look-group accuracies from evaluation.
+
+- `SpectralWaste` (here): the public SpectralWaste dataset in its
+  preprocessed layout (rgb/<split>/<id>.png, hyper/<split>/<id>.tiff
+  band-first 16-bit, labels_rgb/<split>/<id>_semantic.png);
+- the synthetic belt (sortline.nodes.simulate.dataset): strips of the
+  simulated belt, generated on demand and cached.
+
+`Crops` turns any of them into random, aligned training crops with flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sortline.calibration.spectral import bin_bands
+
+
+@dataclass
+class Sample:
+    rgb: np.ndarray     # (H, W, 3) uint8
+    hsi: np.ndarray     # (H/r, W/r, bands) float32
+    labels: np.ndarray  # (H, W) uint8
+    looks: np.ndarray | None = None  # (H, W) index into the data set's `endmembers` (material, look), if it has them
+
+    def check(self, ratio: int, bands: int) -> "Sample":
+        h, w = self.labels.shape
+        if self.rgb.shape != (h, w, 3) or self.hsi.shape != (h // ratio, w // ratio, bands) or h % ratio or w % ratio:
+            raise ValueError(f"sample shapes do not fit ratio {ratio} and {bands} bands: rgb {self.rgb.shape}, "
+                             f"hsi {self.hsi.shape}, labels {self.labels.shape}")
+        return self
+
+
+SPECTRALWASTE_CLASSES = ("background", "film", "basket", "cardboard", "video_tape", "filament", "bag")
+
+
+class SpectralWaste:
+    """The preprocessed SpectralWaste layout (256 x 256, RGB and HSI on one grid).
+
+    The model wants RGB finer than HSI by an integer ratio; SpectralWaste ships
+    both at 256 x 256, so RGB and labels are upsampled by `ratio` (as BCAF's
+    "RGB-1024" runs do; it adds tokens, not detail). HSI counts (16-bit) are
+    divided by `hsi_scale` (a reflectance-like 0..1 range) and binned to `bands`.
+    """
+
+    def __init__(self, root: str | Path, split: str, *, bands: int = 32, ratio: int = 4,
+                 hsi_scale: float = 65535.0, labels: str = "labels_rgb"):
+        self.root, self.split = Path(root), split
+        self.classes, self.bands, self.ratio, self.hsi_scale, self.labels = SPECTRALWASTE_CLASSES, bands, ratio, hsi_scale, labels
+        folder = self.root / "rgb" / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a SpectralWaste layout (rgb/<split>/<id>.png)")
+        self.ids = sorted(p.stem for p in folder.glob("*.png"))
+        if not self.ids:
+            raise FileNotFoundError(f"{folder}: no images")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        name = self.ids[i]
+        rgb = cv2.imread(str(self.root / "rgb" / self.split / f"{name}.png"), cv2.IMREAD_COLOR)
+        labels = cv2.imread(str(self.root / self.labels / self.split / f"{name}_semantic.png"), cv2.IMREAD_UNCHANGED)
+        ok, pages = cv2.imreadmulti(str(self.root / "hyper" / self.split / f"{name}.tiff"), flags=cv2.IMREAD_UNCHANGED)
+        if rgb is None or labels is None or not ok:
+            raise FileNotFoundError(f"SpectralWaste {self.split}/{name}: missing or unreadable rgb, labels or hyper file")
+        cube = np.stack(pages, axis=-1).astype(np.float32) / self.hsi_scale     # band-first pages -> (H, W, bands)
+        if labels.ndim == 3:
+            labels = labels[..., 0]
+        r = self.ratio
+        h, w = labels.shape
+        rgb = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB), (w * r, h * r), interpolation=cv2.INTER_LINEAR)
+        labels = cv2.resize(labels.astype(np.uint8), (w * r, h * r), interpolation=cv2.INTER_NEAREST)
+        return Sample(rgb, bin_bands(cube, self.bands), labels).check(r, self.bands)
+
+
+class Crops:
+    """Random aligned crops of a dataset's samples with flips: deterministic per (seed, draw).
+
+    Crop offsets are multiples of ratio x `align` so both grids (and the
+    model's HSI patches) stay aligned.
+    """
+
+    def __init__(self, dataset, lines: int, width: int, seed: int, align: int = 1):
+        self.ds, self.lines, self.width, self.seed = dataset, lines, width, seed
+        self.step = dataset.ratio * align
+
+    def sample(self, draw: int) -> Sample:
+        rng = np.random.default_rng([self.seed, draw])
+        s = self.ds[int(rng.integers(len(self.ds)))]
+        h, w = s.labels.shape
+        r, st = self.ds.ratio, self.step
+        y = int(rng.integers((h - self.lines) // st + 1)) * st
+        x = int(rng.integers((w - self.width) // st + 1)) * st
+        rgb = s.rgb[y:y + self.lines, x:x + self.width]
+        hsi = s.hsi[y // r:(y + self.lines) // r, x // r:(x + self.width) // r]
+        labels = s.labels[y:y + self.lines, x:x + self.width]
+        if rng.random() < 0.5:   # across the belt
+            rgb, hsi, labels = rgb[:, ::-1], hsi[:, ::-1], labels[:, ::-1]
+        if rng.random() < 0.5:   # along the belt
+            rgb, hsi, labels = rgb[::-1], hsi[::-1], labels[::-1]
+        return Sample(rgb, hsi, labels)
+
+
+def batch(samples: list[Sample]):
+    """Stack samples into float32 model inputs and int64 targets."""
+    rgb = np.stack([s.rgb for s in samples]).astype(np.float32)
+    hsi = np.stack([s.hsi for s in samples]).astype(np.float32)
+    labels = np.stack([s.labels for s in samples]).astype(np.int64)
+    return rgb, hsi, labels
+
+
+def class_frequencies(dataset, classes: int, limit: int = 64) -> np.ndarray:
+    """Pixel share of each class over (up to `limit`) samples spread over the dataset."""
+    counts = np.zeros(classes, np.float64)
+    for i in np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int):
+        counts += np.bincount(dataset[int(i)].labels.ravel(), minlength=classes)[:classes]
+    return counts / max(counts.sum(), 1)

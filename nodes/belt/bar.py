@@ -1,0 +1,24 @@
+"""The valve bar against the belt: which valve blows on which column, and how far downstream."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sortline.pipeline.config import Machine
+
+
+class BarGeometry:
+
+    def __init__(self, machine: Machine, stride: int = 1):
+        """stride: columns and lines are cells of stride x stride RGB pixels (a coarser class mask)."""
+        v, rgb = machine.valve_bar, machine.cameras.rgb
+        self.count, self.pitch, self.offset = v.count, v.pitch_mm, v.offset_mm
+        self.mm_per_px = rgb.mm_per_pixel * stride
+        self.tpl = rgb.ticks_per_line * stride
+        self.tpm = machine.belt.ticks_per_mm
+        # Encoder ticks from a point passing the RGB scan line to it passing the valve bar.
+        self.travel_ticks = int(round((v.distance_mm - rgb.scan_line_mm) * self.tpm))
+        # Valve under each column (-1: no valve there).
+        x = (np.arange(rgb.pixels // stride) + 0.5) * self.mm_per_px
+        idx = np.floor((x - (self.offset - self.pitch / 2)) / self.pitch).astype(np.int64)
+        self.valve_of_col = np.where((idx >= 0) & (idx < self.count), idx, -1)
