@@ -108,6 +108,9 @@ class Node:
 
     def expect(self, port: str, **dims: int) -> None:
         """Sizes the messages on an input port must have (named dimensions of its payload)."""
+        unknown = set(dims) - self.inputs[port].dims()
+        if unknown:
+            raise ValueError(f"{self.inputs[port].name} has no dimension {', '.join(sorted(unknown))}")
         self.bound[port] = dict(dims)
 
     @property

@@ -50,6 +50,10 @@ class Payload:
     meta: type[msgspec.Struct] | None = None
     any: bool = False
 
+    def dims(self) -> set[str]:
+        """The named dimensions a receiving node may bind."""
+        return {d for a in self.arrays.values() for d in a.shape if isinstance(d, str)} | {"ticks_per_line"}
+
     def accepts(self, other: Payload) -> bool:
         """Whether an edge from a port carrying `other` may end at a port taking this."""
         return self.any or other.any or other is self

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 
 from prometheus_client import REGISTRY
 
 import sortline.nodes.acquire.acquisition  # noqa: F401  (registers the camera metrics)
 import sortline.nodes.ejector  # noqa: F401  (and the ejector's)
 import sortline.pipeline.metrics  # noqa: F401
-from conftest import ROOT
 
 EJECTOR = {"sortline_ejector_late_total", "sortline_ejections_total", "sortline_valve_open_seconds_total"}
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -24,7 +24,7 @@ def exported() -> set[str]:
 
 
 def test_every_panel_queries_an_exported_metric_and_the_issue_list_is_covered():
-    dash = json.loads((ROOT / "docs" / "grafana" / "sortline.json").read_text())
+    dash = json.loads((files("sortline") / "docs" / "grafana" / "sortline.json").read_text())   # package data
     assert dash["__inputs"][0]["pluginId"] == "prometheus"  # importable: Grafana asks for the data source
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\bsortline_[a-z_]+", e)}

@@ -62,7 +62,8 @@ def test_a_stalled_stage_drops_and_counts_while_the_recording_loses_nothing(tmp_
     cfg = tmp_path / "demo.toml"
     cfg.write_text(demo_toml(udp, graph={"name": "stall", "runtime_dir": str(run_dir)}, metrics={"port_base": port}))
     rec = tmp_path / "belt.mcap"
-    sup = start("run", "--config", str(cfg), "--seconds", "10", "--record", str(rec), "--report",
+    # Long enough for a slow machine to start, stall and catch up; the test stops it as soon as it has.
+    sup = start("run", "--config", str(cfg), "--seconds", "40", "--record", str(rec), "--report",
                 str(tmp_path / "run.json"))
     try:
         # The recorder joins the graph, so the nodes' metric ports move: find the model's.
