@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from sortline.cli import common
+from sortline.pipeline.config import ConfigError
 
 
 def check(args) -> int:
-    from sortline.pipeline.graph import edges, topo_order
+    from sortline.pipeline.graph import edges, open_edges, topo_order
+    from sortline.pipeline.metrics import port_problems
 
     settings = common.load(args.config)
+    # What the supervisor checks at start-up too; a port its own node serves (the service running) is fine.
+    problems = port_problems(settings, ours_running_ok=True)
+    if problems:
+        return common.config_errors(ConfigError([f"{args.config}: {line}" for line in problems]))
     print(f"{args.config}: valid (profile {settings.profile})")
     for cam in ("rgb", "hsi"):
         print(f"  {cam} line rate: {settings.line_rate_hz(cam):.0f} lines/s at {settings.belt.speed_m_s:g} m/s")
@@ -19,6 +25,8 @@ def check(args) -> int:
     print(f"  nodes (data-flow order): {', '.join(topo_order(settings))}")
     for e in edges(settings):
         print(f"  edge {e.name}: {e.policy}, {'shared memory' if e.shm else 'inline'}, {e.address}")
+    for line in open_edges(settings):
+        print(f"  WARNING: {line}")
     return 0
 
 

@@ -100,10 +100,11 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
 
 
 def _relative_files(config: Path) -> list[Path]:
-    """Calibration and model files the configuration names by a path relative to itself:
-    they go beside it, at the same relative place."""
+    """Calibration, model and valve key files the configuration names by a path relative to
+    itself: they go beside it, at the same relative place."""
     data = tomllib.loads(config.read_text())
-    named = [*data.get("calibration", {}).values(), data.get("model", {}).get("path", "")]
+    named = [*data.get("calibration", {}).values(), data.get("model", {}).get("path", ""),
+             data.get("ejector", {}).get("key", "")]
     found = [Path(p) for p in named if p and not os.path.isabs(p) and (config.parent / p).is_file()]
     outside = [str(p) for p in found if ".." in p.parts]
     if outside:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sortline.nodes.replay import Replay
 from sortline.cli import common
 from sortline.cli.run import with_recorder
 from sortline.pipeline.config import EX_CONFIG, ConfigError, NodeConfig, Settings
@@ -21,6 +20,8 @@ def replay_graph(settings: Settings, path: str, node: str = "replay", **params) 
     parameter. With speed 0 ("as fast as accepted") those edges become
     lossless, since only back-pressure makes that mean every message.
     """
+    from sortline.nodes.replay import Replay
+
     sources = set(source_nodes(settings))
     if not sources:
         raise ConfigError(["the graph has no source node for the replay to replace"])

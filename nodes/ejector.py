@@ -34,19 +34,21 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
-from sortline.nodes.belt.datagram import Command
+from sortline.nodes.belt.bar import BarGeometry
+from sortline.nodes.belt.datagram import Command, next_seq, read_key
 from sortline.nodes.belt.drivers import DRIVERS
 from sortline.nodes.belt.encoder import EncoderTrack
 from sortline.nodes.streams import EJECT, LINES
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.metrics import LATENCY_BUCKETS
-from sortline.pipeline.node import Node
+from sortline.pipeline.node import Node, RateLimitedLog
 
 LATE = Counter("sortline_ejector_late", "Commands refused: their deadline had passed", ["node"])
 COMMANDS = Counter("sortline_valve_commands", "Commands sent to the valve driver", ["node"])
 EJECTIONS = Counter("sortline_ejections", "Objects a command was sent for, by class", ["node", "cls"])
 OPEN_SECONDS = Counter("sortline_valve_open_seconds", "Valve-open time commanded (valve-seconds)", ["node"])
+DRIVER_ERRORS = Counter("sortline_valve_driver_errors", "Commands the valve driver could not send", ["node"])
 LEAD = Histogram("sortline_ejector_lead_seconds", "How far ahead of its deadline a command left", ["node"],
                  buckets=LATENCY_BUCKETS)
 
@@ -96,12 +98,15 @@ class Schedule:
             if now_ns > deadline:
                 late.append((w, deadline))
                 continue
-            duration = track.time_at(w[3]) - self.close_ns - t_cmd
-            if not self.min_pulse_ns <= duration <= self.max_pulse_ns:
-                self.clamped += 1
-                duration = min(max(duration, self.min_pulse_ns), self.max_pulse_ns)
-            send.append((w, t_cmd, duration))
+            send.append((w, t_cmd, self.pulse(track.time_at(w[3]) - self.close_ns - t_cmd)))
         return send, late
+
+    def pulse(self, duration_ns: float) -> float:
+        """A pulse the valves can give: within min_pulse_ms..max_pulse_ms (counted when it was not)."""
+        if not self.min_pulse_ns <= duration_ns <= self.max_pulse_ns:
+            self.clamped += 1
+            duration_ns = min(max(duration_ns, self.min_pulse_ns), self.max_pulse_ns)
+        return duration_ns
 
 
 class Ejector(Node):
@@ -119,11 +124,20 @@ class Ejector(Node):
     def setup(self) -> None:
         m, p = self.machine, self.params
         e, v = m.ejector, m.valve_bar
+        if not e.key:
+            raise ConfigError(["ejector.key: not set; valve commands are authenticated with the controller's key "
+                               "(make one with `sortline keys NAME --valve`)"])
         try:
-            self.driver = DRIVERS[e.driver](e.address)
+            key = read_key(e.key)
+        except ValueError as exc:
+            raise ConfigError([f"ejector.key = {exc}"]) from None
+        try:
+            self.driver = DRIVERS[e.driver](e.address, key)
         except (ValueError, OSError) as exc:
             raise ConfigError([f"ejector.address = {e.address!r}: {exc}"]) from None
         self.track = EncoderTrack(m.belt.ticks_per_mm, m.belt.speed_m_s)
+        # Windows off the bar, or longer than the belt can carry to it, never reach the schedule.
+        self.expect("in", valves=v.count, window_ticks=BarGeometry(m).max_window_ticks)
         self.schedule = Schedule(v.open_ms, v.close_ms, e.driver_latency_ms, p.send_ahead_ms, v.min_pulse_ms,
                                  v.max_pulse_ms, int(p.merge_gap_mm * m.belt.ticks_per_mm))
         self.lock = threading.Lock()
@@ -144,9 +158,10 @@ class Ejector(Node):
         # Monotonic → realtime for the datagram's absolute time (the controller's clock is PTP, not ours).
         self._late, self._commands = LATE.labels(self.name), COMMANDS.labels(self.name)
         self._open_s, self._lead = OPEN_SECONDS.labels(self.name), LEAD.labels(self.name)
-        self.sender = threading.Thread(target=self._send_loop, name="ejector", daemon=True)
+        self._driver_errors = DRIVER_ERRORS.labels(self.name)
+        self._warn = RateLimitedLog(self.log)
         self.running = True
-        self.sender.start()
+        self.sender = self.start_thread(self._send_loop, "sender")
         self.log.info("%s driver to %s; commands %g ms ahead of their deadline", e.driver, e.address, p.send_ahead_ms)
 
     def process(self, port, msg):
@@ -166,7 +181,7 @@ class Ejector(Node):
                 self.stages = self.stages or [e.stage for e in h.trace]
         if not self.params.timing:
             for w in windows:
-                duration = (w.close_pos - w.open_pos) / self.track.nominal     # ns at the nominal speed
+                duration = self.schedule.pulse((w.close_pos - w.open_pos) / self.track.nominal)   # nominal speed
                 for valve in range(w.valve_lo, w.valve_hi + 1):
                     self._send([w.open_pos, 0, valve, w.close_pos, w.object_id, w.cls, 0], 0, duration, 0)
             return None
@@ -207,7 +222,7 @@ class Ejector(Node):
             self.wake.clear()
 
     def _send(self, w, t_cmd: float, duration: float, now: int) -> None:
-        self.seq += 1
+        self.seq = next_seq(self.seq)
         # The datagram carries wall-clock time (PTP-disciplined on a machine). Its offset from the monotonic
         # clock is read for each command: a clock step or slew since start-up must not move the air.
         realtime_offset = time.time_ns() - time.monotonic_ns()
@@ -215,7 +230,8 @@ class Ejector(Node):
             self.driver.send(Command(self.seq, w[2], w[2], w[0], int(t_cmd + realtime_offset) if t_cmd else 0,
                                      int(duration / 1000), w[4]))
         except OSError as exc:
-            self.log.error("valve driver: %s (command for object %d lost)", exc, w[4])
+            self._driver_errors.inc()
+            self._warn("driver", f"valve driver: {exc} (command for object {w[4]} lost)")
             return
         self.sent += 1
         self._commands.inc()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import stat
 import threading
 import time
 from collections import deque
@@ -36,19 +36,21 @@ from pydantic import Field
 from sortline.pipeline import recording
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.mcap_writer import McapWriter
-from sortline.pipeline.node import Node, _RateLimitedLog
+from sortline.pipeline.node import Node, RateLimitedLog
 from sortline.pipeline.ports import ANY
 
-EX_IOERR = 74  # sysexits.h: the file cannot be written; the supervisor restarts the node (a new file)
 PLAUSIBLE_AGE_NS = 60 * 10**9  # an acquisition time older than this is from another host's clock
 SPARE_ROUND = 64 * 1024  # frame buffers come in multiples of this, so that one fits the next frame
 SPARE_MAX = 64  # frame buffers kept for reuse
+MAX_STREAMS = 64  # streams (channels) in one recording
 
 RECORDED_BYTES = Counter("sortline_record_bytes", "Bytes of frames recorded", ["node", "stream"])
 RECORDED = Counter("sortline_record_messages", "Messages recorded", ["node", "stream"])
 QUEUED = Gauge("sortline_record_queue_bytes", "Bytes waiting for the writer thread", ["node"])
 STALLS = Counter("sortline_record_stalls", "Times the writer fell behind and the input was held back", ["node"])
 STALL_SECONDS = Counter("sortline_record_stall_seconds", "Time the input was held back by the writer", ["node"])
+LOST = Counter("sortline_record_lost", "Messages not recorded: the file could not be written", ["node"])
+FAILED = Gauge("sortline_record_failed", "1 once the recording file could not be written", ["node"])
 
 
 def sortline_version() -> str:
@@ -98,11 +100,6 @@ class Recorder(Node):
             self.log.warning("%s exists (an earlier run, or this node before a restart): recording to %s",
                              kept, path)
         self.path = path
-        try:
-            self._start_file(path)
-        except OSError as exc:   # a full or failing disk already at the file's start
-            self.log.error("cannot write %s (%s): stopping", path, exc)
-            sys.exit(EX_IOERR)
         self.channels: dict[str, int] = {}  # the writer thread's
         self.stats: dict[str, recording.StreamStats] = {}
         self.limit = int(p.queue_mb * 2**20)
@@ -111,14 +108,31 @@ class Recorder(Node):
         self.queued = 0
         self.cond = threading.Condition()
         self.closing = False
-        self.failure: BaseException | None = None
+        self.write_error: BaseException | None = None
         self.stalls = 0
         self.stall_s = 0.0
         self._queued = QUEUED.labels(self.name)
-        self._warn = _RateLimitedLog(self.log)
-        self.thread = threading.Thread(target=self._write_loop, name="mcap-writer", daemon=True)
-        self.thread.start()
+        self._warn = RateLimitedLog(self.log)
+        self.lost = 0
+        self._lost = LOST.labels(self.name)
+        self._failed = FAILED.labels(self.name)
+        try:
+            self._start_file(path)
+        except OSError as exc:   # a full or failing disk already at the file's start
+            self._fail(exc)
+            self._remove_unwritten()
+            return
+        self.thread = self.start_thread(self._write_loop, "mcap-writer")
         self.log.info("recording to %s (%s chunks of %g MiB)", path, p.compression, p.chunk_mb)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The file cannot be written (a full or failing disk): say so once, loudly, and from now on
+        let every message go, counted. The recorder stays up, so nothing upstream ever waits on it:
+        the line keeps sorting, and no restart loop leaves a file behind each time."""
+        self.write_error = exc
+        self._failed.set(1)
+        self.log.error("cannot write %s (%s): recording stopped; the line goes on, and every message from now on "
+                       "is counted in sortline_record_lost_total", self.path, exc)
 
     def _start_file(self, path: Path) -> None:
         """Open the file and write what comes before the frames: schema, metadata, attachments."""
@@ -142,11 +156,14 @@ class Recorder(Node):
                                        Path(cal).read_bytes())
 
     def process(self, port, msg):
-        if self.failure is not None:
-            self.log.error("cannot write %s (%s): stopping, so that nothing more is accepted and lost",
-                           self.path, self.failure)
-            sys.exit(EX_IOERR)
+        if self.write_error is not None:
+            self.lost += 1
+            self._lost.inc()
+            return None
         h = msg.header
+        if h.stream not in self.stats and len(self.stats) >= MAX_STREAMS:
+            # A stream is a channel of the file and a label of the metrics: their number stays bounded.
+            raise ValueError(f"stream {h.stream!r}: this recording has {MAX_STREAMS} streams already")
         frame = recording.encode_frame(h, msg.arrays, self._buffer)  # the one copy out of the slot
         arrival = time.time_ns()
         log_time = arrival
@@ -184,7 +201,7 @@ class Recorder(Node):
                 STALLS.labels(self.name).inc()
                 self._warn("stall", f"the disk is not keeping up with the recording ({self.queued / 2**20:.0f} MiB "
                                     f"waiting): holding the input back")
-                while self.queued + n > self.limit and self.queue and self.failure is None:
+                while self.queued + n > self.limit and self.queue and self.write_error is None:
                     self.cond.wait(0.2)
                     self.cond.release()
                     try:
@@ -226,9 +243,14 @@ class Recorder(Node):
                 if time.monotonic() >= next_flush:
                     self.writer.flush()  # closes the chunk: a power cut loses at most flush_s
                     next_flush = time.monotonic() + self.params.flush_s
-        except BaseException as exc:  # disk full, I/O error: the main thread stops the node
+        except OSError as exc:  # disk full, I/O error: recording stops, the node and the line go on
             with self.cond:
-                self.failure = exc
+                self.lost += len(self.queue)
+                self._lost.inc(len(self.queue))
+                self.queue.clear()   # what was waiting for the disk is lost, counted, and its memory freed
+                self.queued = 0
+                self._queued.set(0)
+                self._fail(exc)
                 self.cond.notify_all()
 
     def _channel(self, stream: str) -> int:
@@ -249,7 +271,9 @@ class Recorder(Node):
                 f"({self.stall_s:.1f} s held back)")
 
     def teardown(self) -> None:
-        if not hasattr(self, "thread"):
+        if not hasattr(self, "thread"):   # setup refused the configuration, or the file could not be started
+            if getattr(self, "write_error", None) is not None:
+                self.log.error("%s: nothing recorded (%s); %d messages lost", self.path, self.write_error, self.lost)
             return
         with self.cond:
             self.closing = True
@@ -257,9 +281,13 @@ class Recorder(Node):
         while self.thread.is_alive():  # what was accepted is written, however long the disk takes
             self.thread.join(0.2)
             self.keep_alive()
-        if self.failure is not None:
-            self.log.error("%s: writing failed (%s); the file holds what was written before, "
-                           "%d messages were not written", self.path, self.failure, len(self.queue))
+        if self.write_error is not None:
+            self.log.error("%s: writing failed (%s); the file holds what was written before (it replays up to "
+                           "there), %d messages were not written", self.path, self.write_error, self.lost)
+            try:
+                self.fh.close()
+            except OSError:
+                pass
             return
         try:
             self.writer.add_metadata(recording.META_STREAMS, {
@@ -272,6 +300,24 @@ class Recorder(Node):
         self.log.info("recorded %s: %s", self.path, self._summary_line())
 
     def status(self) -> dict:
-        return {"messages": sum(s.messages for s in self.stats.values()),
-                "mb": round(sum(s.bytes for s in self.stats.values()) / 1e6, 1),
-                "queue_mb": round(self.queued / 2**20, 1), "stalls": self.stalls}
+        out = {"messages": sum(s.messages for s in self.stats.values()),
+               "mb": round(sum(s.bytes for s in self.stats.values()) / 1e6, 1),
+               "queue_mb": round(self.queued / 2**20, 1), "stalls": self.stalls, "lost": self.lost}
+        if self.write_error is not None:
+            out["failed"] = str(self.write_error)
+        return out
+
+    def _remove_unwritten(self) -> None:
+        """A file the disk took nothing of (not even its header) is no recording: it goes."""
+        fh = getattr(self, "fh", None)
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        try:
+            st = self.path.stat()
+            if stat.S_ISREG(st.st_mode) and st.st_size < 64:   # a file, never a device (/dev/full)
+                self.path.unlink()
+        except OSError:
+            pass

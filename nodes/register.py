@@ -29,7 +29,7 @@ from sortline.calibration.spectral import CalibrationError, SpectralReference, b
 from sortline.nodes.streams import LINES, STRIP, StripMeta
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Machine, Section
-from sortline.pipeline.node import Node
+from sortline.pipeline.node import Node, RateLimitedLog
 
 
 class StripCutter:
@@ -63,6 +63,7 @@ class StripCutter:
         self.no_hsi: list[tuple[float, float]] = []
         self.seq = 0
         self.dropped_lines = 0                  # RGB lines without HSI, given up
+        self.dropped_hsi_lines = 0              # HSI lines without RGB (the RGB camera late or stopped), given up
 
     # Input.
 
@@ -83,6 +84,17 @@ class StripCutter:
                 self.breaks.append(lo)
         self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.groups)))
         self.hsi_end = position + len(raw) * self.tpl_h
+        # RGB more than max_wait_lines behind (or stopped): the HSI before that is given up, counted, and
+        # the RGB lines it saw, should they still come, are skipped as HSI-less (bounded memory either way).
+        limit = self.hsi_end - (self.max_wait_lines + self.total) * self.tpl_r
+        dropped = 0
+        while len(self.hsi_chunks) > 1 and self.hsi_chunks[0][0] + len(self.hsi_chunks[0][1]) * self.tpl_h <= limit:
+            dropped += len(self.hsi_chunks.popleft()[1])
+        if dropped:
+            self.dropped_hsi_lines += dropped
+            first = self.hsi_chunks[0][0]
+            self.no_hsi = [(lo, hi) for lo, hi in self.no_hsi if lo != -np.inf] + [
+                (-np.inf, first + self.along.max() + self.tpl_h)]
 
     # Output.
 
@@ -193,7 +205,8 @@ class Register(Node):
     outputs = {"out": STRIP}
 
     class Params(Section):
-        max_wait_lines: int = Field(2048, gt=0, description="RGB lines held while waiting for HSI before giving them up")
+        max_wait_lines: int = Field(2048, gt=0, description="RGB lines of belt one camera's lines are held for while "
+                                    "the other's are late, before they are given up (counted)")
 
     def setup(self) -> None:
         m = self.machine
@@ -212,17 +225,19 @@ class Register(Node):
         self.expect("hsi", pixels=cams.hsi.pixels, channels=cams.hsi.bands, ticks_per_line=cams.hsi.ticks_per_line)
         self.last_rgb = None
         self.given_up = metrics.DROPS.labels(f"{self.name}.hsi", "hsi_missing")
+        self.rgb_missing = metrics.DROPS.labels(f"{self.name}.rgb", "rgb_missing")
+        self._warn = RateLimitedLog(self.log)
         self.log.info("strips of %d+2x%d RGB lines, HSI binned to %d bands; calibrations %s, %s",
                       self.cutter.core, self.cutter.overlap, self.cutter.bands, files.spectral, files.spatial)
 
     def process(self, port, msg):
         h, lines = msg.header, msg.arrays["lines"]
+        before, before_hsi = self.cutter.dropped_lines, self.cutter.dropped_hsi_lines
         if port == "rgb":
             self.cutter.rgb(h.position, lines, h.gap)
             self.last_rgb = msg
         else:
             self.cutter.hsi(h.position, lines, h.gap)
-        before = self.cutter.dropped_lines
         outs = []
         for top, rgb, hsi, valid, gap in self.cutter.strips():
             out = self.out["out"].new({"rgb": (rgb.shape, np.uint8), "hsi": (hsi.shape, np.float16)},
@@ -236,9 +251,14 @@ class Register(Node):
             outs.append(("out", out))
         if self.cutter.dropped_lines > before:
             self.given_up.inc(self.cutter.dropped_lines - before)
-            self.log.warning("no HSI lines for %d RGB lines: gave them up (is the HSI camera running?)",
-                             self.cutter.dropped_lines - before)
+            self._warn("hsi_missing", f"no HSI lines for {self.cutter.dropped_lines - before} RGB lines: gave them "
+                       "up (is the HSI camera running?)")
+        if self.cutter.dropped_hsi_lines > before_hsi:
+            self.rgb_missing.inc(self.cutter.dropped_hsi_lines - before_hsi)
+            self._warn("rgb_missing", f"no RGB lines for {self.cutter.dropped_hsi_lines - before_hsi} HSI lines: "
+                       "gave them up (is the RGB camera running?)")
         return outs
 
     def status(self) -> dict:
-        return {"strips": self.cutter.seq, "hsi_missing_lines": self.cutter.dropped_lines}
+        return {"strips": self.cutter.seq, "hsi_missing_lines": self.cutter.dropped_lines,
+                "rgb_missing_lines": self.cutter.dropped_hsi_lines}

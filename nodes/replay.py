@@ -28,7 +28,7 @@ from sortline.nodes.streams import LINES, TRUTH
 from sortline.pipeline import metrics, recording
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.messages import MessageError
-from sortline.pipeline.node import Node, _RateLimitedLog
+from sortline.pipeline.node import Node, RateLimitedLog
 
 # Header fields a replayed message takes from the recording (trace and slot start anew).
 KEPT = ("stream", "seq", "position", "ticks_per_line", "device_ts_ns", "host_ts", "gap", "meta")
@@ -65,7 +65,7 @@ class Replay(Node):
         self.passes = 0
         self.damaged = False
         self.malformed = metrics.MALFORMED.labels(self.name, "recording")
-        self._warn = _RateLimitedLog(self.log)
+        self._warn = RateLimitedLog(self.log)
         self.seq_next: dict[str, int] = {}  # per stream: the sequence number after the last one sent
         self.shift = 0  # ticks added to positions in this pass
         self.span = (math.inf, -math.inf)  # belt positions the first pass covered

@@ -22,6 +22,8 @@ downstream keeps a class list of its own.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from sortline.pipeline.ports import Array, Payload
@@ -68,16 +70,20 @@ class MaskMeta(msgspec.Struct):
     valid_lines: int            # mask lines with real data
 
 
+Valve = Annotated[int, msgspec.Meta(ge=0, le=1023)]
+Position = Annotated[int, msgspec.Meta(ge=-(1 << 62), le=1 << 62)]
+
+
 class Window(msgspec.Struct, array_like=True, frozen=True):
     """Air for one object on a run of adjacent valves, in encoder positions at the valve bar."""
 
-    valve_lo: int
-    valve_hi: int               # inclusive
-    open_pos: int               # the air must arrive when the encoder reads this...
-    close_pos: int              # ... and may stop here
-    object_id: int              # unique within a run (the position and column of the object's first pixel)
-    cls: str                    # the object's class, a name from the model's classes
-    confidence: float           # the model's mean confidence over the object's pixels, 0..1
+    valve_lo: Valve
+    valve_hi: Valve             # inclusive
+    open_pos: Position          # the air must arrive when the encoder reads this...
+    close_pos: Position         # ... and may stop here
+    object_id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]   # unique within a run (see eject_plan)
+    cls: Annotated[str, msgspec.Meta(max_length=64)]   # the object's class, a name from the model's classes
+    confidence: Annotated[float, msgspec.Meta(ge=0, le=1)]   # the model's mean over the object's pixels
 
 
 class ObjectReport(msgspec.Struct):
@@ -94,8 +100,21 @@ class ObjectReport(msgspec.Struct):
 
 
 class EjectMeta(msgspec.Struct):
-    windows: list[Window] = []
-    objects: list[ObjectReport] = []
+    windows: Annotated[list[Window], msgspec.Meta(max_length=100_000)] = []
+    objects: Annotated[list[ObjectReport], msgspec.Meta(max_length=100_000)] = []
+
+
+def windows_fit(meta: EjectMeta, bound) -> str | None:
+    """A window must lie on the valve bar (`valves`: its number of valves) and be no longer than the
+    belt carries between the scan line and the bar (`window_ticks`, with the margins and one strip)."""
+    valves, longest = bound.get("valves"), bound.get("window_ticks")
+    for w in meta.windows:
+        if w.valve_lo > w.valve_hi or valves is not None and w.valve_hi >= valves:
+            return f"a window for valves {w.valve_lo}..{w.valve_hi}, on a bar of {valves}"
+        if w.close_pos <= w.open_pos or longest is not None and w.close_pos - w.open_pos > longest:
+            return (f"a window from {w.open_pos} to {w.close_pos}: {w.close_pos - w.open_pos} ticks, "
+                    f"at most {longest}")
+    return None
 
 
 LINES = Payload("camera lines", arrays={"lines": Array(("uint8", "uint16"), ("lines", "pixels", "channels"))},
@@ -106,4 +125,4 @@ STRIP = Payload("strip", arrays={"rgb": Array(("uint8",), ("lines", "width", 3))
                                  "hsi": Array(("float16",), ("hsi_lines", "hsi_width", "bands"))}, meta=StripMeta)
 MASK = Payload("mask", arrays={"classes": Array(("uint8",), ("lines", "width")),
                                "confidence": Array(("uint8",), ("lines", "width"))}, meta=MaskMeta)
-EJECT = Payload("eject windows", meta=EjectMeta)
+EJECT = Payload("eject windows", meta=EjectMeta, validate=windows_fit, bounds=("valves", "window_ticks"))

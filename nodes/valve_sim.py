@@ -34,15 +34,18 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from sortline.nodes.belt.bar import BarGeometry
-from sortline.nodes.belt.datagram import SIZE, DatagramError, decode
-from sortline.nodes.belt.drivers import parse_address
+from sortline.nodes.belt.datagram import SIZE, DatagramError, SequenceWindow, decode, read_key
 from sortline.nodes.belt.encoder import EncoderTrack
 from sortline.nodes.streams import LINES, TRUTH
-from sortline.pipeline.config import ConfigError, Section
+from sortline.pipeline.config import ConfigError, Section, host_port
 from sortline.pipeline.node import Node
 
 BAD = Counter("sortline_valve_sim_bad_datagrams", "Datagrams the valve-bar simulator refused", ["node", "kind"])
+KERNEL_DROPS = Counter("sortline_valve_sim_kernel_drops", "Datagrams the kernel dropped at the valve port (its "
+                       "receive buffer was full)", ["node"])
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux: kernel receive time, CLOCK_REALTIME
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)         # Linux: with each datagram, the drops so far
+ANCILLARY = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(4)   # room for both
 SETTLE_MM = 150.0   # truth is scored once the belt has carried it this far past the valve bar
 
 
@@ -74,7 +77,18 @@ class ValveSim(Node):
         self.pending: deque[tuple[int, np.ndarray, np.ndarray]] = deque()   # truth chunks not yet scored
         self.objects: dict[int, list] = {}                             # id -> [cls, pixels, hit pixels]
         self.looks: dict[int, str] = {}                                # id -> look (from the truth's object list)
-        host, port = parse_address(m.ejector.address)
+        try:
+            self.key = read_key(m.ejector.key) if m.ejector.key else None
+        except ValueError as exc:
+            raise ConfigError([f"ejector.key = {exc}"]) from None
+        if self.key is None:
+            raise ConfigError(["ejector.key: not set; the valve-bar simulator checks every datagram's MAC as a "
+                               "controller must (make a key with `sortline keys NAME --valve`)"])
+        self.max_duration_us = int(m.valve_bar.max_pulse_ms * 1000)
+        self.sequence = SequenceWindow()
+        self.kernel_drops = 0
+        self._kernel_drops = KERNEL_DROPS.labels(self.name)
+        host, port = host_port(m.ejector.address)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.bind((host, port))
@@ -82,17 +96,17 @@ class ValveSim(Node):
             raise ConfigError([f"ejector.address = {m.ejector.address!r}: the valve-bar simulator cannot listen "
                                f"there ({exc.strerror})"]) from None
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         self.sock.settimeout(0.1)
         self.running = True
-        self.receiver = threading.Thread(target=self._receive, name="valves", daemon=True)
-        self.receiver.start()
+        self.receiver = self.start_thread(self._receive, "receiver")
         self.log.info("valve bar of %d valves listening on %s; scoring %s", self.bar.count, m.ejector.address,
                       ", ".join(self.targets))
 
     def _receive(self) -> None:
         while self.running:
             try:
-                data, anc, _, _ = self.sock.recvmsg(SIZE + 64, 64)
+                data, anc, _, _ = self.sock.recvmsg(SIZE + 64, ANCILLARY)
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:
@@ -105,8 +119,16 @@ class ValveSim(Node):
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack("qq", value[:16])
                     arrived = sec * 1_000_000_000 + nsec - realtime_offset
+                elif level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
+                    total = struct.unpack("I", value[:4])[0]   # the socket's drops so far
+                    if total > self.kernel_drops:
+                        self._kernel_drops.inc(total - self.kernel_drops)
+                        self.kernel_drops = total
             try:
-                c = decode(data, self.bar.count)
+                c = decode(data, self.key, self.bar.count, self.max_duration_us)
+                why = self.sequence.check(c.seq)
+                if why:
+                    raise DatagramError(why, f"sequence {c.seq}")
             except DatagramError as exc:
                 self.bad[exc.kind] = self.bad.get(exc.kind, 0) + 1
                 BAD.labels(self.name, exc.kind).inc()
@@ -236,7 +258,7 @@ class ValveSim(Node):
             "hit_others_by_class": dict(sorted(others.items())),
             "commands": self.commands, "late_arrivals": self.late_arrivals, "bad_datagrams": sum(self.bad.values()),
             "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.targets,
-            "commanded_objects": len(self.commanded),
+            "commanded_objects": len(self.commanded), "kernel_drops": self.kernel_drops,
         }
 
     def status(self) -> dict:

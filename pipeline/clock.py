@@ -20,7 +20,7 @@ import msgspec
 
 from sortline.pipeline.config import Settings
 from sortline.pipeline.graph import edges
-from sortline.pipeline.messages import Header, TraceEntry
+from sortline.pipeline.messages import CLOCK_MAX_NS, Header, MessageError, TraceEntry
 
 
 def _shifted(trace: list[TraceEntry], delta_ns: int) -> list[TraceEntry]:
@@ -33,8 +33,11 @@ def to_wall(header: Header) -> Header:
 
 
 def from_wall(header: Header) -> None:
-    """Back into this host's monotonic clock, in place (what arrives over a tcp edge)."""
+    """Back into this host's monotonic clock, in place (what arrives over a tcp edge); MessageError
+    for a trace that lands outside it (another host's clock is not to be trusted that far)."""
     header.trace = _shifted(header.trace, time.monotonic_ns() - time.time_ns())
+    if any(not 0 <= t <= CLOCK_MAX_NS for e in header.trace for t in (e.t_in_ns, e.t_out_ns)):
+        raise MessageError("header", "a trace time outside this host's clock")
 
 
 def is_tcp(edge) -> bool:

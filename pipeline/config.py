@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the supervisor never restarts on it
@@ -45,7 +45,8 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers are finite: an inf or nan passes every range check and breaks what is computed from it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # The machine.
@@ -90,10 +91,34 @@ class ValveBar(Section):
     min_pulse_ms: float = Field(2.0, gt=0)
     max_pulse_ms: float = Field(200.0, gt=0)
 
+    @model_validator(mode="after")
+    def _pulses(self):
+        if self.min_pulse_ms > self.max_pulse_ms:
+            raise ValueError(f"valve_bar.min_pulse_ms ({self.min_pulse_ms:g}) is above max_pulse_ms "
+                             f"({self.max_pulse_ms:g})")
+        return self
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """HOST:PORT, the port within 1..65535, or ValueError saying what is wrong."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: expected HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
+
 
 class Ejector(Section):
     driver: Literal["sim", "udp"] = "sim"
     address: str = "127.0.0.1:5700"
+    key: str = Field("", description="the valve controller's key (sortline keys NAME --valve): every datagram "
+                     "is authenticated with it; the controller (or the valve-bar simulator) has the same")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value):
+        host_port(value)
+        return value
+
     driver_latency_ms: float = Field(1.0, ge=0)
     margin_before_mm: float = Field(5.0, ge=0)
     margin_after_mm: float = Field(5.0, ge=0)
@@ -374,10 +399,12 @@ def read_config(path: str | os.PathLike) -> Settings:
 
     cal = CalibrationFiles(**{k: beside(v) for k, v in settings.calibration.model_dump().items()})
     model = settings.model.model_copy(update={"path": beside(settings.model.path)})
+    ejector = settings.ejector.model_copy(update={"key": beside(settings.ejector.key)})
     sec = settings.security.model_copy(update={"key": beside(settings.security.key),
                                                "authorized": beside(settings.security.authorized)})
     edges = [e.model_copy(update={"server_key": beside(e.server_key)}) for e in settings.edges]
-    return settings.model_copy(update={"calibration": cal, "model": model, "security": sec, "edges": edges})
+    return settings.model_copy(update={"calibration": cal, "model": model, "ejector": ejector, "security": sec,
+                                       "edges": edges})
 
 
 def config_toml(settings: Settings) -> str:

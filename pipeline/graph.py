@@ -10,6 +10,7 @@ and shutdown. Node kinds come from the registry (pipeline.registry).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -121,6 +122,10 @@ def check_graph(settings: Settings) -> list[str]:
             problems.append(f"{where}: a tcp edge with security.curve needs server_key, the public certificate "
                             f"of {e.src}'s host")
         connected.add((e.dst, e.dst_port))
+    port_base = settings.metrics.port_base
+    if port_base and port_base + len(settings.nodes) - 1 > 65535:
+        problems.append(f"metrics.port_base = {port_base}: the graph's {len(settings.nodes)} nodes need ports up to "
+                        f"{port_base + len(settings.nodes) - 1}, past 65535")
     for name, cls in classes.items():
         for port in cls.inputs:
             if (name, port) not in connected:
@@ -141,6 +146,15 @@ def load_config(path: str | os.PathLike) -> Settings:
     if problems:
         raise ConfigError([f"{path}: {line}" for line in problems])
     return settings
+
+
+def open_edges(settings: Settings) -> list[str]:
+    """tcp edges bound to every interface without CURVE: anyone on the network can join them."""
+    if settings.security.curve:
+        return []
+    return [f"edge {e.name} is bound to {e.bind} without security.curve: any host that reaches it can read "
+            "its messages (bind to one interface, or turn on security.curve)"
+            for e in edges(settings) if e.bind.startswith(("tcp://*", "tcp://0.0.0.0", "tcp://[::]", "tcp://::"))]
 
 
 def source_nodes(settings: Settings) -> list[str]:
@@ -165,13 +179,22 @@ def outputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
 
 
 def prepare_runtime_dir(path: Path) -> Path:
-    """Create the private runtime directory (mode 0700) or refuse a shared one.
-    Either failure is a ConfigError: a restart would not fix it."""
+    """Create the private runtime directory (mode 0700) or refuse a shared one, or one whose parent
+    another user could rename it out of (a directory that user owns, or may write to without the
+    sticky bit: /dev/shm/sortline-UID made first by someone else). Every failure is a ConfigError:
+    a restart would not fix it."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        parent = path.parent.stat()
+        path.mkdir(mode=0o700, exist_ok=True)
         st = path.stat()
     except OSError as exc:
         raise ConfigError([f"runtime directory {path}: {exc.strerror} (set graph.runtime_dir)"]) from None
+    if parent.st_uid not in (os.getuid(), 0) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise ConfigError([f"runtime directory {path}: its parent {path.parent} belongs to uid {parent.st_uid} "
+                           f"with mode {stat.S_IMODE(parent.st_mode):o}: another user could take the graph's "
+                           "directory; remove it, or set graph.runtime_dir"])
     if st.st_uid != os.getuid():
         raise ConfigError([f"runtime directory {path} belongs to uid {st.st_uid}, not to this user (uid "
                            f"{os.getuid()}); set graph.runtime_dir"])

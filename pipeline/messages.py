@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import numpy as np
@@ -31,6 +31,15 @@ _ITEMSIZE = {name: np.dtype(name).itemsize for name in DTYPES}
 MAX_ARRAYS = 16
 MAX_DIMS = 6
 MAX_ARRAY_BYTES = 1 << 30
+MAX_META_DEPTH = 16     # tables in tables in a header's meta
+MAX_TRACE = 64          # stages a message went through
+CLOCK_MAX_NS = 1 << 62  # trace times: monotonic or wall-clock ns, well inside int64 after any shift
+
+# Bounds msgspec checks while decoding: whatever bytes arrive, a decoded header is one a node can use.
+_Ns = Annotated[int, msgspec.Meta(ge=0, le=CLOCK_MAX_NS)]
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 
 
 class MessageError(Exception):
@@ -53,16 +62,16 @@ class MessageError(Exception):
 class TraceEntry(msgspec.Struct, array_like=True, frozen=True):
     """One stage a message went through, in the trace clock (ns)."""
 
-    stage: str
-    t_in_ns: int
-    t_out_ns: int
+    stage: Annotated[str, msgspec.Meta(max_length=64)]
+    t_in_ns: _Ns
+    t_out_ns: _Ns
 
 
 class ArraySpec(msgspec.Struct, array_like=True, frozen=True):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int = -1  # byte offset inside the shared-memory slot; -1: own frame
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    dtype: Annotated[str, msgspec.Meta(max_length=16)]
+    shape: Annotated[tuple[_Dim, ...], msgspec.Meta(min_length=1, max_length=MAX_DIMS)]
+    offset: Annotated[int, msgspec.Meta(ge=-1, le=1 << 40)] = -1  # byte offset inside the slot; -1: own frame
 
     @property
     def count(self) -> int:
@@ -76,23 +85,25 @@ class ArraySpec(msgspec.Struct, array_like=True, frozen=True):
 class SlotRef(msgspec.Struct, array_like=True, frozen=True):
     """Where the arrays of a message sit: a slot of a shared-memory pool."""
 
-    segment: str  # file name inside the private runtime directory
-    index: int
-    generation: int
-    lane: int  # which consumer lane of the pool this copy of the header is for
+    # a file name inside the private runtime directory (never a path): node.port.pid.n.slots
+    segment: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+\.[0-9]+\.[0-9]+\.slots$",
+                                         max_length=200)]
+    index: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+    generation: _Count
+    lane: Annotated[int, msgspec.Meta(ge=0, le=1 << 10)]  # the consumer lane this copy of the header is for
 
 
 class Header(msgspec.Struct, kw_only=True, omit_defaults=True):
-    stream: str
-    seq: int
-    position: int = 0  # belt position of the first line, encoder ticks
-    ticks_per_line: int = 0
-    device_ts_ns: int = 0  # exposure time of the first line as the device stamped it
+    stream: Annotated[str, msgspec.Meta(max_length=64)]
+    seq: _Count
+    position: _Int64 = 0  # belt position of the first line, encoder ticks
+    ticks_per_line: _Dim = 0
+    device_ts_ns: _Int64 = 0  # exposure time of the first line as the device stamped it
     host_ts: bool = False  # device_ts_ns is the host clock at arrival (device gave none)
     gap: bool = False  # lines are missing between the previous message and this one
     eos: bool = False  # the stream ends here (finite sources: replay, tests)
-    arrays: list[ArraySpec] = []
-    trace: list[TraceEntry] = []
+    arrays: Annotated[list[ArraySpec], msgspec.Meta(max_length=MAX_ARRAYS)] = []
+    trace: Annotated[list[TraceEntry], msgspec.Meta(max_length=MAX_TRACE)] = []
     slot: SlotRef | None = None
     meta: dict[str, Any] = {}
     schema: int = SCHEMA_VERSION
@@ -147,23 +158,45 @@ def encode_header(header: Header) -> bytes:
 
 
 def decode_header(buf) -> Header:
+    """The header in `buf`, or MessageError: never any other exception, whatever the bytes."""
     try:
         header = _decoder.decode(buf)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         version = _peek_version(buf)
         if version not in (-1, SCHEMA_VERSION):
             raise MessageError("schema", f"schema version {version}, this build reads {SCHEMA_VERSION}") from None
-        raise MessageError("header", str(exc)) from None
+        detail = str(exc) or type(exc).__name__
+        # What failed says which kind it was: an array's description, the slot reference, or the rest.
+        kind = "size" if "at `$.arrays" in detail else "slot" if "at `$.slot" in detail else "header"
+        raise MessageError(kind, detail) from None
     if header.schema != SCHEMA_VERSION:
         raise MessageError("schema", f"schema version {header.schema}, this build reads {SCHEMA_VERSION}")
+    if _depth(header.meta) > MAX_META_DEPTH:
+        raise MessageError("header", f"meta nested deeper than {MAX_META_DEPTH} levels")
     check_specs(header.arrays)
     return header
+
+
+def _depth(value) -> int:
+    """How deeply tables and lists nest in a decoded value (iteratively: a deep one must not recurse)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        deepest = max(deepest, d)
+        if deepest > MAX_META_DEPTH:
+            break
+        todo.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def _peek_version(buf) -> int:
     try:
         return _version_decoder.decode(buf).schema
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return -1
 
 
@@ -175,10 +208,11 @@ def check_specs(specs: list[ArraySpec]) -> None:
     for spec in specs:
         if spec.dtype not in DTYPES:
             raise MessageError("size", f"array {spec.name!r}: dtype {spec.dtype!r} not allowed")
-        if len(spec.shape) > MAX_DIMS or any(d < 0 for d in spec.shape):
+        if not 1 <= len(spec.shape) <= MAX_DIMS or any(d < 0 for d in spec.shape):
             raise MessageError("size", f"array {spec.name!r}: bad shape {spec.shape}")
-        if spec.nbytes > MAX_ARRAY_BYTES:
-            raise MessageError("size", f"array {spec.name!r}: {spec.nbytes} bytes is too large")
+        # Empty arrays too: numpy refuses a shape whose other dimensions multiply past its index range.
+        if math.prod(max(d, 1) for d in spec.shape) * _ITEMSIZE[spec.dtype] > MAX_ARRAY_BYTES:
+            raise MessageError("size", f"array {spec.name!r}: shape {spec.shape} is too large")
 
 
 def spec_for(name: str, array: np.ndarray, offset: int = -1) -> ArraySpec:

@@ -7,8 +7,12 @@ figures travel in the heartbeat to the supervisor, which prints them.
 
 from __future__ import annotations
 
+import socket
+import urllib.request
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from sortline.pipeline.config import ConfigError
 from sortline.pipeline.graph import topo_order
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.14, 0.2, 0.3, 0.5, 1.0, 2.0)
@@ -26,6 +30,8 @@ AUTH_REFUSED = Counter("sortline_auth_refused", "Connections to a tcp edge refus
                        "authorised", ["node"])
 LINES = Counter("sortline_lines", "Camera lines arriving at a node's input", ["node", "port"])
 UP = Gauge("sortline_node_up", "1 while the node's main loop runs", ["node"])
+THREAD_ERRORS = Counter("sortline_thread_errors", "Exceptions that ended a worker thread of a node (the node then "
+                        "stops, to be restarted)", ["node", "thread"])
 
 
 def port_of(settings, name: str) -> int:
@@ -37,7 +43,40 @@ def port_of(settings, name: str) -> int:
 
 
 def serve(bind: str, port: int) -> None:
-    start_http_server(port, addr=bind)
+    """Serve this process's metrics; a port that cannot be had is a configuration error (no restart fixes it)."""
+    try:
+        start_http_server(port, addr=bind)
+    except OSError as exc:
+        raise ConfigError([f"metrics port {bind}:{port}: {exc.strerror or exc} (metrics.port_base)"]) from None
+
+
+def port_problems(settings, ours_running_ok: bool = False) -> list[str]:
+    """The metrics ports the graph's nodes would serve that cannot be had, one line each.
+    ours_running_ok: a port served by that very node of a graph already running is fine (`sortline
+    check` beside the running service)."""
+    problems = []
+    for name in topo_order(settings) if settings.metrics.port_base else ():
+        port = port_of(settings, name)
+        with socket.socket() as s:
+            try:
+                s.bind((settings.metrics.bind, port))
+                continue
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+        if ours_running_ok and _served_by(settings.metrics.bind, port, name):
+            continue
+        problems.append(f"metrics.port_base = {settings.metrics.port_base}: node {name}'s port {port} on "
+                        f"{settings.metrics.bind}: {why}")
+    return problems
+
+
+def _served_by(bind: str, port: int, node: str) -> bool:
+    host = "127.0.0.1" if bind in ("0.0.0.0", "") else bind
+    try:
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=1).read().decode(errors="replace")
+    except OSError:
+        return False
+    return f'sortline_node_up{{node="{node}"}}' in text
 
 
 def snapshot() -> dict[str, float]:

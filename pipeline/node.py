@@ -21,8 +21,10 @@ import faulthandler
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import msgspec
@@ -44,6 +46,7 @@ POLL_MS = 100
 CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
 FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything
 LOG_EVERY_S = 10.0
+EX_SOFTWARE = 70  # sysexits.h: a worker thread of the node failed; the supervisor (or systemd) restarts it
 
 Outputs = Iterable[tuple[str, Message]] | None
 
@@ -77,6 +80,7 @@ class Node:
         self.bound: dict[str, dict[str, int]] = {}   # per input port: dimensions its payload must have
         self.log = logging.getLogger(f"sortline.{name}")
         self.finished = False
+        self.failure = ""   # why a worker thread died: the node is unhealthy and stops
         self._runner: Runner | None = None
 
     # What a node implements.
@@ -105,6 +109,22 @@ class Node:
         return {}
 
     # What a node may call.
+
+    def start_thread(self, target, name: str) -> threading.Thread:
+        """A worker thread that never dies quietly: an exception in it is logged and counted
+        (sortline_thread_errors_total) and makes the node unhealthy: its main loop stops and the
+        process exits 70, so the supervisor or systemd restarts it."""
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                metrics.THREAD_ERRORS.labels(self.name, name).inc()
+                self.log.error("thread %s failed: %r; stopping the node (it is restarted)", name, exc, exc_info=True)
+                self.failure = f"thread {name}: {exc!r}"
+
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        thread.start()
+        return thread
 
     def expect(self, port: str, **dims: int) -> None:
         """Sizes the messages on an input port must have (named dimensions of its payload)."""
@@ -145,7 +165,7 @@ def build(settings: Settings, name: str) -> Node:
     return cls(name, node_params(settings, name), settings.machine(), context)
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
     """First occurrence of each kind at once, then a count every LOG_EVERY_S."""
 
     def __init__(self, log: logging.Logger):
@@ -165,6 +185,16 @@ class _RateLimitedLog:
             self._pending[kind] = self._pending.get(kind, 0) + 1
 
 
+def finished_mark(run_dir: Path, node: str) -> Path:
+    """The file a node that has finished (a finite source, a consumer whose inputs all ended) leaves in
+    the runtime directory, so that its consumers can tell its end of stream from a forged one."""
+    return run_dir / f"{node}.finished"
+
+
+class _Unhealthy(Exception):
+    """A worker thread of the node died (Node.start_thread): the process stops, to be restarted."""
+
+
 class Runner:
     """Runs one node in this process until it finishes or is told to stop."""
 
@@ -178,7 +208,7 @@ class Runner:
         self.node: Node = build(settings, name)
         self.node._runner = self
         self.log = self.node.log
-        self._warn = _RateLimitedLog(self.log)
+        self._warn = RateLimitedLog(self.log)
         self._hb = None
         self._notify = Notifier()
         # A beat (heartbeat and watchdog ping) at least this often: what the supervisor and systemd expect.
@@ -201,7 +231,8 @@ class Runner:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a node is stuck
-        run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        run_dir = self._run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        finished_mark(run_dir, self.name).unlink(missing_ok=True)   # an earlier process's: this one has not
         for name in remove_dead_segments(run_dir, self.name):
             self.log.info("removed %s, left by an earlier process of this node", name)
         ctx = zmq.Context()
@@ -235,6 +266,8 @@ class Runner:
                 self._run_consumer()
             else:
                 self._run_source()
+            if node.finished:
+                finished_mark(run_dir, self.name).write_text(f"{os.getpid()}\n")   # before any end of stream
             for port, out in node.out.items():
                 if not node.finished:
                     out.settle()
@@ -247,6 +280,8 @@ class Runner:
             for line in exc.lines:
                 self.log.error("%s", line)
             return EX_CONFIG
+        except _Unhealthy:
+            return EX_SOFTWARE
         finally:
             self._notify.stopping()
             metrics.UP.labels(self.name).set(0)
@@ -275,6 +310,7 @@ class Runner:
             t_step = time.monotonic_ns()
             self._send(node.step(), t_step)
             self._heartbeat()
+            self._check_health()
 
     def _run_consumer(self) -> None:
         self._poller = zmq.Poller()
@@ -289,6 +325,7 @@ class Runner:
             for sock, _ in events:
                 self._handle(sock)
             self._heartbeat()
+            self._check_health()
             if not any(inp.sockets for inp in self._inputs.values()):
                 self._send(self.node.end_of_stream(), time.monotonic_ns())
                 self.node.finish()
@@ -298,6 +335,22 @@ class Runner:
                     quiet_since = now
                 if self._past_deadline() or now - quiet_since >= QUIET_S:
                     return
+
+    def _eos_confirmed(self, edge) -> bool:
+        """An end of stream ends an input for good, so only its producer may end it: on this host it leaves
+        a mark in the private runtime directory before it sends one (finished_mark); across hosts, an
+        authenticated (CURVE) tcp edge's producer is who it says. Any other is refused, counted, logged."""
+        ok = finished_mark(self._run_dir, edge.src).exists() or clock.is_tcp(edge) and self.settings.security.curve
+        if not ok:
+            why = (f"{edge.src} has not finished" if not clock.is_tcp(edge) else
+                   f"{edge.src} has not finished here, and an unauthenticated tcp edge (no security.curve) cannot say")
+            metrics.MALFORMED.labels(self.name, "eos").inc()
+            self._warn("eos", f"refused an end of stream on {edge.name}: {why}")
+        return ok
+
+    def _check_health(self) -> None:
+        if self.node.failure:
+            raise _Unhealthy(self.node.failure)
 
     def _handle(self, sock: zmq.Socket) -> None:
         port = self._port_of[sock]
@@ -315,6 +368,9 @@ class Runner:
                     self._warn(exc.kind, f"dropped a malformed message on {edge.name}: {exc}")
                 continue
             if msg.header.eos:
+                msg.release()
+                if not self._eos_confirmed(edge):
+                    continue
                 self.log.info("end of stream on %s", edge.name)
                 self._poller.unregister(sock)
                 inp.end(sock)

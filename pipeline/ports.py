@@ -13,7 +13,9 @@ have, and the typed structure of its header's `meta` (a msgspec Struct):
 A dimension is a number (always that size), a name (the same size wherever
 the name appears in one message, and the bound value if the receiving node
 bound it: `self.expect("in", width=640)`), or None (any size). The name
-`ticks_per_line` binds the header's field of that name too.
+`ticks_per_line` binds the header's field of that name too. Bounds of the
+meta that depend on the machine (valve numbers within the bar) are a
+`validate` function of the payload, over the values the node bound.
 
 The runner checks every arriving message against its port's payload before
 the node sees it: a message that does not fit is a MessageError of kind
@@ -26,7 +28,7 @@ declare different payloads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import msgspec
 
@@ -49,10 +51,15 @@ class Payload:
     arrays: Mapping[str, Array] = field(default_factory=dict)
     meta: type[msgspec.Struct] | None = None
     any: bool = False
+    # Bounds of the meta that depend on the machine (a valve bar's size): a function of the typed meta
+    # and what the node bound, saying what is wrong or None; the names it reads are `bounds`.
+    validate: Callable[[Any, Mapping[str, int]], str | None] | None = None
+    bounds: tuple[str, ...] = ()
 
     def dims(self) -> set[str]:
-        """The named dimensions a receiving node may bind."""
-        return {d for a in self.arrays.values() for d in a.shape if isinstance(d, str)} | {"ticks_per_line"}
+        """The names a receiving node may bind: the arrays' named dimensions, ticks_per_line, bounds."""
+        return {d for a in self.arrays.values() for d in a.shape if isinstance(d, str)} | {"ticks_per_line",
+                                                                                            *self.bounds}
 
     def accepts(self, other: Payload) -> bool:
         """Whether an edge from a port carrying `other` may end at a port taking this."""
@@ -89,6 +96,9 @@ class Payload:
                 msg.meta = msgspec.convert(msg.header.meta, self.meta)
             except msgspec.ValidationError as exc:
                 raise MessageError("payload", f"{self.name} meta: {exc}") from None
+            why = self.validate(msg.meta, bound) if self.validate else None
+            if why:
+                raise MessageError("payload", f"{self.name}: {why}")
 
 
 def _show(shape: tuple[Dim, ...]) -> str:

@@ -175,6 +175,8 @@ class SlotPool:
                 if self._being_read(slot):
                     c.w[c.gen0 + slot] = before
                     self._writing[slot] = False
+                    if stop():   # a waiting producer still heartbeats, and still hears a stop
+                        return None
                     time.sleep(pause)
                     continue
                 return slot

@@ -31,6 +31,7 @@ from sortline.pipeline.graph import prepare_runtime_dir, topo_order
 log = logging.getLogger("sortline.supervisor")
 
 STOP_WAIT_S = 2.0  # a node gets this long after SIGTERM before SIGKILL
+COUNTED = ("_total", "_count", "_sum")  # samples that add up across a node's processes
 STABLE_S = 10.0  # a node that ran this long has its backoff reset
 
 
@@ -47,6 +48,18 @@ class Child:
     last_beat: float = 0.0
     beat: dict = field(default_factory=dict)
     prev_beat: dict = field(default_factory=dict)
+    retired: dict = field(default_factory=dict)   # counters of the node's earlier processes, as last reported
+
+    def totals(self) -> dict[str, float]:
+        """The node's counters over all its processes (a restarted node's counters start again at 0)."""
+        now = self.beat.get("metrics", {})
+        return {**now, **{k: v + now.get(k, 0.0) for k, v in self.retired.items()}}
+
+    def retire(self) -> None:
+        for key, value in self.beat.get("metrics", {}).items():
+            if key.split("{")[0].endswith(COUNTED):
+                self.retired[key] = self.retired.get(key, 0.0) + value
+        self.beat, self.prev_beat = {}, {}
 
 
 class Supervisor:
@@ -66,6 +79,11 @@ class Supervisor:
         self._stop = True
 
     def run(self) -> int:
+        problems = metrics.port_problems(self.settings)   # as `sortline check` does: before anything starts
+        if problems:
+            for line in problems:
+                log.error("%s", line)
+            return EX_CONFIG
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.run_dir = prepare_runtime_dir(self.settings.runtime_dir())
@@ -177,6 +195,7 @@ class Supervisor:
                 child.state, child.restart_at = "waiting", now + child.backoff
                 log.error("%s died (%s); restart %d in %.1f s", child.name, how, child.restarts, child.backoff)
                 self._remove_segments(child.name, child.proc.pid)
+                child.retire()
 
     def _remove_segments(self, name: str, pid: int) -> None:
         # A dead producer's slot segments: consumers that mapped them keep their mapping.
@@ -203,7 +222,7 @@ class Supervisor:
         self._read_beats(beats)
 
     def _clean_run_dir(self) -> None:
-        for pattern in ("*.slots", "*.sock"):
+        for pattern in ("*.slots", "*.sock", "*.finished"):
             for path in self.run_dir.glob(pattern):
                 path.unlink(missing_ok=True)
 
@@ -215,7 +234,7 @@ class Supervisor:
         rows = []
         for name in self.order:
             c = self.children[name]
-            m, prev = c.beat.get("metrics", {}), c.prev_beat.get("metrics", {})
+            m, prev = (c.totals() if final else c.beat.get("metrics", {})), c.prev_beat.get("metrics", {})
             if final:
                 count_in = metrics.total(m, "sortline_messages_total", 'direction="in"')
                 count_out = metrics.total(m, "sortline_messages_total", 'direction="out"')
@@ -234,9 +253,10 @@ class Supervisor:
         print("\n".join(rows), file=self.out, flush=True)
 
     def write_report(self, path: str) -> None:
-        """Each node's kind, final state, restarts, metrics and status, as JSON."""
+        """Each node's kind, final state, restarts, metrics (of its last process), totals (its counters over
+        every process it had) and status, as JSON."""
         report = {name: {"kind": self.settings.nodes[name].kind, "state": c.state, "restarts": c.restarts,
-                         "metrics": c.beat.get("metrics", {}), "status": c.beat.get("status", {})}
+                         "metrics": c.beat.get("metrics", {}), "totals": c.totals(), "status": c.beat.get("status", {})}
                   for name, c in self.children.items()}
         tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:

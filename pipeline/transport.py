@@ -35,6 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 from sortline.pipeline import clock, metrics
 from sortline.pipeline.graph import Edge
 from sortline.pipeline.messages import (
+    MAX_TRACE,
     ArraySpec,
     Header,
     Message,
@@ -182,7 +183,9 @@ class Output:
     def send(self, msg: Message, t_in_ns: int, stage: str) -> None:
         """Stamp the trace and send on every edge (blocking only lossless ones)."""
         header = msg.header
-        trace = [*header.trace, TraceEntry(stage, t_in_ns, time.monotonic_ns())]
+        # The first entry (acquisition) and the latest stages: a receiver refuses a longer trace.
+        kept = header.trace if len(header.trace) < MAX_TRACE else [*header.trace[:1], *header.trace[2 - MAX_TRACE:]]
+        trace = [*kept, TraceEntry(stage, t_in_ns, time.monotonic_ns())]
         slot_info = msg.outgoing
         if slot_info is not None:
             pool, slot, specs = slot_info
@@ -348,7 +351,11 @@ class Input:
     def decode(self, frames: list, edge: Edge | None = None) -> Message:
         msg = self._readers.decode(frames)
         if edge is not None and clock.is_tcp(edge):
-            clock.from_wall(msg.header)
+            try:
+                clock.from_wall(msg.header)
+            except MessageError:
+                msg.release()
+                raise
         return msg
 
     def end(self, sock: zmq.Socket) -> None:

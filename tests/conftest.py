@@ -27,9 +27,10 @@ DEMO = ROOT / "configs" / "demo.toml"
 
 
 def demo_config() -> dict:
-    """The demo profile as data, its calibration files named by absolute paths (they live beside it)."""
+    """The demo profile as data, the files it names (calibration, valve key) by absolute paths."""
     data = tomllib.loads(DEMO.read_text())
     data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
+    data["ejector"]["key"] = str(DEMO.parent / data["ejector"]["key"])
     return data
 
 
@@ -47,8 +48,13 @@ def merged(data: dict, update: dict) -> dict:
 
 
 def chain(camera: str = "", sink: str = "", policy: str = "lossless", transport: str = "auto",
-          pattern: str = "pushpull") -> str:
-    """camera -> relay -> sink, with the given node params and edge settings."""
+          pattern: str = "pushpull", addresses: tuple[str, str] = ("", "")) -> str:
+    """camera -> relay -> sink, with the given node params and edge settings (addresses: of the two edges,
+    e.g. tcp://127.0.0.1:PORT; empty: ipc in the runtime directory)."""
+    def edge(src: str, dst: str, address: str) -> str:
+        where = f'address = "{address}"' if address else f'transport = "{transport}"'
+        return f'\n[[edges]]\nfrom = "{src}"\nto = "{dst}"\npolicy = "{policy}"\n{where}\npattern = "{pattern}"\n'
+
     return f"""
 [nodes.camera]
 kind = "pattern"
@@ -60,21 +66,7 @@ kind = "relay"
 [nodes.sink]
 kind = "sink"
 params = {{ {sink} }}
-
-[[edges]]
-from = "camera.out"
-to = "relay.in"
-policy = "{policy}"
-transport = "{transport}"
-pattern = "{pattern}"
-
-[[edges]]
-from = "relay.out"
-to = "sink.in"
-policy = "{policy}"
-transport = "{transport}"
-pattern = "{pattern}"
-"""
+""" + edge("camera.out", "relay.in", addresses[0]) + edge("relay.out", "sink.in", addresses[1])
 
 
 def demo_toml(udp_port: int, oracle: bool = False, **sections) -> str:

@@ -38,9 +38,7 @@ def test_lossless_chain_across_tcp(tmp_path, run_dir):
     # Nodes on different hosts talk tcp; here both ends are on loopback.
     a, b = free_port(), free_port()
     graph = chain("lines = 16, pixels = 640, bands = 3, count = 2000, paced = false",
-                  f'report = "{tmp_path}/sink.json"')
-    graph = graph.replace('transport = "auto"\n', f'address = "tcp://127.0.0.1:{a}"\n', 1)
-    graph = graph.replace('transport = "auto"\n', f'address = "tcp://127.0.0.1:{b}"\n', 1)
+                  f'report = "{tmp_path}/sink.json"', addresses=(f"tcp://127.0.0.1:{a}", f"tcp://127.0.0.1:{b}"))
     cfg = write_config(tmp_path / "c.toml", graph, run_dir)
     check = sortline("check", "--config", str(cfg), timeout=60)
     assert check.stdout.count("inline, tcp://127.0.0.1:") == 2, check.stdout

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import socket
 import struct
-import zlib
 
 import numpy as np
 import pytest
 
 from sortline.nodes.belt.bar import BarGeometry
-from sortline.nodes.belt.datagram import SIZE, Command, DatagramError, decode, encode
+from sortline.nodes.belt.datagram import (SIZE, Command, DatagramError, SequenceWindow, decode, encode, next_seq,
+                                          read_key)
 from sortline.nodes.belt.encoder import EncoderTrack
 from sortline.nodes.eject_plan import ObjectFinder, Policy, decide, valve_windows
 from sortline.nodes.ejector import Schedule
 from sortline.pipeline.graph import load_config
-from tests.conftest import (DEMO, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
+from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
                             start, stop, wait_for, write_config)
 
 
@@ -165,28 +165,47 @@ def test_a_command_past_its_deadline_is_refused():
     assert duration == 2_000_000 and sched.clamped == 1
 
 
+KEY = bytes(range(32))
+
+
 def test_datagram_round_trip_and_every_kind_of_damage():
-    c = Command(seq=41, valve_lo=3, valve_hi=5, open_pos=123456789, open_at_ns=1_764_000_000_123_456_789,
+    import hashlib
+
+    c = Command(seq=41 << 20, valve_lo=3, valve_hi=5, open_pos=123456789, open_at_ns=1_764_000_000_123_456_789,
                 duration_us=12500, object_id=77)
-    data = encode(c)
-    assert len(data) == SIZE == 40 and decode(data, valves=48) == c
-    assert struct.unpack("<H", data[:2])[0] == 0x4C53 and zlib.crc32(data[:36]) == struct.unpack("<I", data[36:])[0]
+    data = encode(c, KEY)
+    assert len(data) == SIZE == 56 and decode(data, KEY, valves=48, max_duration_us=200_000) == c
+    assert struct.unpack("<H", data[:2])[0] == 0x4C53
+    assert data[40:] == hashlib.blake2b(data[:40], key=KEY, digest_size=16).digest()   # what a controller computes
+
+    def resigned(body: bytes) -> bytes:      # damage that a sender with the key could make
+        return body + hashlib.blake2b(body, key=KEY, digest_size=16).digest()
+
     flipped = bytearray(data)
     flipped[20] ^= 1
-    bad_magic = bytearray(data)
-    bad_magic[0] = 0
-    bad_magic[36:] = struct.pack("<I", zlib.crc32(bytes(bad_magic[:36])))
-    bad_version = bytearray(data)
-    bad_version[2] = 9
-    bad_version[36:] = struct.pack("<I", zlib.crc32(bytes(bad_version[:36])))
-    for blob, kind in ((data[:-1], "size"), (bytes(flipped), "checksum"), (bytes(bad_magic), "magic"),
-                       (bytes(bad_version), "version")):
+    for blob, kind in ((data[:-1], "size"), (bytes(flipped), "mac"), (encode(c, bytes(32)), "mac"),
+                       (resigned(b"\0\0" + data[2:40]), "magic"), (resigned(data[:2] + b"\x09" + data[3:40]), "version"),
+                       (encode(Command(1, 40, 50, 0, 0, 1, 1), KEY), "valves"),
+                       (encode(Command(1, 5, 4, 0, 0, 1, 1), KEY), "valves"),
+                       (encode(Command(1, 1, 1, 0, 0, 200_001, 1), KEY), "duration"),
+                       (encode(Command(1, 1, 1, 0, 0, 0xFFFFFFFF, 1), KEY), "duration"),
+                       (encode(Command(1, 1, 1, 0, 0, 0, 1), KEY), "duration")):
         with pytest.raises(DatagramError) as exc:
-            decode(blob, valves=48)
+            decode(blob, KEY, valves=48, max_duration_us=200_000)
         assert exc.value.kind == kind
-    with pytest.raises(DatagramError) as exc:
-        decode(encode(Command(1, 40, 50, 0, 0, 1, 1)), valves=48)
-    assert exc.value.kind == "valves"
+
+
+def test_sequence_numbers_grow_across_restarts_and_replays_are_refused():
+    first = next_seq(0)
+    assert next_seq(first) > first and next_seq(first + 10**12) == first + 10**12 + 1
+    window = SequenceWindow(window_us=50_000)
+    assert window.check(first) is None and window.check(first + 5) is None
+    assert window.check(first + 3) is None                           # a little reordering is fine
+    assert window.check(first + 5) == "duplicate"
+    later = first + 60_000 * 4096                                    # 60 ms on
+    assert window.check(later) is None
+    assert window.check(first + 7) == "replay"                       # older than the window
+    assert next_seq(0) > first       # a restarted sender starts above all it sent before: the clock has moved on
 
 
 @pytest.mark.system
@@ -200,14 +219,22 @@ def test_the_valve_bar_simulator_refuses_bad_datagrams(tmp_path, run_dir):
     try:
         wait_for(lambda: metric(scrape(port), "sortline_node_up") == 1, timeout=20)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        good = encode(Command(1, 0, 0, 0, 0, 1000, 1))
-        for blob in [b"hello", good[:-4] + b"\0\0\0\0", good.replace(b"SL", b"XX", 1)] * 50:
+        key = read_key(demo_config()["ejector"]["key"])
+        good = encode(Command(next_seq(0), 0, 0, 0, 0, 1000, 1), key)
+        for blob in [b"hello", good[:-4] + b"\0\0\0\0", good.replace(b"SL", b"XX", 1),
+                     encode(Command(next_seq(0), 0, 0, 0, 0, 1000, 1), bytes(32))] * 50:
             sock.sendto(blob, ("127.0.0.1", udp))
+        for _ in range(3):
+            sock.sendto(good, ("127.0.0.1", udp))            # once, then the same again twice
+        too_long = encode(Command(next_seq(0), 0, 0, 0, 0, 200_001, 1), key)   # valve_bar.max_pulse_ms is 200
+        sock.sendto(too_long, ("127.0.0.1", udp))
         wait_for(lambda: sum(v for k, v in scrape(port).items() if k.startswith("sortline_valve_sim_bad_datagrams_total"))
-                 >= 150, timeout=10)
+                 >= 203, timeout=10)
         samples = scrape(port)
         assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="size") == 50
-        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="checksum") == 100  # XX breaks it too
+        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="mac") == 150   # XX breaks it too
+        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="duplicate") == 2
+        assert metric(samples, "sortline_valve_sim_bad_datagrams_total", kind="duration") == 1
     finally:
         rc, _, err = stop(proc)
     assert rc == 0, err[-2000:]

@@ -40,6 +40,11 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
     assert back_s < 2.0, back_s
     run = load_json(tmp_path / "run.json")
     assert run["nodes"]["plan"]["restarts"] == 1
+    # Its totals are over both its processes: the killed one's counts are not lost with it.
+    plan = run["nodes"]["plan"]
+    before_kill = metric(plan["totals"], "sortline_messages_total", direction="in") - \
+        metric(plan["metrics"], "sortline_messages_total", direction="in")
+    assert before_kill > 0           # (up to its last heartbeat before the kill)
     # While it was down, what did not fit its input queue (16 masks, under half a second of belt) was
     # dropped at the sender and counted; a restart quick enough loses only what the killed process
     # held (bounded by that queue), and the restart itself is counted above.

@@ -85,8 +85,8 @@ def decode(frames, tmp_path=None):
         ([encode_header(header(arrays=[ArraySpec("a", "uint8", (-1, 4))])), b""], "size"),
         ([encode_header(header()), b"extra frame"], "frames"),
         ([encode_header(header(slot=SlotRef("../etc/passwd", 0, 1, 0)))], "slot"),
-        ([encode_header(header(slot=SlotRef("missing.slots", 0, 1, 0)))], "slot"),
-        ([encode_header(header(slot=SlotRef("missing.slots", 0, 1, 0))), b"x"], "frames"),
+        ([encode_header(header(slot=SlotRef("cam.out.1.1.slots", 0, 1, 0)))], "slot"),
+        ([encode_header(header(slot=SlotRef("cam.out.1.1.slots", 0, 1, 0))), b"x"], "frames"),
     ],
 )
 def test_malformed_messages_raise_one_typed_error(frames, kind):

@@ -3,11 +3,13 @@ windows, and what their ports refuse, without processes or sockets."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from conftest import DEMO
-from sortline.nodes.belt.datagram import decode
+from sortline.nodes.belt.datagram import decode, read_key
 from sortline.nodes.eject_plan import EjectPlan
 from sortline.nodes.ejector import EJECTIONS, Ejector
 from sortline.nodes.streams import EjectMeta, MaskMeta, Window
@@ -95,7 +97,8 @@ def test_the_ejector_counts_ejections_per_object_and_refuses_other_classes(machi
         windows = [Window(3, 3, 1000, 1600, 77, "PET", 0.9), Window(4, 4, 1000, 1600, 77, "PET", 0.9),
                    Window(9, 9, 5000, 5400, 78, "PET", 0.8), Window(20, 20, 900, 990, 79, "paper", 0.7)]
         assert h.send("in", meta=EjectMeta(windows)) == []
-        got = [decode(listener.recv(64), 48) for _ in range(3)]
+        key = read_key(m.ejector.key)
+        got = [decode(listener.recv(64), key, 48, 200_000) for _ in range(3)]
     finally:
         h.close()
         listener.close()
@@ -103,3 +106,45 @@ def test_the_ejector_counts_ejections_per_object_and_refuses_other_classes(machi
     # Two objects ejected (77 with two valves counts once); the paper window is refused, not sent.
     assert EJECTIONS.labels("ejector-unit", "PET")._value.get() - before == 2
     assert h.node.status()["sent"] == 3
+
+
+def test_a_worker_thread_that_fails_makes_the_node_unhealthy(machine):
+    """No worker thread dies quietly: the sender's exception is counted and marks the node failed, which
+    stops its main loop (exit 70, so that it is restarted)."""
+    from sortline.pipeline.metrics import THREAD_ERRORS
+
+    h = Harness(Ejector, machine, {"timing": True}, name="ejector-broken")
+
+    def broken(*_):
+        raise RuntimeError("a bug in a driver")
+
+    h.node.schedule.due = broken
+    before = THREAD_ERRORS.labels("ejector-broken", "sender")._value.get()
+    h.node.wake.set()
+    h.node.track.update(0, 0)                       # the sender only looks at the schedule once the belt is known
+    deadline = time.monotonic() + 5
+    while not h.node.failure and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h.close()
+    assert "a bug in a driver" in h.node.failure
+    assert THREAD_ERRORS.labels("ejector-broken", "sender")._value.get() == before + 1
+
+
+def test_a_runtime_directory_under_a_parent_another_user_could_swap_is_refused(tmp_path):
+    import os
+
+    from sortline.pipeline.graph import prepare_runtime_dir
+
+    assert prepare_runtime_dir(tmp_path / "mine" / "graph").is_dir()
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700      # made private, parent and all
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                                             # writable by anyone, no sticky bit
+    with pytest.raises(ConfigError, match="another user could take the graph's directory"):
+        prepare_runtime_dir(shared / "graph")
+    if os.getuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 12345, -1)
+        with pytest.raises(ConfigError, match="belongs to uid 12345"):
+            prepare_runtime_dir(theirs / "graph")

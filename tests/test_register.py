@@ -38,17 +38,17 @@ def belt(settings):
     return sim, [sim.rgb(f) for f in range(n)], [sim.hsi(f) for f in range(n)]
 
 
-def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None):
+def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, rgb_until=None):
     sim, rgb, hsi = belt
     cut = StripCutter(settings, *calibrations, max_wait_lines=256)
     strips, held = [], []
     for f in range(len(rgb)):
         if f not in skip_hsi and (hsi_until is None or f < hsi_until):
             cut.hsi(sim.position("hsi", f), hsi[f], gap=f - 1 in skip_hsi)
-        if f not in skip_rgb:
+        if f not in skip_rgb and (rgb_until is None or f < rgb_until):
             cut.rgb(sim.position("rgb", f), rgb[f], gap=f - 1 in skip_rgb)
         strips += list(cut.strips())
-        held.append(len(cut.rgb_chunks))
+        held.append((len(cut.rgb_chunks), len(cut.hsi_chunks)))
     return cut, strips, held
 
 
@@ -110,8 +110,18 @@ def test_an_hsi_gap_is_never_interpolated_across(settings, calibrations, belt):
 
 def test_hsi_that_stops_coming_costs_bounded_memory_and_counts(settings, calibrations, belt):
     cut, strips, held = run(settings, calibrations, belt, hsi_until=20)
-    assert max(held) <= 256 // 32 + 8                # max_wait_lines of RGB, in frames, plus a strip
+    assert max(rgb for rgb, _ in held) <= 256 // 32 + 8   # max_wait_lines of RGB, in frames, plus a strip
     assert cut.dropped_lines > 256
+
+
+def test_rgb_that_stops_coming_costs_bounded_memory_and_counts(settings, calibrations, belt):
+    """The HSI camera goes on alone: what it sends beyond max_wait_lines (and a strip) of belt is given up,
+    counted, and the memory it holds stays bounded however long that lasts."""
+    cut, strips, held = run(settings, calibrations, belt, rgb_until=10)
+    # 256 + 96 RGB lines of belt are 88 HSI lines: 11 HSI frames of 8 lines, and the one coming in.
+    assert max(hsi for _, hsi in held) <= (256 + 96) // 4 // 8 + 2
+    lines = sum(len(a) for a in belt[2]) - sum(len(a) for a in belt[2][:10])
+    assert cut.dropped_hsi_lines > lines // 2 and held[-1][1] == held[-5][1]   # flat, not growing
 
 
 @pytest.mark.system

@@ -92,8 +92,10 @@ class Ring:
 class Acquisition:
     def __init__(self, name: str, open_camera: Callable[[], Camera], message_lines: int, ticks_per_line: int,
                  ring_slots: int, fetch_timeout_s: float, stall_timeout_s: float, backoff_s: float,
-                 backoff_max_s: float, encoder_bits: int, log: logging.Logger):
+                 backoff_max_s: float, encoder_bits: int, log: logging.Logger,
+                 start_thread: Callable[[Callable[[], None], str], threading.Thread]):
         self.name, self.log = name, log
+        self._start_thread = start_thread   # the node's: a thread that fails stops the node
         self._open = open_camera
         self._message_lines, self._ticks_per_line, self._encoder_bits = message_lines, ticks_per_line, encoder_bits
         self._ring_slots = ring_slots
@@ -101,7 +103,7 @@ class Acquisition:
         self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
         self.lock = threading.Lock()  # held while the camera is used: closing never races a fetch
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"acquire-{name}", daemon=True)
+        self._thread: threading.Thread | None = None
         self.camera: Camera | None = None
         self.state = "starting"  # starting | acquiring | waiting | lost | reconnecting
         self.error = ""  # why the camera was lost, or why the last reconnect failed
@@ -152,7 +154,7 @@ class Acquisition:
         """Start acquiring: at the node's first step, not in setup, so that frames do not
         pile up (and get dropped) while the graph is still connecting."""
         self._start(self.camera)
-        self._thread.start()
+        self._thread = self._start_thread(self._run, "acquisition")
 
     def take(self, timeout_s: float) -> Batch | None:
         return self.ring.get_ready(timeout_s)
@@ -162,7 +164,7 @@ class Acquisition:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=2.0)
         with self.lock:
             self._close()

@@ -74,7 +74,7 @@ class Acquire(Node):
 
         self.acq = Acquisition(self.name, open_camera, cam.lines_per_frame, cam.ticks_per_line, p.ring,
                                p.fetch_timeout_s, p.stall_timeout_s, p.reconnect_backoff_s,
-                               p.reconnect_backoff_max_s, p.encoder_bits, self.log)
+                               p.reconnect_backoff_max_s, p.encoder_bits, self.log, self.start_thread)
         deadline = time.monotonic() + p.startup_wait_s
         while True:
             try:

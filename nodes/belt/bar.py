@@ -18,6 +18,11 @@ class BarGeometry:
         self.tpm = machine.belt.ticks_per_mm
         # Encoder ticks from a point passing the RGB scan line to it passing the valve bar.
         self.travel_ticks = int(round((v.distance_mm - rgb.scan_line_mm) * self.tpm))
+        # The longest valve window there can be: air is planned for lines seen but not yet at the bar,
+        # so no more than the belt between scan line and bar, the air margins and the strip they came in.
+        e, m = machine.ejector, machine.model
+        self.max_window_ticks = (self.travel_ticks + int((e.margin_before_mm + e.margin_after_mm) * self.tpm)
+                                 + (m.strip_lines + 2 * m.overlap_lines) * rgb.ticks_per_line)
         # Valve under each column (-1: no valve there).
         x = (np.arange(rgb.pixels // stride) + 0.5) * self.mm_per_px
         idx = np.floor((x - (self.offset - self.pitch / 2)) / self.pitch).astype(np.int64)

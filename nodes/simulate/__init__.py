@@ -140,6 +140,9 @@ class Simulate(Node):
         drop_rate: float = Field(0.0, ge=0, le=0.5, description="chance a frame is lost (a gap), per message")
         max_lag_ms: float = Field(100.0, gt=0, description="paced: a frame this late is lost, as a camera's "
                                   "buffers overrun when the host cannot keep up")
+        camera_stops: dict[Literal["rgb", "hsi"], float] = Field(
+            default_factory=dict, description="camera -> belt time (s) from which it delivers nothing more, "
+            "as a camera unplugged does (the other goes on)")
 
         @field_validator("mix")
         @classmethod
@@ -190,6 +193,8 @@ class Simulate(Node):
             return None
         frame = self.frame[stream]
         self.frame[stream] += 1
+        if stream in p.camera_stops and self.sim.motion.time_s(start) >= p.camera_stops[stream]:
+            return None   # unplugged: no message, no gap flag (nothing will come after it)
         if p.drop_rate and np.random.default_rng([p.seed, 99, STREAM_ID[stream], frame]).random() < p.drop_rate:
             self.dropped[stream] += 1
             self.gap[stream] = True
