@@ -48,6 +48,7 @@ LATE = Counter("sortline_ejector_late", "Commands refused: their deadline had pa
 COMMANDS = Counter("sortline_valve_commands", "Commands sent to the valve driver", ["node"])
 EJECTIONS = Counter("sortline_ejections", "Objects a command was sent for, by class", ["node", "cls"])
 OPEN_SECONDS = Counter("sortline_valve_open_seconds", "Valve-open time commanded (valve-seconds)", ["node"])
+MAX_PENDING = 100_000   # valve windows waiting to be sent: a bound on the schedule's memory
 DRIVER_ERRORS = Counter("sortline_valve_driver_errors", "Commands the valve driver could not send", ["node"])
 LEAD = Histogram("sortline_ejector_lead_seconds", "How far ahead of its deadline a command left", ["node"],
                  buckets=LATENCY_BUCKETS)
@@ -147,6 +148,7 @@ class Ejector(Node):
         self.recent_set: set[int] = set()
         self.ejections = {cls: EJECTIONS.labels(self.name, cls) for cls in m.recipe.targets}
         self.not_target = metrics.MALFORMED.labels(self.name, "window_class")
+        self.overflow = metrics.DROPS.labels(f"{self.name}.in", "pending_full")
         self.lead_ms = np.zeros(4096)
         self.decision_ms = np.zeros(4096)
         self.n_lead = self.n_decision = 0
@@ -186,6 +188,11 @@ class Ejector(Node):
                     self._send([w.open_pos, 0, valve, w.close_pos, w.object_id, w.cls, 0], 0, duration, 0)
             return None
         with self.lock:
+            if len(self.schedule.heap) + sum(w.valve_hi - w.valve_lo + 1 for w in windows) > MAX_PENDING:
+                # More air pending than a belt's length of objects could ever need: windows from nowhere.
+                self.overflow.inc(len(windows))
+                self._warn("pending", f"{len(self.schedule.heap)} windows pending already: refused {len(windows)} more")
+                return None
             for w in windows:
                 for valve in range(w.valve_lo, w.valve_hi + 1):
                     self.schedule.add(valve, w.open_pos, w.close_pos, w.object_id, w.cls, t_exposure)
@@ -196,8 +203,8 @@ class Ejector(Node):
         if w.cls in self.ejections:
             return True
         self.not_target.inc()
-        self.log.warning("refused a window for object %d of class %r: not a target (recipe.targets: %s)",
-                         w.object_id, w.cls, ", ".join(self.ejections))
+        self._warn("window_class", f"refused a window for object {w.object_id} of class {w.cls!r}: not a target "
+                   f"(recipe.targets: {', '.join(self.ejections)})")
         return False
 
     def _send_loop(self) -> None:
@@ -215,8 +222,7 @@ class Ejector(Node):
                 self.late += 1
                 self._late.inc()
                 self._sample(w[6], now, deadline, missed=True, obj=w[4])
-                self.log.warning("late: valve %d for object %d (%s) missed its deadline; not sent",
-                                 w[2], w[4], w[5])
+                self._warn("late", f"late: valve {w[2]} for object {w[4]} ({w[5]}) missed its deadline; not sent")
             wait = 0.005 if nxt is None else min(max((nxt - time.monotonic_ns()) / 1e9, 0.0002), 0.005)
             self.wake.wait(wait)
             self.wake.clear()

@@ -1,6 +1,7 @@
 """The supervisor: every node of the graph as its own process, kept alive.
 
-It starts the nodes (consumers first, so nothing is sent into the void),
+It starts the nodes (every node with inputs at once, then the sources once
+those are set up, so nothing is sent into the void),
 restarts one that dies with a growing backoff (and counts it), kills and
 restarts one whose heartbeats stop, never restarts one that exits with a
 configuration error (that would only be a crash loop), and stops them in
@@ -26,7 +27,7 @@ import zmq
 
 from sortline.pipeline import metrics
 from sortline.pipeline.config import EX_CONFIG, Settings
-from sortline.pipeline.graph import prepare_runtime_dir, topo_order
+from sortline.pipeline.graph import prepare_runtime_dir, source_nodes, topo_order
 
 log = logging.getLogger("sortline.supervisor")
 
@@ -95,9 +96,13 @@ class Supervisor:
         deadline = None if self.seconds is None else time.monotonic() + self.seconds
         next_status = time.monotonic() + self.settings.supervisor.status_every_s
         try:
-            for name in reversed(self.order):
-                self._start(self.children[name])
-                self._await_ready(self.children[name], beats)
+            # Every node that only sends what it receives at once, then, once they are all set up, the
+            # sources: so that a live source never sends into the void.
+            sources = set(source_nodes(self.settings))
+            for group in ([n for n in self.order if n not in sources], [n for n in self.order if n in sources]):
+                for name in group:
+                    self._start(self.children[name])
+                self._await_ready([self.children[name] for name in group], beats)
                 self._watch()
                 if self._stop:  # a configuration fault: do not start the rest
                     break
@@ -131,16 +136,13 @@ class Supervisor:
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child.state, child.started, child.last_beat = "running", time.monotonic(), 0.0
 
-    def _await_ready(self, child: Child, beats: zmq.Socket) -> None:
-        """Wait for a node's first heartbeat (sent once its setup is done).
-
-        Consumers start first and are ready before their producers send, so a
-        live edge does not drop the first messages of a run into the void.
-        """
+    def _await_ready(self, children: list[Child], beats: zmq.Socket) -> None:
+        """Wait for the nodes' first heartbeats (each sent once its setup is done); a node that
+        exits meanwhile is _watch()'s business."""
         deadline = time.monotonic() + self.settings.supervisor.heartbeat_timeout_s
-        while not self._stop and not child.last_beat and time.monotonic() < deadline:
-            if child.proc.poll() is not None:
-                return  # _watch() deals with it
+        while not self._stop and time.monotonic() < deadline:
+            if all(c.last_beat or c.proc.poll() is not None for c in children):
+                return
             if beats.poll(50):
                 self._read_beats(beats)
 

@@ -26,7 +26,7 @@ from sortline.pipeline.transport import Output
 
 pytestmark = pytest.mark.system
 KEY = read_key(demo_config()["ejector"]["key"])
-SCORED_S = 15   # belt seconds of each scored run: some 90 targets, so that 5 points of recovery are a few targets
+SCORED_S = 5    # belt seconds of each scored run: some 30 targets
 
 
 def counted(port: int, name: str, **labels) -> float:
@@ -101,7 +101,7 @@ def fits(w) -> bool:
     return 0 <= lo <= hi < 48 and 0 <= conf <= 1 and a < b <= a + 4800 + 96 + 96 * 15 and -2**62 <= a and b <= 2**62
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(windows, min_size=1, max_size=6))
 def test_fuzzed_windows_never_stop_the_ejector(ejector, batch):
     """A window off the bar, absurdly long or of no target class is refused (counted); the rest are sent,
@@ -185,7 +185,7 @@ datagrams = st.lists(st.one_of(
 ), min_size=1, max_size=20)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=datagrams, repeat=st.booleans())
 def test_fuzzed_datagrams_are_refused_by_kind(valve_bar, batch, repeat):
     """Wrong MACs, replays, duplicates, valves off the bar and pulses longer than the valves give: each
@@ -246,16 +246,27 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def demo_run(tmp_path, run_dir, name: str, seconds: float, record: str | None = None, **belt):
+def demo_run(tmp_path, run_dir, name: str, seconds: float, record: str | None = None, unpaced: bool = False,
+             **belt):
     """`sortline run` of the demo graph for `seconds`, its metrics on their own ports, the score written:
-    (the supervisor, its config, the first metrics port: node i in data-flow order serves port + i)."""
+    (the supervisor, its config, the first metrics port: node i in data-flow order serves port + i).
+    unpaced: the belt waits for the pipeline and the air is placed by position (as `sortline score
+    --unpaced`): the same decisions run after run, whatever else the machine is doing."""
     port = free_port()
     cfg = tmp_path / f"{name}.toml"
     nodes = {"belt": {"params": {"seed": 1, **belt}},
              "valve_sim": {"params": {"report": str(tmp_path / f"{name}-score.json")}}}
+    sections = {}
+    if unpaced:
+        nodes["belt"]["params"].update(paced=False, seconds=seconds)
+        nodes["valve_sim"]["params"]["by_position"] = True
+        nodes.update(plan={"params": {"timing": False}}, ejector={"params": {"timing": False}})
+        edges = demo_config()["edges"]
+        sections["edges"] = [{**e, "policy": "lossless", "pattern": "pushpull"} for e in edges]
     cfg.write_text(demo_toml(free_port(), graph={"name": name, "runtime_dir": str(run_dir)}, metrics={"port_base": port},
-                             nodes=nodes))
-    args = ["run", "--config", str(cfg), "--seconds", str(seconds), "--report", str(tmp_path / f"{name}-run.json")]
+                             nodes=nodes, **sections))
+    args = ["run", "--config", str(cfg), "--seconds", str(seconds + 60 if unpaced else seconds), "--report",
+            str(tmp_path / f"{name}-run.json")]
     return start(*args, *(["--record", record] if record else [])), cfg, port
 
 
@@ -268,14 +279,14 @@ def test_a_camera_that_stops_costs_bounded_memory_and_is_counted(tmp_path, run_d
         wait_for(lambda: metric(scrape(register), "sortline_edge_drops_total", reason="rgb_missing") > 0, timeout=30)
         pid = pid_of("node", "register", str(cfg))
         first = rss_mb(pid)
-        time.sleep(4)                             # at 2 m/s, 10.7 MB/s of HSI once piled up here
+        time.sleep(3)                             # at 2 m/s, 10.7 MB/s of HSI once piled up here
         grown = rss_mb(pid) - first
         dropped = metric(scrape(register), "sortline_edge_drops_total", reason="rgb_missing")
     finally:
         rc, _, err = stop(sup, timeout=60)
     assert rc == 0, err[-3000:]
     assert grown < 15, grown
-    assert dropped > 2000                          # HSI lines given up, counted
+    assert dropped > 1000                          # HSI lines given up (533 a second), counted
     assert 1 <= err.count("no RGB lines for") <= 2, err[-3000:]
     assert load_json(tmp_path / "rgbstop-run.json")["nodes"]["register"]["restarts"] == 0
 
@@ -291,20 +302,22 @@ def small_disk(tmp_path) -> tuple[Path, object]:
 
 
 def test_a_full_disk_under_the_recorder_does_not_stop_the_sorting(tmp_path, run_dir):
-    reference, _, _ = demo_run(tmp_path, run_dir, "plain", SCORED_S)
+    """The recorder's disk fills a tenth of a second into the run: the recording stops, and the sorting
+    does not. (Both runs unpaced, so that they are compared on their decisions: on a full disk a recorder
+    once held its camera until the supervisor killed it as hung, and the line sent a few commands.)"""
+    reference, _, _ = demo_run(tmp_path, run_dir, "plain", SCORED_S, unpaced=True)
     reference.wait(timeout=120)
     assert stop(reference)[0] == 0
     path, unmount = small_disk(tmp_path)
     try:
-        recorded, _, _ = demo_run(tmp_path, run_dir, "fulldisk", SCORED_S, record=str(path))
+        recorded, _, _ = demo_run(tmp_path, run_dir, "fulldisk", SCORED_S, record=str(path), unpaced=True)
         recorded.wait(timeout=120)
         rc, _, err = stop(recorded)
     finally:
         unmount()
     assert rc == 0, err[-3000:]
     plain, full = (load_json(tmp_path / f"{n}-score.json") for n in ("plain", "fulldisk"))
-    print("recovery without and with a full disk:", plain["recovery"], full["recovery"], plain["targets"])
-    assert plain["targets"] > 40 and abs(full["recovery"] - plain["recovery"]) <= 0.05, (plain, full)
+    assert plain["targets"] > 20 and abs(full["recovery"] - plain["recovery"]) <= 0.05, (plain, full)
     run = load_json(tmp_path / "fulldisk-run.json")
     record = run["nodes"]["record"]
     assert "No space left on device" in record["status"]["failed"] and record["status"]["lost"] > 0
@@ -374,7 +387,7 @@ def test_simulate_onto_a_full_disk_ends_and_says_so(tmp_path):
     """It once never ended, and left an empty file behind at every restart of the recorder."""
     path, unmount = small_disk(tmp_path)
     try:
-        res = sortline("simulate", "--config", demo_config_path(tmp_path), "--seconds", "20", "--record", str(path),
+        res = sortline("simulate", "--config", demo_config_path(tmp_path), "--seconds", "2", "--record", str(path),
                        timeout=120)
     finally:
         unmount()
