@@ -75,17 +75,22 @@ class LiveEjector:
         return rc, err
 
 
-@pytest.fixture(scope="module")
-def ejector(tmp_path_factory):
+def live(cls, tmp_path_factory):
+    """A node under test for a whole module; it must stop cleanly at the end, whatever it was sent."""
     import shutil
     import tempfile
 
     run_dir = Path(tempfile.mkdtemp(prefix="sl-", dir="/dev/shm"))
-    e = LiveEjector(tmp_path_factory.mktemp("ejector"), run_dir)
-    yield e
-    rc, err = e.close()
+    node = cls(tmp_path_factory.mktemp(cls.__name__), run_dir)
+    yield node
+    rc, err = node.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     assert rc == 0 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ejector(tmp_path_factory):
+    yield from live(LiveEjector, tmp_path_factory)
 
 
 valve = st.one_of(st.integers(0, 47), st.sampled_from([48, 1023, 65535, 70000, -1]))
@@ -157,15 +162,7 @@ class LiveValveBar:
 
 @pytest.fixture(scope="module")
 def valve_bar(tmp_path_factory):
-    import shutil
-    import tempfile
-
-    run_dir = Path(tempfile.mkdtemp(prefix="sl-", dir="/dev/shm"))
-    v = LiveValveBar(tmp_path_factory.mktemp("valves"), run_dir)
-    yield v
-    rc, err = v.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    yield from live(LiveValveBar, tmp_path_factory)
 
 
 def datagram(kind: str, lo: int, hi: int, duration: int, back: int) -> bytes:
@@ -279,14 +276,14 @@ def test_a_camera_that_stops_costs_bounded_memory_and_is_counted(tmp_path, run_d
         wait_for(lambda: metric(scrape(register), "sortline_edge_drops_total", reason="rgb_missing") > 0, timeout=30)
         pid = pid_of("node", "register", str(cfg))
         first = rss_mb(pid)
-        time.sleep(3)                             # at 2 m/s, 10.7 MB/s of HSI once piled up here
+        time.sleep(2)                             # at 2 m/s, 10.7 MB/s of HSI once piled up here
         grown = rss_mb(pid) - first
         dropped = metric(scrape(register), "sortline_edge_drops_total", reason="rgb_missing")
     finally:
         rc, _, err = stop(sup, timeout=60)
     assert rc == 0, err[-3000:]
-    assert grown < 15, grown
-    assert dropped > 1000                          # HSI lines given up (533 a second), counted
+    assert grown < 10, grown
+    assert dropped > 800                           # HSI lines given up (533 a second), counted
     assert 1 <= err.count("no RGB lines for") <= 2, err[-3000:]
     assert load_json(tmp_path / "rgbstop-run.json")["nodes"]["register"]["restarts"] == 0
 
