@@ -54,17 +54,18 @@ class Section(BaseModel):
 class Belt(Section):
     width_mm: float = Field(gt=0, le=5000)
     speed_m_s: float = Field(gt=0, le=10, description="nominal belt speed")
-    ticks_per_mm: float = Field(gt=0, description="encoder ticks per mm of belt travel")
+    ticks_per_mm: float = Field(gt=0, le=10_000, description="encoder ticks per mm of belt travel")
 
 
 class LineCamera(Section):
     pixels: int = Field(gt=0, le=16384, description="pixels across the belt")
-    mm_per_pixel: float = Field(gt=0)
+    mm_per_pixel: float = Field(gt=0, le=1000)
     ticks_per_line: int = Field(gt=0, description="encoder ticks between two line triggers")
     lines_per_frame: int = Field(gt=0, le=65536, description="lines the camera delivers per frame")
     bands: int = Field(gt=0, le=1024)
     wavelength_nm: tuple[float, float] | None = None
-    scan_line_mm: float = Field(0.0, description="along-belt position of the scan line, downstream of the RGB scan line")
+    scan_line_mm: float = Field(0.0, ge=-10_000, le=10_000,
+                                description="along-belt position of the scan line, downstream of the RGB scan line")
 
 
 class Cameras(Section):
@@ -83,13 +84,13 @@ class Cameras(Section):
 
 class ValveBar(Section):
     count: int = Field(gt=0, le=1024)
-    pitch_mm: float = Field(gt=0)
-    offset_mm: float = Field(0.0, description="cross-belt position of valve 0's centre")
-    distance_mm: float = Field(gt=0, description="along-belt distance from the RGB scan line to the valve bar")
+    pitch_mm: float = Field(gt=0, le=1000)
+    offset_mm: float = Field(0.0, ge=-10_000, le=10_000, description="cross-belt position of valve 0's centre")
+    distance_mm: float = Field(gt=0, le=10_000, description="along-belt distance from the RGB scan line to the valve bar")
     open_ms: float = Field(ge=0, le=100, description="valve response time, opening")
     close_ms: float = Field(ge=0, le=100, description="valve response time, closing")
-    min_pulse_ms: float = Field(2.0, gt=0)
-    max_pulse_ms: float = Field(200.0, gt=0)
+    min_pulse_ms: float = Field(2.0, gt=0, le=10_000)
+    max_pulse_ms: float = Field(200.0, gt=0, le=10_000)
 
     @model_validator(mode="after")
     def _pulses(self):
@@ -119,9 +120,9 @@ class Ejector(Section):
         host_port(value)
         return value
 
-    driver_latency_ms: float = Field(1.0, ge=0)
-    margin_before_mm: float = Field(5.0, ge=0)
-    margin_after_mm: float = Field(5.0, ge=0)
+    driver_latency_ms: float = Field(1.0, ge=0, le=1000)
+    margin_before_mm: float = Field(5.0, ge=0, le=1000)
+    margin_after_mm: float = Field(5.0, ge=0, le=1000)
 
 
 class Model(Section):
@@ -151,7 +152,7 @@ class GenICamSettings(Section):
 
 
 class Budget(Section):
-    margin_ms: float = Field(5.0, ge=0, description="safety margin kept out of the latency budget")
+    margin_ms: float = Field(5.0, ge=0, le=10_000, description="safety margin kept out of the latency budget")
 
 
 class Recipe(Section):

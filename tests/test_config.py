@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tomllib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import DEMO, ROOT, machine_toml, sortline, write_config
 from sortline.pipeline.config import EX_CONFIG, ConfigError
@@ -159,3 +162,30 @@ def test_help_explains_each_command():
         assert command in res.stdout
         sub = sortline(command, "--help", timeout=60)
         assert sub.returncode == 0 and "--config" in sub.stdout
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from([("belt", "speed_m_s"), ("belt", "ticks_per_mm"), ("valve_bar", "distance_mm"),
+                            ("valve_bar", "count"), ("valve_bar", "min_pulse_ms"), ("ejector", "address"),
+                            ("ejector", "driver_latency_ms"), ("model", "strip_lines"), ("budget", "margin_ms")]),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70),
+                       st.text(max_size=30), st.sampled_from(["127.0.0.1:0", "x:65536", "host:", ":80", "a:1"])))
+def test_fuzzed_config_values_are_a_config_error_or_a_valid_machine(tmp_path, key, value):
+    """Whatever a value is, the configuration loads into finite, usable figures, or ConfigError says which key
+    is wrong, one line each: never another exception, and never an inf or nan that the checks let through."""
+    import math
+
+    import tomli_w
+
+    from conftest import merged
+
+    data = merged(tomllib.loads(machine_toml()), {key[0]: {key[1]: value}})
+    path = tmp_path / "fuzz.toml"
+    path.write_text(tomli_w.dumps(data) + GRAPH)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        assert exc.lines and all(line.startswith(str(path)) for line in exc.lines)
+        return
+    figures = (cfg.budget_ms(), cfg.line_rate_hz("rgb"), cfg.travel_mm(), getattr(cfg, key[0]).model_dump()[key[1]])
+    assert all(math.isfinite(v) for v in figures if isinstance(v, float))
