@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
-from typing import Callable
+from typing import Annotated, Callable
 
-from sortline.pipeline.config import EX_CONFIG, ConfigError, Settings, config_toml
+from pydantic import TypeAdapter, ValidationError
+
+from sortline.pipeline.config import EX_CONFIG, Belt, ConfigError, Settings, config_toml
 from sortline.pipeline.graph import load_config
 from sortline.pipeline.graph import prepare_runtime_dir
 
@@ -30,10 +33,30 @@ def add_config(p: argparse.ArgumentParser, required: bool = True, default: str |
     p.add_argument("--config", required=required, default=default, help="machine configuration (TOML)")
 
 
+_SPEED = TypeAdapter(Annotated[float, Belt.model_fields["speed_m_s"]])
+
+
+def belt_speed(text: str) -> float:
+    """A --speed option: in m/s, within the bounds the configuration allows (argparse turns the error into a usage
+    line)."""
+    try:
+        return _SPEED.validate_python(float(text))
+    except (ValueError, ValidationError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is no belt speed (0.01 to 10 m/s)") from exc
+
+
+def seconds(text: str) -> float:
+    """A --seconds option: a finite, positive time."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time in seconds, more than 0")
+    return value
+
+
 def add_run_options(p: argparse.ArgumentParser, record_help: str) -> None:
     """What every command that runs a graph takes."""
     add_config(p)
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    p.add_argument("--seconds", type=seconds, default=None, help="stop after this long (default: run until stopped)")
     p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
     p.add_argument("--record", metavar="FILE", default=None, help=record_help)
 

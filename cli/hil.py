@@ -195,9 +195,9 @@ def add(sub) -> None:
                        "hil.md to --out; exit 1 when the budget is exceeded or a deadline missed. "
                        "See docs/latency.md for the same test on a real machine.")
     common.add_config(p)
-    p.add_argument("--seconds", type=float, default=120.0, help="belt time (default 120: >10,000 commands)")
+    p.add_argument("--seconds", type=common.seconds, default=120.0, help="belt time (default 120: >10,000 commands)")
     p.add_argument("--quick", action="store_true", help="a short run (10 s)")
-    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--speed", type=common.belt_speed, default=None, help="belt speed, m/s (default: the config's)")
     p.add_argument("--seed", type=int, default=1, help="the synthetic belt's seed (default 1)")
     p.add_argument("--out", default=None, help="folder for the report (default: a new folder under "
                    "$XDG_STATE_HOME/sortline/reports, ~/.local/state when unset)")

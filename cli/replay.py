@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -68,6 +70,13 @@ def replay(args) -> int:
     return common.run_rewritten(settings, rewrite, args.seconds, args.report)
 
 
+def pace(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a factor of 0 or more (0: as fast as accepted)")
+    return value
+
+
 def add(sub) -> None:
     p = sub.add_parser("replay", help="run the graph with its sources replaced by a recording",
                        description="Run the configured graph with its source nodes (cameras, simulator, "
@@ -75,7 +84,7 @@ def add(sub) -> None:
                        "their edges. A damaged file replays up to the damage, then the graph ends.")
     p.add_argument("file", help="the recording (MCAP)")
     common.add_run_options(p, "record the replayed streams again to FILE")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=pace, default=1.0,
                    help="1: as recorded (default); a factor; 0: as fast as the graph accepts, lossless")
     p.add_argument("--from", dest="from_ticks", type=int, default=None, help="first belt position (encoder ticks)")
     p.add_argument("--to", dest="to_ticks", type=int, default=None, help="belt position to stop before")

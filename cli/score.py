@@ -83,7 +83,7 @@ def score(args) -> int:
     kinds = belt_kinds(settings, args.config)
     if kinds is None:
         return EX_CONFIG
-    speeds = [float(v) for v in args.speeds.split(",")] if args.speeds else [args.speed or settings.belt.speed_m_s]
+    speeds = args.speeds or [args.speed or settings.belt.speed_m_s]
     occupancies = [float(v) for v in args.occupancies.split(",")] if args.occupancies else [args.occupancy]
     rows = []
     for speed in speeds:
@@ -120,11 +120,12 @@ def add(sub) -> None:
                        "purity (hit objects that are targets, by count and by area), late and missed commands, "
                        "air use, and the decision latency. --speeds and --occupancies make a table of runs.")
     common.add_config(p)
-    p.add_argument("--seconds", type=float, default=20.0, help="belt time per run (default 20)")
-    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--seconds", type=common.seconds, default=20.0, help="belt time per run (default 20)")
+    p.add_argument("--speed", type=common.belt_speed, default=None, help="belt speed, m/s (default: the config's)")
     p.add_argument("--seed", type=int, default=1, help="the synthetic belt's seed (default 1)")
     p.add_argument("--occupancy", type=float, default=None, help="belt occupancy (default: the config's)")
-    p.add_argument("--speeds", default="", help="comma-separated speeds: one run each (a table)")
+    p.add_argument("--speeds", type=lambda text: [common.belt_speed(v) for v in text.split(",")], default=[],
+                   help="comma-separated speeds: one run each (a table)")
     p.add_argument("--occupancies", default="", help="comma-separated occupancies: one run each (a table)")
     p.add_argument("--unpaced", action="store_true",
                    help="let the belt wait for the pipeline: scores decisions alone, not timing (says so)")

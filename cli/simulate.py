@@ -42,13 +42,13 @@ def add(sub) -> None:
                        "one, else the defaults) for --seconds of belt time and record its rgb, hsi and truth "
                        "streams to an MCAP file. Unpaced unless --paced: as fast as the recorder writes.")
     common.add_config(p)
-    p.add_argument("--seconds", type=float, required=True, help="belt time to simulate")
+    p.add_argument("--seconds", type=common.seconds, required=True, help="belt time to simulate")
     p.add_argument("--record", metavar="FILE", required=True, help="the MCAP file to write")
     p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same bytes (default: the config's, else 1)")
     p.add_argument("--scene", choices=["belt", "target", "white", "dark"], default=None,
                    help="belt (objects), target (calibration board), white or dark (spectral references)")
-    p.add_argument("--speed", type=float, default=None, help="belt speed, m/s (default: the config's)")
+    p.add_argument("--speed", type=common.belt_speed, default=None, help="belt speed, m/s (default: the config's)")
     p.add_argument("--occupancy", type=float, default=None, help="fraction of the belt covered")
     p.add_argument("--drop-rate", type=float, default=None, help="chance a frame is lost (a gap)")
     p.add_argument("--paced", action="store_true", help="at the belt's own pace instead of as fast as possible")

@@ -49,17 +49,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-# The machine.
+# The machine. The bounds are physical ones, lower bounds included: the derived figures divide by them, and a
+# denormal belt speed would make the latency budget infinite.
 
 class Belt(Section):
-    width_mm: float = Field(gt=0, le=5000)
-    speed_m_s: float = Field(gt=0, le=10, description="nominal belt speed")
-    ticks_per_mm: float = Field(gt=0, le=10_000, description="encoder ticks per mm of belt travel")
+    width_mm: float = Field(ge=1, le=5000)
+    speed_m_s: float = Field(ge=0.01, le=10, description="nominal belt speed")
+    ticks_per_mm: float = Field(ge=0.01, le=10_000, description="encoder ticks per mm of belt travel")
 
 
 class LineCamera(Section):
     pixels: int = Field(gt=0, le=16384, description="pixels across the belt")
-    mm_per_pixel: float = Field(gt=0, le=1000)
+    mm_per_pixel: float = Field(ge=0.001, le=1000)
     ticks_per_line: int = Field(gt=0, description="encoder ticks between two line triggers")
     lines_per_frame: int = Field(gt=0, le=65536, description="lines the camera delivers per frame")
     bands: int = Field(gt=0, le=1024)
@@ -84,7 +85,7 @@ class Cameras(Section):
 
 class ValveBar(Section):
     count: int = Field(gt=0, le=1024)
-    pitch_mm: float = Field(gt=0, le=1000)
+    pitch_mm: float = Field(ge=0.1, le=1000)
     offset_mm: float = Field(0.0, ge=-10_000, le=10_000, description="cross-belt position of valve 0's centre")
     distance_mm: float = Field(gt=0, le=10_000, description="along-belt distance from the RGB scan line to the valve bar")
     open_ms: float = Field(ge=0, le=100, description="valve response time, opening")

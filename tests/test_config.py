@@ -59,7 +59,7 @@ def good() -> str:
 @pytest.mark.parametrize(
     "old, new, expected",
     [
-        ("speed_m_s = 2.0", "speed_m_s = -2.0", "belt.speed_m_s = -2.0: Input should be greater than 0"),
+        ("speed_m_s = 2.0", "speed_m_s = -2.0", "belt.speed_m_s = -2.0: Input should be greater than or equal to 0.01"),
         ("speed_m_s = 2.0", 'speed_m_s = "fast"', "belt.speed_m_s = 'fast': Input should be a valid number"),
         ("count = 48", "count = 0", "valve_bar.count = 0: Input should be greater than 0"),
         ('driver = "sim"', 'driver = "can"', "ejector.driver = 'can': Input should be 'sim' or 'udp'"),
@@ -135,7 +135,7 @@ def test_commands_refuse_a_bad_config_with_one_line_and_exit_78(tmp_path, run_di
         res = sortline(*args, timeout=60)
         assert res.returncode == EX_CONFIG
         assert res.stderr.strip().splitlines() == [
-            f"sortline: config error: {cfg}: belt.speed_m_s = 0: Input should be greater than 0"
+            f"sortline: config error: {cfg}: belt.speed_m_s = 0: Input should be greater than or equal to 0.01"
         ]
 
 
@@ -166,8 +166,9 @@ def test_help_explains_each_command():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from([("belt", "speed_m_s"), ("belt", "ticks_per_mm"), ("valve_bar", "distance_mm"),
-                            ("valve_bar", "count"), ("valve_bar", "min_pulse_ms"), ("ejector", "address"),
-                            ("ejector", "driver_latency_ms"), ("model", "strip_lines"), ("budget", "margin_ms")]),
+                            ("valve_bar", "count"), ("valve_bar", "min_pulse_ms"), ("valve_bar", "pitch_mm"),
+                            ("belt", "width_mm"), ("ejector", "address"), ("ejector", "driver_latency_ms"),
+                            ("model", "strip_lines"), ("budget", "margin_ms")]),
        value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70),
                        st.text(max_size=30), st.sampled_from(["127.0.0.1:0", "x:65536", "host:", ":80", "a:1"])))
 def test_fuzzed_config_values_are_a_config_error_or_a_valid_machine(tmp_path, key, value):
@@ -189,3 +190,19 @@ def test_fuzzed_config_values_are_a_config_error_or_a_valid_machine(tmp_path, ke
         return
     figures = (cfg.budget_ms(), cfg.line_rate_hz("rgb"), cfg.travel_mm(), getattr(cfg, key[0]).model_dump()[key[1]])
     assert all(math.isfinite(v) for v in figures if isinstance(v, float))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["score", "--speed", "1e-300"], "argument --speed: '1e-300' is no belt speed"),
+    (["score", "--speeds", "2,inf"], "argument --speeds: 'inf' is no belt speed"),
+    (["hil", "--speed", "-3"], "argument --speed: '-3' is no belt speed"),
+    (["replay", "belt.mcap", "--speed", "nan"], "argument --speed: 'nan': give a factor of 0 or more"),
+    (["run", "--seconds", "inf"], "argument --seconds: 'inf': give a time in seconds"),
+    (["simulate", "--record", "x.mcap", "--seconds", "0"], "argument --seconds: '0': give a time in seconds"),
+])
+def test_command_line_figures_outside_the_machine_ranges_are_usage_errors(args, says):
+    """A speed or a duration typed on the command line meets the same bounds as one in the configuration: a usage
+    error (exit 2) that names the option, before any node starts."""
+    res = sortline(*args, "--config", str(DEMO))
+    assert res.returncode == 2, res.stderr
+    assert says in res.stderr

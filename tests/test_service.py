@@ -84,7 +84,7 @@ def test_install_refuses_a_bad_config_a_wrong_prefix_and_unknown_nodes(tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text(DEMO.read_text().replace("speed_m_s = 2.0", "speed_m_s = -2.0"))
     cases = [
-        (["--config", str(bad)], "belt.speed_m_s = -2.0: Input should be greater than 0"),
+        (["--config", str(bad)], "belt.speed_m_s = -2.0: Input should be greater than or equal to 0.01"),
         (["--config", str(DEMO), "--prefix", str(tmp_path)], f"{tmp_path}/bin/sortline is not an executable"),
         (["--config", str(DEMO), "--prefix", sys.prefix, "--nodes", "belt,camera"], "no node named 'camera'"),
     ]
