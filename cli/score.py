@@ -11,6 +11,7 @@ from sortline.cli import common
 from sortline.pipeline.config import EX_CONFIG, Settings
 
 NEEDED = ("simulate", "valve_sim", "ejector")
+UNPACED_SLOWDOWN = 60   # unpaced: wall time allowed per second of belt
 
 
 def belt_kinds(settings: Settings, config_path: str) -> dict[str, str] | None:
@@ -90,13 +91,22 @@ def score(args) -> int:
         for occupancy in occupancies:
             with tempfile.TemporaryDirectory(prefix="sortline-score-") as tmp:
                 score_path, run_path = Path(tmp) / "score.json", Path(tmp) / "run.json"
+                # Paced, the belt takes its own time; unpaced, it waits for the slowest stage, which on a CPU
+                # can be far slower than the belt (the production twin's model).
+                limit = args.seconds * (UNPACED_SLOWDOWN if args.unpaced else 1) + 30
                 rc = common.run_rewritten(settings, belt_run(kinds, args, speed, occupancy, score_path),
-                                          args.seconds + 30, str(run_path))
+                                          limit, str(run_path))
                 if rc != 0 or not score_path.exists():
                     print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
                     return rc or 1
-                rows.append(score_row(json.loads(score_path.read_text()), json.loads(run_path.read_text()),
-                                      speed, occupancy, args))
+                run = json.loads(run_path.read_text())
+                belt_state = run.get("nodes", {}).get(kinds["simulate"], {}).get("state")
+                if belt_state != "finished":
+                    print(f"sortline: score: the run at {speed:g} m/s was stopped after {limit:g} s, before its "
+                          f"{args.seconds:g} s of belt were through (the belt was {belt_state}): no score",
+                          file=sys.stderr)
+                    return 1
+                rows.append(score_row(json.loads(score_path.read_text()), run, speed, occupancy, args))
     print(score_table(rows))
     for r in rows:
         looks = {k[len("recovery_look_"):]: v for k, v in r.items() if k.startswith("recovery_look_")}

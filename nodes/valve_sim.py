@@ -46,6 +46,7 @@ KERNEL_DROPS = Counter("sortline_valve_sim_kernel_drops", "Datagrams the kernel 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux: kernel receive time, CLOCK_REALTIME
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)         # Linux: with each datagram, the drops so far
 ANCILLARY = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(4)   # room for both
+QUIET_MAX_S = 600.0  # unpaced: the longest wait for the last commands after the end of the truth
 SETTLE_MM = 150.0   # truth is scored once the belt has carried it this far past the valve bar
 
 
@@ -72,6 +73,7 @@ class ValveSim(Node):
         self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
         self.commands = self.late_arrivals = 0
         self.last_command = time.monotonic()
+        self.longest_pause = 0.0
         self.bad: dict[str, int] = {}
         self.air_s = 0.0
         self.pending: deque[tuple[int, np.ndarray, np.ndarray]] = deque()   # truth chunks not yet scored
@@ -137,7 +139,10 @@ class ValveSim(Node):
             with self.lock:
                 self.commands += 1
                 self.commanded.add(c.object_id)
-                self.last_command = time.monotonic()
+                now = time.monotonic()
+                if self.commands > 1:
+                    self.longest_pause = max(self.longest_pause, now - self.last_command)
+                self.last_command = now
                 if self.params.by_position:
                     a = c.open_pos - self.bar.travel_ticks
                     b = a + c.duration_us * 1000 * self.track.nominal
@@ -182,11 +187,19 @@ class ValveSim(Node):
         if self.params.by_position:
             # Commands come when the pipeline gets to them, not on the belt's clock: wait until they stop,
             # then score everything (on a moving belt, what never passed the bar is left out instead).
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not self.stopping and time.monotonic() - self.last_command < 1.0:
+            # A slow stage (a big model on a CPU) spaces them out, so "stopped" means quiet for longer than
+            # the longest pause so far.
+            deadline = time.monotonic() + QUIET_MAX_S
+            while not self.stopping and time.monotonic() - self.last_command < max(1.0, 2 * self.longest_pause):
+                if time.monotonic() > deadline:
+                    self.log.warning("commands still coming %.0f s after the end of the truth: scoring now",
+                                     QUIET_MAX_S)
+                    break
+                self.keep_alive()
                 time.sleep(0.05)
             while self.pending:
                 self._score(*self.pending.popleft())
+                self.keep_alive()
         return None
 
     def _score_settled(self, encoder_pos: int) -> None:

@@ -19,6 +19,12 @@ SORTLINE_BELT__SPEED_M_S=3 or SORTLINE_GRAPH__RUNTIME_DIR=/run/sortline.
 File paths in the file (calibration, model, keys) are relative to the file
 itself; a path of the form `shipped:NAME` names a file that comes with
 sortline (the model's reader resolves it).
+
+A file may extend another (`extends = "production.toml"`, relative to it):
+its tables are merged into the other's, key by key, its `[[edges]]` are
+added, and `drop_nodes` names nodes of the other file to leave out together
+with their edges. That is how a machine's simulated twin says only what
+differs from the machine (configs/production-twin.toml).
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ import os
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the supervisor never restarts on it
 
@@ -324,8 +330,9 @@ class Settings(BaseSettings, Machine):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-        if settings_cls.model_config.get("toml_file"):
-            sources += (TomlConfigSettingsSource(settings_cls),)
+        file_data = getattr(settings_cls, "file_data", None)
+        if file_data is not None:   # below the environment: SORTLINE_* overrides the file
+            sources += (InitSettingsSource(settings_cls, init_kwargs=file_data),)
         return sources
 
     def machine(self) -> Machine:
@@ -373,31 +380,83 @@ def _has_scheme(path: str) -> bool:
     return ":" in path and not os.path.isabs(path) and "/" not in path.split(":", 1)[0]
 
 
-def read_config(path: str | os.PathLike) -> Settings:
-    """Read and validate a configuration file, or raise ConfigError. (pipeline.graph.load_config
-    checks its graph too: what the commands and nodes use.)"""
-    path = Path(path)
+def _beside(path: Path, v: str) -> str:
+    """A file the configuration at `path` names: relative paths start beside that file."""
+    return str((path.parent / v).resolve()) if v and not os.path.isabs(v) and not _has_scheme(v) else v
+
+
+# Where a file names other files: (table, key) pairs, and each edge's server_key.
+_PATH_KEYS = (("calibration", "spectral"), ("calibration", "spatial"), ("model", "path"), ("ejector", "key"),
+              ("security", "key"), ("security", "authorized"))
+
+
+def _read_toml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"config file {path}: not found"])
     try:
         with path.open("rb") as fh:
-            tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config file {path}: not valid TOML: {exc}"]) from None
     except OSError as exc:
         raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
 
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's tables with what it extends merged in (module docstring). Paths that the extended
+    file names are made absolute first, so that each stays relative to the file that states it."""
+    data = _read_toml(path)
+    if "extends" not in data:
+        if "drop_nodes" in data:
+            raise ConfigError([f"{path}: drop_nodes: only a file that extends another can drop its nodes"])
+        return data
+    extends, drop = data.pop("extends"), data.pop("drop_nodes", [])
+    if not isinstance(extends, str) or not isinstance(drop, list) or not all(isinstance(n, str) for n in drop):
+        raise ConfigError([f"{path}: extends is a file name and drop_nodes a list of node names"])
+    base_path = Path(_beside(path, extends))
+    if base_path in (*seen, path.resolve()):
+        raise ConfigError([f"{path}: extends {extends}, which extends it back"])
+    base = compose(base_path, (*seen, path.resolve()))
+    for table, key in _PATH_KEYS:
+        if isinstance(base.get(table, {}).get(key), str):
+            base[table] = {**base[table], key: _beside(base_path, base[table][key])}
+    nodes = base.get("nodes", {})
+    unknown = [n for n in drop if n not in nodes]
+    if unknown:
+        raise ConfigError([f"{path}: drop_nodes: {', '.join(unknown)}: no such node in {base_path}"])
+    base["nodes"] = {name: cfg for name, cfg in nodes.items() if name not in drop}
+    base_edges = [dict(e, server_key=_beside(base_path, e["server_key"])) if isinstance(e.get("server_key"), str)
+                  else e for e in base.get("edges", [])]
+    kept = [e for e in base_edges
+            if not any(str(e.get(end, "")).split(".")[0] in drop for end in ("from", "to"))]
+    edges = data.pop("edges", [])
+    merged = _merge(base, data)
+    merged["edges"] = kept + (edges if isinstance(edges, list) else [edges])
+    return merged
+
+
+def read_config(path: str | os.PathLike) -> Settings:
+    """Read and validate a configuration file, or raise ConfigError. (pipeline.graph.load_config
+    checks its graph too: what the commands and nodes use.)"""
+    path = Path(path)
+
     class FileSettings(Settings):
-        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+        file_data: ClassVar[dict] = compose(path)
 
     try:
         settings = FileSettings()
     except ValidationError as exc:
         raise ConfigError([f"{path}: {line}" for line in format_validation(exc)]) from None
 
-    # Files the configuration names live beside it: relative paths start there.
     def beside(v: str) -> str:
-        return str((path.parent / v).resolve()) if v and not os.path.isabs(v) and not _has_scheme(v) else v
+        return _beside(path, v)
 
     cal = CalibrationFiles(**{k: beside(v) for k, v in settings.calibration.model_dump().items()})
     model = settings.model.model_copy(update={"path": beside(settings.model.path)})

@@ -206,3 +206,57 @@ def test_command_line_figures_outside_the_machine_ranges_are_usage_errors(args, 
     res = sortline(*args, "--config", str(DEMO))
     assert res.returncode == 2, res.stderr
     assert says in res.stderr
+
+
+def test_the_production_twin_is_the_production_machine_with_a_simulated_belt_and_valve_bar():
+    """The twin says only what differs: the machine's figures and the graph from register to ejector are the
+    production file's, the cameras are the synthetic belt, the controller is the valve-bar simulator, and the
+    files each names are found beside the file that names them."""
+    prod, twin = load_config(ROOT / "configs/production.toml"), load_config(ROOT / "configs/production-twin.toml")
+    for section in ("belt", "cameras", "valve_bar", "model", "budget", "recipe"):
+        assert getattr(twin, section) == getattr(prod, section), section
+    assert {n: c.kind for n, c in prod.nodes.items()} == {
+        "acquire-rgb": "acquire", "acquire-hsi": "acquire", "register": "register", "infer": "infer",
+        "plan": "eject_plan", "ejector": "ejector"}
+    assert {n: c.kind for n, c in twin.nodes.items()} == {
+        "register": "register", "infer": "infer", "plan": "eject_plan", "ejector": "ejector",
+        "belt": "simulate", "valve_sim": "valve_sim"}
+    kept = {(e.src, e.dst) for e in prod.edges if not e.src.startswith("acquire")}
+    assert kept <= {(e.src, e.dst) for e in twin.edges}
+    assert {e.dst for e in twin.edges if e.src.startswith("belt.")} == {
+        "register.rgb", "register.hsi", "plan.encoder", "ejector.encoder", "valve_sim.truth", "valve_sim.encoder"}
+    assert (prod.ejector.driver, twin.ejector.driver) == ("udp", "sim")
+    assert twin.calibration.spectral == str(ROOT / "configs/calibration/production-twin-spectral.npz")
+    assert all(os.path.isfile(p) for p in (twin.calibration.spectral, twin.calibration.spatial, twin.ejector.key))
+
+
+def test_an_extending_file_follows_its_base_and_names_files_beside_the_file_that_states_them(tmp_path):
+    base_dir, twin_dir = tmp_path / "machine", tmp_path / "twins"
+    base_dir.mkdir(), twin_dir.mkdir()
+    (base_dir / "m.toml").write_text(machine_toml(belt={"speed_m_s": 2.5}, calibration={"spatial": "cal/s.json"})
+                                     + GRAPH)
+    (twin_dir / "t.toml").write_text('extends = "../machine/m.toml"\ndrop_nodes = ["sink"]\n'
+                                     '[calibration]\nspectral = "mine.npz"\n'
+                                     '[nodes.other]\nkind = "sink"\n[[edges]]\nfrom = "camera.out"\nto = "other.in"\n')
+    cfg = load_config(twin_dir / "t.toml")
+    assert cfg.belt.speed_m_s == 2.5
+    assert cfg.calibration.spatial == str(base_dir / "cal/s.json")
+    assert cfg.calibration.spectral == str(twin_dir / "mine.npz")
+    assert set(cfg.nodes) == {"camera", "other"} and [(e.src, e.dst) for e in cfg.edges] == [("camera.out", "other.in")]
+    (base_dir / "m.toml").write_text(machine_toml(belt={"speed_m_s": 3.5}) + GRAPH)
+    assert load_config(twin_dir / "t.toml").belt.speed_m_s == 3.5
+
+
+@pytest.mark.parametrize("twin, says", [
+    ('extends = "m.toml"\ndrop_nodes = ["nope"]\n', "drop_nodes: nope: no such node in"),
+    ('extends = "t.toml"\n', "extends t.toml, which extends it back"),
+    ('extends = "missing.toml"\n', "missing.toml: not found"),
+    ('drop_nodes = ["sink"]\n' + GRAPH, "only a file that extends another can drop its nodes"),
+    ('extends = 3\n', "extends is a file name"),
+])
+def test_a_broken_extends_is_one_config_error_line(tmp_path, twin, says):
+    (tmp_path / "m.toml").write_text(machine_toml() + GRAPH)
+    (tmp_path / "t.toml").write_text(twin)
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "t.toml")
+    assert len(exc.value.lines) == 1 and says in exc.value.lines[0], exc.value.lines
