@@ -240,3 +240,30 @@ def test_a_gpu_backend_that_cannot_run_here_falls_back_to_onnx_runtime_on_the_cp
            "checkpoint": "belt-fusion-nano.safetensors is not a TensorRT engine"}[model]
     assert "model.backend = 'tensorrt' cannot run here: " + why in warnings[0], warnings[0]
     assert "Running model c58e74e6bb4fa7d1 on ONNX Runtime on the CPU instead" in warnings[0]
+
+
+def test_the_fallback_names_what_is_missing_and_never_runs_another_model(tmp_path):
+    """open_for_machine, as the infer node calls it: onnxruntime-cuda without ONNX Runtime's CUDA provider (this
+    machine) runs on the CPU provider; an engine whose ONNX file beside it is another model is refused."""
+    import shutil
+
+    import onnx
+
+    from sortline.models.backends import open_for_machine
+    from sortline.models.contract import ModelFileError, model_file, write_engine
+
+    settings = load_config(ROOT / "configs" / "demo.toml")
+    shape = StripShape.from_machine(settings)
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(model_file("shipped:belt-fusion-nano.onnx"), onnx_path)
+    backend, missing = open_for_machine("onnxruntime-cuda", onnx_path, shape, device=1)
+    assert backend.name == "onnxruntime" and backend.model_hash == "c58e74e6bb4fa7d1"
+    assert missing == "ONNX Runtime has no CUDA provider here (the onnxruntime-gpu package)"
+    assert open_for_machine("onnxruntime", onnx_path, shape)[1] == ""      # a CPU backend asked for: nothing missing
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    engine = write_engine(tmp_path / "model.engine", {**meta, "model_hash": "0123456789abcdef", "onnx": "model.onnx"},
+                          b"plan")
+    with pytest.raises(ModelFileError, match="model.onnx beside the engine is model c58e74e6bb4fa7d1, not the "
+                                             "engine's 0123456789abcdef"):
+        open_for_machine("tensorrt", engine, shape)
