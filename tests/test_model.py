@@ -198,6 +198,9 @@ def test_onnx_export_matches_torch(tmp_path):
     assert scores and all(len(d) == 3 and d[0] <= 8 for d in scores), scores
     largest = max(int(np.prod(d)) for d in constants)
     assert largest == max(p.numel() for p in net.parameters()), largest   # a weight matrix, nothing per grid
+    # The broadcast masks reshape the scores to 7 dimensions; TensorRT takes at most 8.
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+    assert max(len(v.type.tensor_type.shape.dim) for v in inferred) == 7
 
 
 def test_window_masks_factorised_are_the_region_mask():
