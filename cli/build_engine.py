@@ -20,7 +20,7 @@ def build_engine(args) -> int:
 
     try:
         build(args.onnx, out, int8=args.int8, fp32=args.fp32, calib=args.calib, timing_cache=args.timing_cache,
-              workspace_mb=args.workspace_mb)
+              workspace_mb=args.workspace_mb, device=args.device)
     except (ModelFileError, ValueError) as exc:
         print(f"sortline: {exc}", file=sys.stderr)
         return 2
@@ -42,4 +42,6 @@ def add(sub) -> None:
     p.add_argument("--fp32", action="store_true", help="no reduced precision (for checking)")
     p.add_argument("--timing-cache", default="", help="timing cache file (default: beside the engine)")
     p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--device", type=int, default=0, help="the GPU to build on: model.device of the machine config "
+                   "that will run it (default 0)")
     p.set_defaults(func=build_engine)

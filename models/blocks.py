@@ -4,7 +4,12 @@ Tensors are channel-last (B, H, W, C) so that linear layers apply directly.
 Every reshape uses Python integers taken from the input's (static) shape: an
 exported graph then carries constants, not Shape/Gather chains, which keeps
 ONNX Runtime and TensorRT graphs small. Masks and relative-position indices
-are built in numpy for the exact grid and become constants too.
+are built in numpy for the exact grid and become constants too, kept
+factorised: one relative-position bias per head shared by every window, and
+the shifted-window mask as one small table per window row and one per window
+column, each added to the scores by broadcasting. Summed into one tensor they
+would be (windows, heads, 64, 64) per layer, which constant folding writes
+into an exported file: most of its size at a production strip.
 """
 
 from __future__ import annotations
@@ -41,13 +46,12 @@ def split(x, parts: int):
     return torch.split(x, [c] * parts, dim=-1)
 
 
-def attend(q, k, v, heads: int, bias=None):
+def attend(q, k, v, heads: int, bias=None, mask=None):
     """Multi-head attention on (B, Nq, C) queries and (B, Nk, C) keys/values.
 
     Written out (not scaled_dot_product_attention) so that the export is
-    plain MatMul/Softmax, which every runtime has. `bias` is added to the
-    scores: (heads, Nq, Nk), or (G, heads, Nq, Nk) for a batch that is
-    B groups of G (the windows of one image), broadcast without copies.
+    plain MatMul/Softmax, which every runtime has. `bias` (heads, Nq, Nk) is
+    added to the scores, then `mask` (a WindowMask) where the batch is windows.
     """
     b, nq, c = dims(q)
     nk = int(k.shape[1])
@@ -56,11 +60,10 @@ def attend(q, k, v, heads: int, bias=None):
     k = k.reshape(b, nk, heads, hd).transpose(1, 2)
     v = v.reshape(b, nk, heads, hd).transpose(1, 2)
     attn = q @ k.transpose(-2, -1)
-    if bias is not None and bias.dim() == 4:
-        g = int(bias.shape[0])
-        attn = (attn.reshape(b // g, g, heads, nq, nk) + bias).reshape(b, heads, nq, nk)
-    elif bias is not None:
+    if bias is not None:
         attn = attn + bias
+    if mask is not None:
+        attn = mask.apply(attn)
     out = attn.softmax(-1) @ v
     return out.transpose(1, 2).reshape(b, nq, c)
 
@@ -72,15 +75,65 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, bias=None):
+    def forward(self, x, bias=None, mask=None):
         q, k, v = split(self.qkv(x), 3)
-        return self.proj(attend(q, k, v, self.heads, bias))
+        return self.proj(attend(q, k, v, self.heads, bias, mask))
+
+
+class WindowMask:
+    """The additive mask of a shifted-window layer, factorised by window row and window column.
+
+    Two tokens of a window may attend to each other when they come from the same
+    region along the strip (rows) and the same region across it (columns):
+    neither wrapped around by the cyclic shift from the far side, nor padding.
+    `rows` (nh, wh, wh) holds, for each row of windows, MASKED between token rows of
+    different regions and 0 elsewhere; `cols` (nw, ww, ww) the same across; either
+    is None where that axis is neither shifted nor padded. A pair in different
+    regions along both gets 2 x MASKED, still finite in FP16 and 0 after softmax.
+    A padding token may attend to other padding only partly: its output is
+    cropped, and no real token ever attends to it.
+    """
+
+    def __init__(self, nh: int, nw: int, wh: int, ww: int, rows: np.ndarray | None, cols: np.ndarray | None):
+        self.nh, self.nw, self.wh, self.ww = nh, nw, wh, ww
+        self.rows = None if rows is None else torch.from_numpy(rows)
+        self.cols = None if cols is None else torch.from_numpy(cols)
+
+    def apply(self, attn):
+        """Scores (b x nh x nw windows, heads, n, n) with the mask added; reshapes of constant sizes, at most 7-D."""
+        bw, heads, n, _ = dims(attn)
+        nh, nw, wh, ww = self.nh, self.nw, self.wh, self.ww
+        b = bw // (nh * nw)
+        if self.rows is not None:   # query row i, key row j of window row r: (b, r, (c, head), i, ., j, .)
+            rows = self.rows.to(attn.dtype).reshape(nh, 1, wh, 1, wh, 1)
+            attn = attn.reshape(b, nh, nw * heads, wh, ww, wh, ww) + rows
+        if self.cols is not None:   # query column i, key column j of window column c: ((b, r), c, (head, .), i, ., j)
+            cols = self.cols.to(attn.dtype).reshape(nw, 1, ww, 1, ww)
+            attn = attn.reshape(b * nh, nw, heads * wh, ww, wh, ww) + cols
+        return attn.reshape(bw, heads, n, n)
+
+
+def _regions(n_pad: int, n: int, size: int, s: int) -> np.ndarray:
+    """Region of each slot along one axis after a cyclic shift by s: 0 the windows that hold no
+    wrapped tokens, 1 and 2 the two parts of the last window, 3 padding."""
+    pos = np.arange(n_pad)
+    orig = (pos + s) % n_pad  # the unshifted position a shifted slot holds
+    reg = np.where(pos < n_pad - size, 0, np.where(pos < n_pad - s, 1, 2)) if s else np.zeros(n_pad, int)
+    return np.where(orig >= n, 3, reg)
+
+
+def _axis_mask(n_pad: int, n: int, size: int, s: int) -> np.ndarray | None:
+    """(windows along the axis, size, size): 0 between slots of one region, MASKED between others."""
+    if not s and n_pad == n:
+        return None
+    reg = _regions(n_pad, n, size, s).reshape(n_pad // size, size)
+    return np.where(reg[:, :, None] == reg[:, None, :], 0.0, MASKED).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)
 def _window_tables(h: int, w: int, win: int, shift: bool):
-    """Window size, shift, padded grid, the additive mask and the relative-position
-    index for a shifted-window layer on an h x w grid.
+    """Window size, shift, padded grid, the mask (a WindowMask, or None) and the
+    relative-position index for a shifted-window layer on an h x w grid.
 
     A window is win x win, or the whole grid along a side shorter than win
     (then that side is never shifted). The grid is padded up to whole windows;
@@ -92,19 +145,8 @@ def _window_tables(h: int, w: int, win: int, shift: bool):
     sh = wh // 2 if shift and h > win else 0
     sw = ww // 2 if shift and w > win else 0
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
-
-    def region(n_pad: int, n: int, size: int, s: int) -> np.ndarray:
-        pos = np.arange(n_pad)
-        orig = (pos + s) % n_pad  # the unshifted position a shifted slot holds
-        reg = np.where(pos < n_pad - size, 0, np.where(pos < n_pad - s, 1, 2)) if s else np.zeros(n_pad, int)
-        return np.where(orig >= n, 3, reg)  # 3: padding
-
-    ry, rx = region(hp, h, wh, sh), region(wp, w, ww, sw)
-    ids = ry[:, None] * 4 + rx[None, :]
-    ids = np.where((ry[:, None] == 3) | (rx[None, :] == 3), -1, ids)
-    ids = ids.reshape(hp // wh, wh, wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
-    need_mask = bool(sh or sw or hp != h or wp != w)
-    mask = np.where(ids[:, :, None] == ids[:, None, :], 0.0, MASKED).astype(np.float32) if need_mask else None
+    rows, cols = _axis_mask(hp, h, wh, sh), _axis_mask(wp, w, ww, sw)
+    mask = None if rows is None and cols is None else WindowMask(hp // wh, wp // ww, wh, ww, rows, cols)
 
     yy, xx = np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")
     cy, cx = yy.ravel(), xx.ravel()
@@ -129,18 +171,14 @@ class WindowBlock(nn.Module):
         b, h, w, c = dims(x)
         wh, ww, sh, sw, hp, wp, mask, index = _window_tables(h, w, self.window, self.shift)
         y = self.norm1(x)
-        if hp != h:
-            y = torch.cat([y, torch.zeros((b, hp - h, w, c), dtype=y.dtype, device=y.device)], 1)
-        if wp != w:
-            y = torch.cat([y, torch.zeros((b, hp, wp - w, c), dtype=y.dtype, device=y.device)], 2)
+        if hp != h or wp != w:   # a Pad op: zeros concatenated would be constants of the grid's size in the export
+            y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
         if sh or sw:
             y = torch.roll(y, (-sh, -sw), (1, 2))
         nh, nw, n = hp // wh, wp // ww, wh * ww
         y = y.reshape(b, nh, wh, nw, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, n, c)
         bias = self.bias_table[torch.from_numpy(index.ravel())].reshape(n, n, self.heads).permute(2, 0, 1)
-        if mask is not None:   # per window: (windows, heads, n, n)
-            bias = bias.reshape(1, self.heads, n, n) + torch.from_numpy(mask).to(x.dtype).reshape(nh * nw, 1, n, n)
-        y = self.attn(y, bias)
+        y = self.attn(y, bias, mask)
         y = y.reshape(b, nh, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         if sh or sw:
             y = torch.roll(y, (sh, sw), (1, 2))

@@ -7,8 +7,10 @@ One class builds all three variants from a ModelConfig:
 - hsi: the HSI backbone, each stage collapsed over its slices, the decoder
   (on the HSI grids, resized to the RGB strip at the end).
 
-Inputs are what a strip carries, channel-last: rgb (B, H, W, 3) float 0..255,
-hsi (B, H/r, W/r, bands) float reflectance. Scaling is part of the graph.
+SortNet takes float32, channel-last: rgb (B, H, W, 3) 0..255, hsi (B, H/r,
+W/r, bands) reflectance; scaling is part of the graph. Deployed takes what a
+strip carries (uint8 RGB, float16 HSI) and converts it in the graph, on the
+device that runs it.
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ class SortNet(nn.Module):
 
 
 class Deployed(nn.Module):
-    """What is exported: the network, the overlap cropped, the class and its confidence.
+    """What is exported: the input conversion, the network, the overlap cropped, the class and its confidence.
 
+    Inputs rgb (B, H, W, 3) uint8 and hsi (B, H/r, W/r, bands) float16, as the
+    register node makes them (any dtype is taken): turned into float32 here,
+    inside the graph, so that a host copies 5 bytes a pixel to a GPU, not 16.
     Outputs classes (B, core lines / stride, W / stride) int32 and confidence
     (same shape) float32 (the winning class's softmax probability). With
     stride 4 the mask is the decoder's own grid: no upsampling, and 16 times
@@ -77,7 +82,7 @@ class Deployed(nn.Module):
         self.net, self.overlap, self.stride = net, overlap // stride, stride
 
     def forward(self, rgb, hsi):
-        logits = self.net(rgb, hsi, self.stride)
+        logits = self.net(rgb.to(torch.float32), hsi.to(torch.float32), self.stride)
         h = int(logits.shape[2])
         if self.overlap:
             logits = logits[:, :, self.overlap:h - self.overlap]

@@ -15,9 +15,14 @@ the stride and the mask lines with real data (a strip the register node
 ended early at a gap has fewer).
 
 The model (model.path) is opened once in setup with the configured backend
-(sortline.models.backends: ONNX Runtime and TensorRT need no torch). A model
-file that is missing, made for other strips, or without a class the recipe
-targets is a ConfigError: a restart would not fix it.
+(sortline.models.backends: ONNX Runtime and TensorRT need no torch) on GPU
+model.device, and given the strip's arrays as they arrive: the model converts
+them on its device. Where the config asks for tensorrt or onnxruntime-cuda and
+this machine cannot run it (no engine, no TensorRT, no GPU), the node runs the
+model's ONNX file on ONNX Runtime on the CPU, with one warning at start-up that
+says what is missing; `sortline_infer_backend_info{backend=...}` says which
+runs. A model file that is missing, made for other strips, or without a class
+the recipe targets is a ConfigError: a restart would not fix it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import time
 
 import numpy as np
 
-from sortline.models.backends import open_backend
+from sortline.models.backends import open_for_machine
 from sortline.models.contract import ModelFileError, StripShape, model_file
 from sortline.nodes.streams import MASK, STRIP, MaskMeta
+from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError
 from sortline.pipeline.node import Node
 
@@ -43,7 +49,7 @@ class Infer(Node):
             raise ConfigError(["model.path: not set; the infer node needs a model (docs/model.md)"])
         self.shape = s = StripShape.from_machine(self.machine)
         try:
-            self.backend = open_backend(m.backend, model_file(m.path), s, m.threads)
+            self.backend, unavailable = open_for_machine(m.backend, model_file(m.path), s, m.threads, m.device)
         except ModelFileError as exc:
             raise ConfigError([f"model.path: {exc}"]) from None
         except ImportError as exc:
@@ -56,10 +62,14 @@ class Infer(Node):
                                f"{self.backend.model_hash} ({', '.join(classes[1:])})"])
         self.expect("in", lines=s.lines, width=s.width, hsi_lines=s.lines // s.ratio, hsi_width=s.width // s.ratio,
                     bands=s.bands)
+        if unavailable:
+            self.log.warning("model.backend = %r cannot run here: %s. Running model %s on ONNX Runtime on the CPU "
+                             "instead, far slower than a GPU", m.backend, unavailable, self.backend.model_hash)
+        metrics.INFER_BACKEND.labels(self.name, self.backend.name).set(1)
         self.classes = classes
         self.core = s.core
         self.strips, self.busy_s = 0, 0.0
-        self.log.info("%s backend, model %s (%s), strips %s -> masks %s", m.backend, self.backend.model_hash,
+        self.log.info("%s backend, model %s (%s), strips %s -> masks %s", self.backend.name, self.backend.model_hash,
                       m.path, s.rgb[1:3], self.core)
 
     def process(self, port, msg):
@@ -88,5 +98,6 @@ class Infer(Node):
 
     def status(self) -> dict:
         if not self.strips:
-            return {"strips": 0}
-        return {"strips": self.strips, "ms_per_strip": round(self.busy_s / self.strips * 1000, 1)}
+            return {"strips": 0, "backend": self.backend.name}
+        return {"strips": self.strips, "backend": self.backend.name,
+                "ms_per_strip": round(self.busy_s / self.strips * 1000, 1)}

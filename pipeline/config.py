@@ -146,6 +146,8 @@ class Model(Section):
         1, description="the class mask on a grid this many RGB pixels coarser along and across (4: the "
         "model's finest grid, 3.75 mm on the demo profile; a valve lane is 12.5 mm): cheaper to make and "
         "to turn into objects")
+    device: int = Field(0, ge=0, le=64, description="the GPU the tensorrt and onnxruntime-cuda backends run on "
+                        "(CUDA's device index; 0: the first)")
 
 
 class CalibrationFiles(Section):

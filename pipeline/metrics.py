@@ -30,6 +30,8 @@ AUTH_REFUSED = Counter("sortline_auth_refused", "Connections to a tcp edge refus
                        "authorised", ["node"])
 LINES = Counter("sortline_lines", "Camera lines arriving at a node's input", ["node", "port"])
 UP = Gauge("sortline_node_up", "1 while the node's main loop runs", ["node"])
+INFER_BACKEND = Gauge("sortline_infer_backend_info", "1 for the inference backend the infer node runs (onnxruntime "
+                      "where a GPU backend was asked for and cannot run here)", ["node", "backend"])
 THREAD_ERRORS = Counter("sortline_thread_errors", "Exceptions that ended a worker thread of a node (the node then "
                         "stops, to be restarted)", ["node", "thread"])
 

@@ -188,9 +188,82 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
         _, err = h.close()
     assert rc == EX_CONFIG
     expected = {"missing": "no such model file", "not_a_model": "not a usable ONNX model",
-                "other_strips": "does not fit: RGB input (1, 160, 640, 3)", "no_tensorrt": "is not installed here",
+                "other_strips": "does not fit: RGB input (1, 160, 640, 3)",
+                "no_tensorrt": "no TensorRT here (No module named",
                 "other_stride": "mask stride 1, model.mask_stride is 4",
                 "unknown_target": "recipe.targets: glass not among the classes of model c58e74e6bb4fa7d1 (PET, PP, "
                                   "HDPE, LDPE, PS, PVC, paper, aluminium, other)"}[problem]
     assert expected in err
+    if problem == "no_tensorrt":   # and nothing to fall back to
+        assert "the ONNX model the engine" in err and "is not beside it to run on the CPU instead" in err
     assert len([line for line in err.splitlines() if "ERROR" in line]) == 1, err   # one line says it
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("model", ["onnx", "engine", "checkpoint"])
+def test_a_gpu_backend_that_cannot_run_here_falls_back_to_onnx_runtime_on_the_cpu(tmp_path, run_dir, model):
+    """model.backend = "tensorrt" on this machine (no TensorRT, no GPU): the node runs the model's ONNX file
+    (the model file itself, or the one an engine was built from, beside it) on ONNX Runtime, says so once at
+    start-up, and its metric names the backend that runs. Its masks are ONNX Runtime's."""
+    import shutil
+
+    from sortline.models.contract import model_file, write_engine
+
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(model_file("shipped:belt-fusion-nano.onnx"), onnx_path)
+    if model == "engine":   # as build-engine writes it on the GPU machine: the ONNX metadata and the ONNX file's name
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+        path = write_engine(tmp_path / "model.engine", {**meta, "tensorrt": "10.3.0", "gpu": "NVIDIA H200",
+                                                        "precision": "fp16", "onnx": onnx_path.name}, b"plan")
+    else:
+        path = onnx_path if model == "onnx" else WEIGHTS
+    h = Around(tmp_path, run_dir, str(path), backend="tensorrt")
+    try:
+        shape = StripShape.from_machine(h.settings)
+        direct = open_backend("onnxruntime", onnx_path if model != "checkpoint" else WEIGHTS, shape)
+        rgb, hsi = next(strips(h.settings, 1))
+        h.send(0, rgb, hsi)
+        _, arrays = h.receive()
+        classes, conf = direct.run(rgb, hsi)
+        assert np.array_equal(arrays["classes"], classes) and np.array_equal(arrays["confidence"], conf)
+        samples = scrape(h.port)
+        assert metric(samples, "sortline_infer_backend_info", node="infer", backend="onnxruntime") == 1
+        assert metric(samples, "sortline_infer_backend_info", backend="tensorrt") == 0
+    finally:
+        rc, err = h.close()
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, err
+    why = {"onnx": "model.onnx is not a TensorRT engine", "engine": "no TensorRT here (No module named",
+           "checkpoint": "belt-fusion-nano.safetensors is not a TensorRT engine"}[model]
+    assert "model.backend = 'tensorrt' cannot run here: " + why in warnings[0], warnings[0]
+    assert "Running model c58e74e6bb4fa7d1 on ONNX Runtime on the CPU instead" in warnings[0]
+
+
+def test_the_fallback_names_what_is_missing_and_never_runs_another_model(tmp_path):
+    """open_for_machine, as the infer node calls it: onnxruntime-cuda without ONNX Runtime's CUDA provider (this
+    machine) runs on the CPU provider; an engine whose ONNX file beside it is another model is refused."""
+    import shutil
+
+    import onnx
+
+    from sortline.models.backends import open_for_machine
+    from sortline.models.contract import ModelFileError, model_file, write_engine
+
+    settings = load_config(ROOT / "configs" / "demo.toml")
+    shape = StripShape.from_machine(settings)
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(model_file("shipped:belt-fusion-nano.onnx"), onnx_path)
+    backend, missing = open_for_machine("onnxruntime-cuda", onnx_path, shape, device=1)
+    assert backend.name == "onnxruntime" and backend.model_hash == "c58e74e6bb4fa7d1"
+    assert missing == "ONNX Runtime has no CUDA provider here (the onnxruntime-gpu package)"
+    assert open_for_machine("onnxruntime", onnx_path, shape)[1] == ""      # a CPU backend asked for: nothing missing
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    engine = write_engine(tmp_path / "model.engine", {**meta, "model_hash": "0123456789abcdef", "onnx": "model.onnx"},
+                          b"plan")
+    with pytest.raises(ModelFileError, match="model.onnx beside the engine is model c58e74e6bb4fa7d1, not the "
+                                             "engine's 0123456789abcdef"):
+        open_for_machine("tensorrt", engine, shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,72 @@ def test_onnx_export_matches_torch(tmp_path):
     assert not ops & {"Shape", "NonZero", "Loop", "If", "ScatterND"}, ops
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert outputs == {"classes": [1, 128, 640], "confidence": [1, 128, 640]}
+    # The strip goes in as the register node makes it; the graph converts it.
+    assert {i.name: i.type.tensor_type.elem_type for i in proto.graph.input} == {
+        "rgb": onnx.TensorProto.UINT8, "hsi": onnx.TensorProto.FLOAT16}
+    # Window masks and position biases stay factorised: one (heads, 64, 64) bias per layer, no constant per window.
+    constants = [tuple(t.dims) for t in proto.graph.initializer]
+    constants += [tuple(a.t.dims) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims]
+    scores = [d for d in constants if len(d) >= 3 and d[-2:] == (64, 64)]
+    assert scores and all(len(d) == 3 and d[0] <= 8 for d in scores), scores
+    largest = max(int(np.prod(d)) for d in constants)
+    assert largest == max(p.numel() for p in net.parameters()), largest   # a weight matrix, nothing per grid
+    # The broadcast masks reshape the scores to 7 dimensions; TensorRT takes at most 8.
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+    assert max(len(v.type.tensor_type.shape.dim) for v in inferred) == 7
+
+
+def test_window_masks_factorised_are_the_region_mask():
+    """WindowMask adds, per window row and column, what comparing the tokens' regions gives: 0 within a
+    region, MASKED across, for every real token (padding rows only matter to padding, which is cropped)."""
+    from sortline.models.blocks import MASKED, _regions, _window_tables
+
+    for h, w, shift in [(10, 80, True), (20, 160, True), (12, 20, False), (5, 20, True), (16, 16, True)]:
+        wh, ww, sh, sw, hp, wp, mask, _ = _window_tables(h, w, 8, shift)
+        ry, rx = _regions(hp, h, wh, sh), _regions(wp, w, ww, sw)
+        ids = (ry[:, None] * 4 + rx[None, :]).reshape(hp // wh, wh, wp // ww, ww).transpose(0, 2, 1, 3)
+        real = ((ry[:, None] != 3) & (rx[None, :] != 3)).reshape(hp // wh, wh, wp // ww, ww).transpose(0, 2, 1, 3)
+        ids, real = ids.reshape(-1, wh * ww), real.reshape(-1, wh * ww)
+        want = np.where(ids[:, :, None] == ids[:, None, :], 0.0, MASKED)
+        got = mask.apply(torch.zeros(2 * len(ids), 3, wh * ww, wh * ww)).numpy()
+        for b in range(2):
+            g = got[b * len(ids):(b + 1) * len(ids)]
+            assert (g[:, 0] == g[:, 2]).all()                                    # the same for every head
+            rows = real[:, :, None] & np.ones_like(want, bool)
+            assert np.array_equal(g[:, 1][rows] < MASKED / 2, want[rows] < MASKED / 2), (h, w, shift)
+            assert set(np.unique(g[:, 1][rows])) <= {0.0, MASKED, 2 * MASKED}
+
+
+def test_a_timing_cache_that_tensorrt_refuses_is_said_and_rebuilt(tmp_path, caplog):
+    """build-engine's timing cache: one this TensorRT or GPU refuses (set_timing_cache returns False, as
+    TensorRT's builder config does for a cache from another version or device) is not dropped silently:
+    a warning names the file, and the build starts from an empty cache it then writes anew."""
+    from sortline.models.training.engine import use_timing_cache
+
+    class BuilderConfig:   # the two calls of TensorRT's IBuilderConfig that use_timing_cache makes
+        def __init__(self, refuse: bool):
+            self.refuse, self.attached = refuse, None
+
+        def create_timing_cache(self, blob: bytes):
+            return {"from": bytes(blob)}
+
+        def set_timing_cache(self, cache, ignore_mismatch: bool):
+            assert ignore_mismatch is False
+            if self.refuse and cache["from"]:
+                return False
+            self.attached = cache
+            return True
+
+    path = tmp_path / "model.timing"
+    path.write_bytes(b"a cache from another GPU")
+    with caplog.at_level("WARNING", logger="sortline.engine"):
+        refusing = BuilderConfig(refuse=True)
+        use_timing_cache(refusing, path)
+        accepting = BuilderConfig(refuse=False)
+        use_timing_cache(accepting, path)
+    assert refusing.attached == {"from": b""} and accepting.attached == {"from": b"a cache from another GPU"}
+    assert len(caplog.records) == 1 and str(path) in caplog.records[0].getMessage()
+    assert "will be rebuilt" in caplog.records[0].getMessage()
 
 
 def test_onnx_export_of_a_coarse_mask_matches_torch(tmp_path):

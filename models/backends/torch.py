@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sortline.models.backends.base import Backend
@@ -26,9 +27,10 @@ class TorchBackend(Backend):
             raise ModelFileError(f"{path}: the model is for ratio {net.config.ratio} and {net.config.bands} bands, "
                                  f"the strips have ratio {shape.ratio} and {shape.bands} bands")
         self.model = Deployed(net, shape.overlap, shape.stride).eval()
-        super().__init__(metadata(net.config.to_dict(), meta.get("hash", ""), shape))
+        super().__init__(metadata(net.config.to_dict(), meta.get("hash", ""), shape),
+                         {"rgb": np.uint8, "hsi": np.float16})   # as the exported model: Deployed converts
 
-    def run_float(self, rgb, hsi):
+    def infer(self, rgb, hsi):
         with torch.no_grad():
             classes, conf = self.model(torch.from_numpy(rgb), torch.from_numpy(hsi))
         return classes.numpy(), conf.numpy()

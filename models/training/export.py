@@ -2,8 +2,9 @@
 
 The graph is exported at static shapes: batch 1, the strip with its overlap
 (strip_lines + 2 x overlap_lines) x the camera's pixels, and the HSI grid r
-times coarser. It takes rgb (1, H, W, 3) float32 0..255 and hsi (1, H/r,
-W/r, bands) float32 and returns the core lines' classes (int32) and
+times coarser. It takes rgb (1, H, W, 3) uint8 and hsi (1, H/r, W/r, bands)
+float16, as the register node makes them (converted to float32 in the graph),
+and returns the core lines' classes (int32) and
 confidence (float32), per RGB pixel or on the coarser grid of
 `model.mask_stride`. The ONNX file's metadata (models.contract) says what it
 is for (shapes, classes, overlap, model hash), so a backend can refuse a
@@ -26,8 +27,8 @@ OPSET = 17
 
 def example_inputs(shape: StripShape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 256, shape.rgb).astype(np.float32)
-    hsi = rng.uniform(0.02, 0.9, shape.hsi).astype(np.float32)
+    rgb = rng.integers(0, 256, shape.rgb).astype(np.uint8)
+    hsi = rng.uniform(0.02, 0.9, shape.hsi).astype(np.float16)
     return rgb, hsi
 
 
@@ -66,7 +67,7 @@ def compare(net, onnx_path: str | Path, shape: StripShape, strips: int = 2) -> d
         rgb, hsi = example_inputs(shape, seed)
         with torch.no_grad():
             classes, conf = (t.numpy() for t in model(torch.from_numpy(rgb), torch.from_numpy(hsi)))
-        o_classes, o_conf = backend.run_float(rgb, hsi)
+        o_classes, o_conf = backend.infer(rgb, hsi)
         diff = max(diff, float(np.abs(o_conf - conf).max()))
         agree += int((o_classes == classes).sum())
         total += classes.size
