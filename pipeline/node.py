@@ -327,6 +327,7 @@ class Runner:
                 self._port_of[sock] = port
         quiet_since = None
         while not self.node.finished:
+            self._hold_back()
             events = self._poller.poll(self._poll_ms())
             for sock, _ in events:
                 self._handle(sock)
@@ -353,6 +354,15 @@ class Runner:
         if due:
             wait = min(wait, max(0.0, (min(due) - time.monotonic_ns()) / 1e6))
         return wait
+
+    def _hold_back(self) -> None:
+        """Lossless merges: stop reading the replicas whose messages would only fill a full window (they wait,
+        the producer feeds the others), read them again once it has room."""
+        for inp in self._inputs.values():
+            for sock, edge in inp.sockets.items():
+                merge = inp.merges.get(edge.group)
+                if merge is not None and merge.lossless:
+                    self._poller.register(sock, 0 if merge.blocked(edge.replica) else zmq.POLLIN)
 
     def _expire_merges(self) -> None:
         now = time.monotonic_ns()
@@ -406,8 +416,8 @@ class Runner:
                 self._poller.unregister(sock)
                 inp.end(sock)
                 merge = inp.merges.get(edge.group)
-                if merge is not None and not any(e.group == edge.group for e in inp.sockets.values()):
-                    for held, t in merge.flush():   # every replica has ended: nothing more will come
+                if merge is not None:
+                    for held, t in merge.ended(edge.replica):
                         self._process(port, merge.name, held, t)
                 return
             try:
@@ -421,7 +431,7 @@ class Runner:
             if "lines" in msg.arrays:  # camera lines (sources' messages): lines per second on the dashboard
                 inp.lines.inc(len(msg.arrays["lines"]))
             merge = inp.merges.get(edge.group)
-            for ready, t in [(msg, t_in)] if merge is None else merge.push(msg, t_in):
+            for ready, t in [(msg, t_in)] if merge is None else merge.push(msg, t_in, edge.replica):
                 self._process(port, edge.name, ready, t)
             msg.release()   # a message the merge keeps, it has copied
 

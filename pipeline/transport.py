@@ -343,7 +343,7 @@ class Input:
         self.node, self.port = node, port
         # The edges from a replicated node, one per replica, are merged back in seq order (pipeline.reorder).
         warn = warn or (lambda kind, text: log.warning("%s", text))
-        self.merges = {e.group: Reorder(e.configured, e.merge, e.window, e.timeout_s, warn)
+        self.merges = {e.group: Reorder(e.configured, e.merge, e.window, e.timeout_s, e.policy == "lossless", warn)
                        for e in edges if e.merge > 1}
         self.payload = payload  # what the port takes: every message is checked against it (pipeline.ports)
         self._readers = readers
