@@ -277,7 +277,8 @@ class EdgeConfig(Section):
                                      "directory")
     bind: str | list[str] = Field("", description="what the producer binds; empty: the address")
     hwm: int = Field(4, ge=1, le=100000)
-    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4 (at most 64)")
+    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4, or hwm x replicas + 4 into a "
+                       "replicated node (at most 64)")
     server_key: str | list[str] = Field("", description="with security.curve: the public certificate (sortline "
                                         "keys) of the producer's host, which the consumer checks")
 

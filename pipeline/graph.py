@@ -102,25 +102,27 @@ def edges(settings: Settings) -> list[Edge]:
         src, src_port = cfg.src.split(".")
         dst, dst_port = cfg.dst.split(".")
         srcs, dsts = replica_names(settings, src), replica_names(settings, dst)
-        replicated = settings.nodes[src if len(srcs) > 1 else dst] if len(srcs) > 1 or len(dsts) > 1 else None
-        # An edge between two replicated nodes is refused by check_graph; here it connects every pair.
-        pairs = [(s, d) for s in srcs for d in dsts]
-        for s, d in pairs:
-            i = replica_of(s if len(srcs) > 1 else d)[1]
-            address = (_one(cfg.address, i) or
-                       f"ipc://{run_dir}/{s}.{src_port}-{d}.{dst_port}.sock")
-            shm = cfg.transport == "shm" or (cfg.transport == "auto" and address.startswith("ipc://"))
-            lane = lanes.get(f"{s}.{src_port}", 0)
-            lanes[f"{s}.{src_port}"] = lane + 1
-            result.append(Edge(
-                name=f"{s}.{src_port}->{d}.{dst_port}", src=s, src_port=src_port, dst=d, dst_port=dst_port,
-                policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
-                slots=cfg.slots or min(cfg.hwm + 4, 64), address=address, bind=_one(cfg.bind, i) or address,
-                lane=lane, server_key=_one(cfg.server_key, i), group=group, replica=i,
-                fanout=len(dsts), merge=len(srcs),
-                window=replicated.reorder_window if replicated and len(srcs) > 1 else 0,
-                timeout_s=replicated.reorder_timeout_ms / 1000 if replicated and len(srcs) > 1 else 0.0,
-            ))
+        # Into a replicated node: the producer sends each message to one replica. Out of one: the consumer
+        # merges the replicas' messages, by the window of the replicated node. (An edge between two replicated
+        # nodes is refused by check_graph; here it would connect every pair.)
+        merged = settings.nodes[src] if len(srcs) > 1 else None
+        for s in srcs:
+            for d in dsts:
+                i = replica_of(s if merged else d)[1]
+                address = _one(cfg.address, i) or f"ipc://{run_dir}/{s}.{src_port}-{d}.{dst_port}.sock"
+                shm = cfg.transport == "shm" or (cfg.transport == "auto" and address.startswith("ipc://"))
+                lane = lanes.get(f"{s}.{src_port}", 0)
+                lanes[f"{s}.{src_port}"] = lane + 1
+                result.append(Edge(
+                    name=f"{s}.{src_port}->{d}.{dst_port}", src=s, src_port=src_port, dst=d, dst_port=dst_port,
+                    policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
+                    # The replicas of a node fed by this output share its pool.
+                    slots=cfg.slots or min(cfg.hwm * len(dsts) + 4, 64),
+                    address=address, bind=_one(cfg.bind, i) or address, lane=lane,
+                    server_key=_one(cfg.server_key, i), group=group, replica=i, fanout=len(dsts), merge=len(srcs),
+                    window=merged.reorder_window if merged else 0,
+                    timeout_s=merged.reorder_timeout_ms / 1000 if merged else 0.0,
+                ))
     return result
 
 

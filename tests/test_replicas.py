@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
 
-from conftest import (DEMO, edge_toml, free_port, load_json, node_toml, pid_of, sortline, start, stop, wait_for,
+from conftest import (demo_toml, edge_toml, free_port, load_json, node_toml, pid_of, sortline, start, stop, wait_for,
                       write_config)
 from sortline.pipeline.config import ConfigError
 from sortline.pipeline.graph import cpus_of, edges, load_config, processes, topo_order
@@ -214,3 +215,46 @@ def test_replicas_join_over_tcp_with_curve(tmp_path, run_dir):
     sink, nodes = load_json(tmp_path / "sink.json"), report(tmp_path / "run.json")
     assert (sink["received"], sink["lost"], sink["reordered"], sink["corrupt"]) == (sent, 0, 0, 0)
     assert min(messages(nodes[f"relay#{i}"], 'direction="in"') for i in (0, 1)) > 0
+
+
+def _demo_with_replicas(tmp_path, run_dir, name: str):
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(demo_toml(free_port(), graph={"name": name, "runtime_dir": str(run_dir)},
+                             nodes={"infer": {"replicas": 2, "cpus": [0, 1]}}))
+    return cfg
+
+
+@pytest.mark.system
+def test_the_demo_runs_with_two_infer_replicas(tmp_path, run_dir):
+    cfg = _demo_with_replicas(tmp_path, run_dir, "demo-replicas")
+    res = sortline("run", "--config", str(cfg), "--seconds", "15", "--report", str(tmp_path / "run.json"),
+                   timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    nodes = report(tmp_path / "run.json")
+    assert "infer" not in nodes and all(nodes[f"infer#{i}"]["status"]["strips"] > 0 for i in (0, 1))
+    assert all(node["restarts"] == 0 for node in nodes.values())
+    # Every strip the register node made went to one replica, or was dropped and counted at the sender.
+    made = nodes["register"]["status"]["strips"]
+    dropped = sum(v for k, v in nodes["register"]["totals"].items()
+                  if k.startswith('sortline_edge_drops_total{edge="register.out->infer#'))
+    assert made > 10 and sum(messages(nodes[f"infer#{i}"], 'direction="in"') for i in (0, 1)) + dropped == made
+    plan = nodes["plan"]["status"]
+    assert plan["eject"] + plan["not_target"] > 0    # the masks, merged, became objects
+
+
+@pytest.mark.system
+def test_replicas_are_a_unit_each_under_systemd(tmp_path, run_dir):
+    from test_service import verify
+
+    cfg = _demo_with_replicas(tmp_path, run_dir, "demo-units")
+    root = tmp_path / "root"
+    res = sortline("install-service", "--config", str(cfg), "--root", str(root), "--prefix", sys.prefix, timeout=60)
+    assert res.returncode == 0, res.stderr
+    units = root / "etc/systemd/system"
+    replicas = ["sortline@infer\\x230.service", "sortline@infer\\x231.service"]
+    wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
+    assert set(replicas) <= set(wants) and "sortline@infer.service" not in wants
+    register = (units / "sortline@register.service.d/node.conf").read_text()
+    assert f"After={' '.join(replicas)}\n" in register
+    res = verify(units, "sortline.target", *wants)
+    assert res.returncode == 0 and res.stderr == "" and res.stdout == "", res.stderr
