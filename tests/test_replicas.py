@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import (demo_toml, edge_toml, free_port, load_json, node_toml, pid_of, sortline, start, stop, wait_for,
-                      write_config)
+from conftest import (demo_toml, edge_toml, free_port, load_json, metric, node_toml, pid_of, scrape, sortline, start,
+                      stop, wait_for, write_config)
 from sortline.pipeline.config import ConfigError
 from sortline.pipeline.graph import cpus_of, edges, load_config, processes, topo_order
 from sortline.pipeline.messages import Header, Message
@@ -38,9 +38,9 @@ def messages(node: dict, direction: str, which: str = "totals") -> float:
     return sum(v for k, v in node[which].items() if k.startswith("sortline_messages_total") and direction in k)
 
 
-def restarted(name: str, old_pid: int) -> bool:
+def restarted(name: str, old_pid: int, config: str) -> bool:
     try:
-        return pid_of("node", name) != old_pid
+        return pid_of("node", name, config) != old_pid
     except LookupError:   # between the death and the restart
         return False
 
@@ -170,23 +170,31 @@ def test_a_replicated_stage_delivers_every_message_once_and_in_order(tmp_path, r
 def test_a_killed_replica_is_a_counted_gap_and_the_merge_carries_on(tmp_path, run_dir):
     """One replica is frozen (SIGSTOP) so that it surely holds messages, then killed with SIGKILL: what it held
     is a gap, counted and flagged; the other replica carries the stream meanwhile; the restarted one rejoins."""
-    graph = replicated(f"{FRAME}, speed_m_s = 6", policy="bounded", sink=f'report = "{tmp_path / "sink.json"}"')
-    cfg = write_config(tmp_path / "c.toml", graph, run_dir)
-    sup = start("run", "--config", str(cfg), "--seconds", "9", "--report", str(tmp_path / "run.json"))
+    graph = replicated("pixels = 64, bands = 3, speed_m_s = 6", policy="bounded",   # 200 frames/s
+                       sink=f'report = "{tmp_path / "sink.json"}"')
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {port}\n")
+    sup = start("run", "--config", str(cfg), "--report", str(tmp_path / "run.json"))
     try:
-        time.sleep(3)
-        victim = pid_of("node", "relay#1")
+        relay1, sink = port + 2, port + 3   # camera, relay#0, relay#1, sink: data-flow order
+        wait_for(lambda: metric(scrape(sink), "sortline_messages_total", direction="in") > 100, timeout=30)
+        victim = pid_of("node", "relay#1", str(cfg))
         os.kill(victim, signal.SIGSTOP)
         time.sleep(0.5)
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: restarted("relay#1", victim), timeout=10)
-        out, err = sup.communicate(timeout=60)   # the run goes on to its --seconds
+        wait_for(lambda: restarted("relay#1", victim, str(cfg)), timeout=10)
+        # `sortline status` names the replicas, each on its own metrics port; the restarted one is up again.
+        status = wait_for(lambda: (res := sortline("status", "--config", str(cfg), "--interval", "0.3",
+                                                    timeout=30)).returncode == 0 and res.stdout, timeout=30)
+        rows = {line.split()[0]: line.split()[1] for line in status.splitlines()[1:]}
+        assert rows == {"camera": "up", "relay#0": "up", "relay#1": "up", "sink": "up"}, status
+        wait_for(lambda: metric(scrape(relay1), "sortline_messages_total", direction="in") > 50, timeout=30)
     finally:
-        stop(sup, timeout=60)
-    assert sup.returncode == 0, err[-3000:]
+        rc, out, err = stop(sup, timeout=60)
+    assert rc == 0, err[-3000:]
     sink, nodes = load_json(tmp_path / "sink.json"), report(tmp_path / "run.json")
     assert nodes["relay#1"]["restarts"] == 1 and nodes["relay#0"]["restarts"] == 0
-    assert messages(nodes["relay#1"], 'direction="in"', "metrics") > 20   # the new process got its share again
+    assert messages(nodes["relay#1"], 'direction="in"', "metrics") > 50   # the new process got its share again
     gaps = sum(v for k, v in nodes["sink"]["totals"].items() if k.startswith("sortline_reorder_gaps_total"))
     missing = sum(v for k, v in nodes["sink"]["totals"].items() if k.startswith("sortline_reorder_missing_total"))
     assert gaps >= 1 and missing >= 1
