@@ -5,6 +5,12 @@ Nodes never name each other; they declare ports. The configuration's
 into concrete sockets and shared-memory lanes, checks the graph (kinds,
 params, ports, payloads, cycles), and orders it (sources first) for start-up
 and shutdown. Node kinds come from the registry (pipeline.registry).
+
+It is also the one place that knows about replicas: a node with
+`replicas = N` is N processes, NAME#0 .. NAME#N-1, and each edge into or out
+of it becomes one edge per replica, marked so that the producer sends each
+message on one of them (round robin, pipeline.transport) and the consumer
+merges them back in order (pipeline.reorder). docs/architecture.md, "Replicas".
 """
 
 from __future__ import annotations
