@@ -225,19 +225,26 @@ def test_replicas_join_over_tcp_with_curve(tmp_path, run_dir):
     assert min(messages(nodes[f"relay#{i}"], 'direction="in"') for i in (0, 1)) > 0
 
 
-def _demo_with_replicas(tmp_path, run_dir, name: str):
+def _demo_with_replicas(tmp_path, run_dir, name: str, **sections):
     cfg = tmp_path / "demo.toml"
     cfg.write_text(demo_toml(free_port(), graph={"name": name, "runtime_dir": str(run_dir)},
-                             nodes={"infer": {"replicas": 2, "cpus": [0, 1]}}))
+                             nodes={"infer": {"replicas": 2, "cpus": [0, 1]}}, **sections))
     return cfg
 
 
 @pytest.mark.system
 def test_the_demo_runs_with_two_infer_replicas(tmp_path, run_dir):
-    cfg = _demo_with_replicas(tmp_path, run_dir, "demo-replicas")
-    res = sortline("run", "--config", str(cfg), "--seconds", "15", "--report", str(tmp_path / "run.json"),
-                   timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
+    port = free_port()
+    cfg = _demo_with_replicas(tmp_path, run_dir, "demo-replicas", metrics={"port_base": port})
+    order = topo_order(load_config(cfg))
+    sup = start("run", "--config", str(cfg), "--report", str(tmp_path / "run.json"))
+    try:
+        for name in ("infer#0", "infer#1", "plan"):   # until both replicas have made masks and the plan took them
+            wait_for(lambda: metric(scrape(port + order.index(name)), "sortline_messages_total", port="in",
+                                    direction="in") > 20, timeout=60)
+    finally:
+        rc, out, err = stop(sup, timeout=60)
+    assert rc == 0, err[-3000:]
     nodes = report(tmp_path / "run.json")
     assert "infer" not in nodes and all(nodes[f"infer#{i}"]["status"]["strips"] > 0 for i in (0, 1))
     assert all(node["restarts"] == 0 for node in nodes.values())
