@@ -28,14 +28,20 @@ from pathlib import Path
 
 from sortline.pipeline import registry
 from sortline.pipeline.config import ConfigError, Settings
-from sortline.pipeline.graph import load_config
-from sortline.pipeline.graph import edges
+from sortline.pipeline.graph import REPLICA, edges, load_config, processes, replica_names, replica_of
 
 UNITS = files("sortline") / "systemd"   # package data: the same in a checkout and in an installed wheel
 SHIPPED_PREFIX = "/opt/sortline"  # where the shipped units expect the virtual environment
 ETC = Path("etc/sortline")
 UNIT_DIR = Path("etc/systemd/system")
 TEMPLATE = "sortline@.service"
+
+
+def unit_name(process: str) -> str:
+    """The unit of a node's process: sortline@NAME.service; a replica's '#' escaped as systemd escapes it
+    (sortline@infer\\x231.service), the template's %I undoing it."""
+    escaped = process.replace(REPLICA, "\\x23")
+    return f"sortline@{escaped}.service"
 
 
 def realtime_default(settings: Settings) -> list[str]:
@@ -48,11 +54,15 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
     """Install for the nodes of this host (default: all); returns the files written."""
     config = Path(config)
     settings = load_config(config)  # never install a configuration that would not start
-    nodes = list(settings.nodes) if nodes is None else nodes
+    # A node with replicas is a unit per replica (infer#0, infer#1); naming the node names them all.
+    known = processes(settings)
+    nodes = known if nodes is None else nodes
     realtime = realtime_default(settings) if realtime is None else realtime
-    unknown = [n for n in [*nodes, *realtime] if n not in settings.nodes]
+    unknown = [n for n in [*nodes, *realtime] if n not in known and n not in settings.nodes]
     if unknown:
-        raise ConfigError([f"no node named {n!r}; the graph has {', '.join(settings.nodes)}" for n in unknown])
+        raise ConfigError([f"no node named {n!r}; the graph has {', '.join(known)}" for n in unknown])
+    nodes = [p for n in nodes for p in (replica_names(settings, n) if n in settings.nodes else [n])]
+    realtime = [p for n in realtime for p in (replica_names(settings, n) if n in settings.nodes else [n])]
     exe = Path(prefix) / "bin" / "sortline"
     if not os.access(exe, os.X_OK):
         raise ConfigError([f"--prefix {prefix}: {exe} is not an executable; give the virtual environment "
@@ -86,9 +96,9 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
         if e.dst in nodes:
             consumers.setdefault(e.src, set()).add(e.dst)
     for name in nodes:
-        unit = f"sortline@{name}.service"
-        after = " ".join(f"sortline@{d}.service" for d in sorted(consumers.get(name, ())))
-        kind = settings.nodes[name].kind
+        unit = unit_name(name)
+        after = " ".join(unit_name(d) for d in sorted(consumers.get(name, ())))
+        kind = settings.nodes[replica_of(name)[0]].kind
         write(unit_dir / f"{unit}.d" / "node.conf",
               f"# {name}: a {kind} node ({registry.node_class(kind).__name__}); written by sortline install-service\n"
               f"[Unit]\nDescription=sortline node {name} ({kind})\n" + (f"After={after}\n" if after else ""))

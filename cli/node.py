@@ -9,11 +9,12 @@ from sortline.pipeline.config import EX_CONFIG
 
 
 def node(args) -> int:
+    from sortline.pipeline.graph import processes
     from sortline.pipeline.node import main
 
     settings = common.load(args.config)
-    if args.name not in settings.nodes:
-        print(f"sortline: config error: no node named {args.name!r}; the graph has {', '.join(settings.nodes)}",
+    if args.name not in processes(settings):
+        print(f"sortline: config error: no node named {args.name!r}; the graph has {', '.join(processes(settings))}",
               file=sys.stderr)
         return EX_CONFIG
     return main(settings, args.name, args.heartbeat, args.metrics_port)
@@ -22,7 +23,7 @@ def node(args) -> int:
 def add(sub) -> None:
     p = sub.add_parser("node", help="run one node in this process (what a systemd unit starts)",
                        description="Run one node of the configured graph in the foreground.")
-    p.add_argument("name", help="the node's name in the configuration")
+    p.add_argument("name", help="the node's name in the configuration (a replica: NAME#I, e.g. infer#1)")
     common.add_config(p)
     p.add_argument("--heartbeat", default=None, help="ZeroMQ address of a supervisor's heartbeat socket")
     p.add_argument("--metrics-port", type=int, default=None,

@@ -255,7 +255,20 @@ class NodeConfig(Section):
     kind: str
     params: dict[str, Any] = {}
     cpus: list[int] = Field([], description="CPU cores the node's process may run on; empty: any. Give the "
-                            "heaviest stage a core of its own so that the others cannot delay it")
+                            "heaviest stage a core of its own so that the others cannot delay it. With "
+                            "replicas = N, each replica gets an equal share in order: N entries, one core each")
+    replicas: int = Field(1, ge=1, le=64, description="processes running this node side by side (data "
+                          "parallel): the producer upstream sends each message to one of them, round robin, and "
+                          "the consumer downstream receives their messages merged back in sequence order")
+    reorder_window: int = Field(8, ge=1, le=1024, description="with replicas: messages the consumer downstream "
+                                "holds, at most, while it waits for an earlier one (then the earlier one is a gap)")
+    reorder_timeout_ms: float = Field(50.0, gt=0, le=60_000, description="with replicas: the longest a message "
+                                      "waits for an earlier one before that one is a gap")
+
+
+def each(value: str | list[str]) -> list[str]:
+    """An edge's address, bind or server_key as a list (a list has one entry per replica)."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 class EdgeConfig(Section):
@@ -266,21 +279,25 @@ class EdgeConfig(Section):
     policy: Literal["lossless", "bounded", "latest"] = "lossless"
     pattern: Literal["pushpull", "pubsub"] = "pushpull"
     transport: Literal["auto", "shm", "inline"] = "auto"
-    address: str = Field("", description="what the consumer connects to; empty: ipc in the runtime directory")
-    bind: str = Field("", description="what the producer binds; empty: the address")
+    # At a replicated end (a node with replicas = N) address, bind and server_key are lists of N, one per
+    # replica: the replicas may be on different hosts.
+    address: str | list[str] = Field("", description="what the consumer connects to; empty: ipc in the runtime "
+                                     "directory")
+    bind: str | list[str] = Field("", description="what the producer binds; empty: the address")
     hwm: int = Field(4, ge=1, le=100000)
-    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4 (at most 64)")
-    server_key: str = Field("", description="with security.curve: the public certificate (sortline keys) "
-                            "of the producer's host, which the consumer checks")
+    slots: int = Field(0, ge=0, le=64, description="shared-memory slots; 0: hwm + 4, or hwm x replicas + 4 into a "
+                       "replicated node (at most 64)")
+    server_key: str | list[str] = Field("", description="with security.curve: the public certificate (sortline "
+                                        "keys) of the producer's host, which the consumer checks")
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.pattern == "pubsub" and self.policy == "lossless":
             raise ValueError("a pubsub edge cannot be lossless (a publisher never waits); use pushpull")
-        for addr in (self.address, self.bind):
+        for addr in each(self.address) + each(self.bind):
             if addr and not addr.startswith(("ipc://", "tcp://")):
                 raise ValueError(f"address {addr!r} must start with ipc:// or tcp://")
-        if self.transport == "shm" and self.address.startswith("tcp://"):
+        if self.transport == "shm" and any(a.startswith("tcp://") for a in each(self.address)):
             raise ValueError("shared memory only works between processes on one host; a tcp edge is inline")
         return self
 
@@ -465,7 +482,8 @@ def read_config(path: str | os.PathLike) -> Settings:
     ejector = settings.ejector.model_copy(update={"key": beside(settings.ejector.key)})
     sec = settings.security.model_copy(update={"key": beside(settings.security.key),
                                                "authorized": beside(settings.security.authorized)})
-    edges = [e.model_copy(update={"server_key": beside(e.server_key)}) for e in settings.edges]
+    edges = [e.model_copy(update={"server_key": [beside(k) for k in e.server_key] if isinstance(e.server_key, list)
+                                  else beside(e.server_key)}) for e in settings.edges]
     return settings.model_copy(update={"calibration": cal, "model": model, "ejector": ejector, "security": sec,
                                        "edges": edges})
 

@@ -5,6 +5,12 @@ Nodes never name each other; they declare ports. The configuration's
 into concrete sockets and shared-memory lanes, checks the graph (kinds,
 params, ports, payloads, cycles), and orders it (sources first) for start-up
 and shutdown. Node kinds come from the registry (pipeline.registry).
+
+It is also the one place that knows about replicas: a node with
+`replicas = N` is N processes, NAME#0 .. NAME#N-1, and each edge into or out
+of it becomes one edge per replica, marked so that the producer sends each
+message on one of them (round robin, pipeline.transport) and the consumer
+merges them back in order (pipeline.reorder). docs/architecture.md, "Replicas".
 """
 
 from __future__ import annotations
@@ -39,39 +45,143 @@ class Edge:
     bind: str  # what the producer binds
     lane: int  # this edge's lane in the producer's slot pool for src.port
     server_key: str = ""  # with CURVE: the producer host's public certificate
+    # Replicas (docs/architecture.md, "Replicas"): the [[edges]] entry this edge comes from, and at a replicated
+    # end which replica of how many it serves. fanout > 1: the producer sends each message on one edge of the
+    # group; merge > 1: the consumer merges the group's messages back in seq order, holding at most `window`
+    # messages for at most `timeout_s` while it waits for an earlier one.
+    group: int = 0
+    replica: int = 0
+    fanout: int = 1
+    merge: int = 1
+    window: int = 0
+    timeout_s: float = 0.0
+
+    @property
+    def configured(self) -> str:
+        """The name of the [[edges]] entry: infer.out->plan.in for infer#1.out->plan.in."""
+        return f"{replica_of(self.src)[0]}.{self.src_port}->{replica_of(self.dst)[0]}.{self.dst_port}"
+
+
+REPLICA = "#"   # infer#1: replica 1 of the node infer, in process, log, metrics and file names
+
+
+def replica_names(settings: Settings, node: str) -> list[str]:
+    """The processes of a configured node: the node itself, or NAME#0 .. NAME#N-1 with replicas = N."""
+    n = settings.nodes[node].replicas if node in settings.nodes else 1
+    return [node] if n == 1 else [f"{node}{REPLICA}{i}" for i in range(n)]
+
+
+def replica_of(process: str) -> tuple[str, int]:
+    """The configured node of a process and its replica index: 'infer#1' -> ('infer', 1), 'plan' -> ('plan', 0)."""
+    node, _, index = process.partition(REPLICA)
+    return node, int(index) if index.isdigit() else 0
+
+
+def processes(settings: Settings) -> list[str]:
+    """Every process of the graph: one per node, N for a node with replicas = N."""
+    return [p for node in settings.nodes for p in replica_names(settings, node)]
+
+
+def cpus_of(settings: Settings, process: str) -> list[int]:
+    """The cores a process may run on: its node's cpus, or with replicas = N its share of them (N equal
+    runs in order: with N entries, replica i gets cpus[i])."""
+    node, i = replica_of(process)
+    cfg = settings.nodes[node]
+    share = len(cfg.cpus) // cfg.replicas
+    return cfg.cpus[i * share:(i + 1) * share]
+
+
+def _one(value: str | list[str], i: int) -> str:
+    """An address, bind or server_key of replica i (a list has one per replica, checked by check_graph)."""
+    if isinstance(value, list):
+        return value[i] if i < len(value) else ""
+    return value
 
 
 def edges(settings: Settings) -> list[Edge]:
+    """The sockets of the graph. An [[edges]] entry is one edge, or, at a replicated node, one edge per
+    replica: this expansion is the one place that knows about replicas (the nodes' code does not)."""
     run_dir = settings.runtime_dir()
     lanes: dict[str, int] = {}
     result = []
-    for cfg in settings.edges:
+    for group, cfg in enumerate(settings.edges):
         src, src_port = cfg.src.split(".")
         dst, dst_port = cfg.dst.split(".")
-        address = cfg.address or f"ipc://{run_dir}/{src}.{src_port}-{dst}.{dst_port}.sock"
-        shm = cfg.transport == "shm" or (cfg.transport == "auto" and address.startswith("ipc://"))
-        lane = lanes.get(cfg.src, 0)
-        lanes[cfg.src] = lane + 1
-        result.append(Edge(
-            name=f"{cfg.src}->{cfg.dst}", src=src, src_port=src_port, dst=dst, dst_port=dst_port,
-            policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
-            slots=cfg.slots or min(cfg.hwm + 4, 64), address=address, bind=cfg.bind or address, lane=lane,
-            server_key=cfg.server_key,
-        ))
+        srcs, dsts = replica_names(settings, src), replica_names(settings, dst)
+        # Into a replicated node: the producer sends each message to one replica. Out of one: the consumer
+        # merges the replicas' messages, by the window of the replicated node. (An edge between two replicated
+        # nodes is refused by check_graph; here it would connect every pair.)
+        merged = settings.nodes[src] if len(srcs) > 1 else None
+        for s in srcs:
+            for d in dsts:
+                i = replica_of(s if merged else d)[1]
+                address = _one(cfg.address, i) or f"ipc://{run_dir}/{s}.{src_port}-{d}.{dst_port}.sock"
+                shm = cfg.transport == "shm" or (cfg.transport == "auto" and address.startswith("ipc://"))
+                lane = lanes.get(f"{s}.{src_port}", 0)
+                lanes[f"{s}.{src_port}"] = lane + 1
+                result.append(Edge(
+                    name=f"{s}.{src_port}->{d}.{dst_port}", src=s, src_port=src_port, dst=d, dst_port=dst_port,
+                    policy=cfg.policy, pattern=cfg.pattern, shm=shm, hwm=cfg.hwm,
+                    # The replicas of a node fed by this output share its pool.
+                    slots=cfg.slots or min(cfg.hwm * len(dsts) + 4, 64),
+                    address=address, bind=_one(cfg.bind, i) or address, lane=lane,
+                    server_key=_one(cfg.server_key, i), group=group, replica=i, fanout=len(dsts), merge=len(srcs),
+                    window=merged.reorder_window if merged else 0,
+                    timeout_s=merged.reorder_timeout_ms / 1000 if merged else 0.0,
+                ))
     return result
 
 
 def node_params(settings: Settings, name: str):
-    return registry.node_class(settings.nodes[name].kind).Params.model_validate(settings.nodes[name].params)
+    node = settings.nodes[replica_of(name)[0]]
+    return registry.node_class(node.kind).Params.model_validate(node.params)
 
 
 def topo_order(settings: Settings) -> list[str]:
-    """Node names, every producer before its consumers; the same order for the same configuration
-    (a node's place in it gives its metrics port). graphlib.CycleError for a graph with a cycle."""
-    sorter = TopologicalSorter({name: [] for name in settings.nodes})
+    """Process names (a node, or each of its replicas), every producer before its consumers; the same order
+    for the same configuration (a process's place in it gives its metrics port). graphlib.CycleError for a
+    graph with a cycle."""
+    sorter = TopologicalSorter({name: [] for name in processes(settings)})
     for e in edges(settings):
         sorter.add(e.dst, e.src)
     return list(sorter.static_order())
+
+
+def _replica_problems(settings: Settings, classes: dict) -> list[str]:
+    """What cannot work with the configured replicas, one line each."""
+    problems = []
+    for name, node in settings.nodes.items():
+        where = f"nodes.{name}"
+        if REPLICA in name:
+            problems.append(f"{where}: a node name cannot hold {REPLICA!r} (it names replicas: {name}{REPLICA}0)")
+        if node.replicas == 1:
+            continue
+        if name in classes and not classes[name].inputs:
+            problems.append(f"{where}.replicas = {node.replicas}: a source (a node without inputs) cannot have "
+                            "replicas: replicas share the messages of their input between them")
+        if node.cpus and (len(node.cpus) < node.replicas or len(node.cpus) % node.replicas):
+            problems.append(f"{where}.replicas = {node.replicas} with cpus = {node.cpus}: each replica needs its own "
+                            f"cores, an equal share of cpus; give {node.replicas} entries (one core each), or none")
+    for i, cfg in enumerate(settings.edges):
+        src, dst = cfg.src.split(".")[0], cfg.dst.split(".")[0]
+        if src not in settings.nodes or dst not in settings.nodes:
+            continue
+        n_src, n_dst = settings.nodes[src].replicas, settings.nodes[dst].replicas
+        if n_src > 1 and n_dst > 1:
+            problems.append(f"edges[{i}]: {src} and {dst} both have replicas: an edge between two replicated "
+                            "nodes is not supported; put a node with one replica between them")
+            continue
+        n = max(n_src, n_dst)
+        for key in ("address", "bind", "server_key"):
+            value = getattr(cfg, key)
+            if isinstance(value, list) and len(value) != n:
+                where = f"{dst if n_dst > 1 else src}, which has replicas = {n}" if n > 1 else "no replicated end"
+                problems.append(f"edges[{i}].{key}: {len(value)} entries for {where}; a list has one entry per "
+                                "replica, else give one string")
+        if n > 1 and isinstance(cfg.address, str) and cfg.address.startswith("tcp://"):
+            problems.append(f"edges[{i}].address = {cfg.address!r}: a tcp edge at a node with replicas = {n} needs "
+                            f"one address per replica, a list of {n} (each replica has its own socket)")
+    return problems
 
 
 def check_graph(settings: Settings) -> list[str]:
@@ -96,36 +206,41 @@ def check_graph(settings: Settings) -> list[str]:
     if problems:
         return problems
 
+    problems = _replica_problems(settings, classes)
+    if problems:
+        return problems
     connected = set()
-    for i, e in enumerate(edges(settings)):
-        where = f"edges[{i}]"
-        src, dst = classes.get(e.src), classes.get(e.dst)
+    for e in edges(settings):
+        where = f"edges[{e.group}]"
+        src_node, dst_node = replica_of(e.src)[0], replica_of(e.dst)[0]
+        src, dst = classes.get(src_node), classes.get(dst_node)
+        cfg_src, cfg_dst = f"{src_node}.{e.src_port}", f"{dst_node}.{e.dst_port}"
         if src is None:
-            problems.append(f"{where}.from = '{e.src}.{e.src_port}': no node named {e.src!r}")
+            problems.append(f"{where}.from = '{cfg_src}': no node named {src_node!r}")
         elif e.src_port not in src.outputs:
-            problems.append(f"{where}.from = '{e.src}.{e.src_port}': {e.src} has outputs {list(src.outputs)}")
+            problems.append(f"{where}.from = '{cfg_src}': {src_node} has outputs {list(src.outputs)}")
             src = None
         if dst is None:
-            problems.append(f"{where}.to = '{e.dst}.{e.dst_port}': no node named {e.dst!r}")
+            problems.append(f"{where}.to = '{cfg_dst}': no node named {dst_node!r}")
         elif e.dst_port not in dst.inputs:
-            problems.append(f"{where}.to = '{e.dst}.{e.dst_port}': {e.dst} has inputs {list(dst.inputs)}")
+            problems.append(f"{where}.to = '{cfg_dst}': {dst_node} has inputs {list(dst.inputs)}")
             dst = None
         if src is not None and dst is not None:
             sends, takes = src.outputs[e.src_port], dst.inputs[e.dst_port]
             if not takes.accepts(sends):
-                problems.append(f"{where}: {e.src}.{e.src_port} sends {sends.name} messages, "
-                                f"{e.dst}.{e.dst_port} takes {takes.name}")
+                problems.append(f"{where}: {cfg_src} sends {sends.name} messages, {cfg_dst} takes {takes.name}")
         for addr in {e.address, e.bind}:
             if addr.startswith("ipc://") and len(addr) - len("ipc://") > IPC_PATH_MAX:
                 problems.append(f"{where}: ipc path {addr[6:]!r} is longer than {IPC_PATH_MAX} bytes; shorten graph.runtime_dir")
         if settings.security.curve and e.address.startswith("tcp://") and not e.server_key:
             problems.append(f"{where}: a tcp edge with security.curve needs server_key, the public certificate "
                             f"of {e.src}'s host")
-        connected.add((e.dst, e.dst_port))
-    port_base = settings.metrics.port_base
-    if port_base and port_base + len(settings.nodes) - 1 > 65535:
-        problems.append(f"metrics.port_base = {port_base}: the graph's {len(settings.nodes)} nodes need ports up to "
-                        f"{port_base + len(settings.nodes) - 1}, past 65535")
+        connected.add((dst_node, e.dst_port))
+    problems = list(dict.fromkeys(problems))   # once for a configured edge, not once per replica
+    port_base, count = settings.metrics.port_base, len(processes(settings))
+    if port_base and port_base + count - 1 > 65535:
+        problems.append(f"metrics.port_base = {port_base}: the graph's {count} processes need ports up to "
+                        f"{port_base + count - 1}, past 65535")
     for name, cls in classes.items():
         for port in cls.inputs:
             if (name, port) not in connected:

@@ -85,8 +85,8 @@ class ArraySpec(msgspec.Struct, array_like=True, frozen=True):
 class SlotRef(msgspec.Struct, array_like=True, frozen=True):
     """Where the arrays of a message sit: a slot of a shared-memory pool."""
 
-    # a file name inside the private runtime directory (never a path): node.port.pid.n.slots
-    segment: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_]+\.[0-9]+\.[0-9]+\.slots$",
+    # a file name inside the private runtime directory (never a path): node.port.pid.n.slots (node#i: a replica)
+    segment: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_#-]+\.[A-Za-z0-9_]+\.[0-9]+\.[0-9]+\.slots$",
                                          max_length=200)]
     index: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
     generation: _Count

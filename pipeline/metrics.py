@@ -34,10 +34,14 @@ INFER_BACKEND = Gauge("sortline_infer_backend_info", "1 for the inference backen
                       "where a GPU backend was asked for and cannot run here)", ["node", "backend"])
 THREAD_ERRORS = Counter("sortline_thread_errors", "Exceptions that ended a worker thread of a node (the node then "
                         "stops, to be restarted)", ["node", "thread"])
+REORDER_GAPS = Counter("sortline_reorder_gaps", "Gaps the merge after a replicated node gave up waiting for (a "
+                       "replica died or dropped messages)", ["edge"])
+REORDER_MISSING = Counter("sortline_reorder_missing", "Messages missing in those gaps", ["edge"])
 
 
 def port_of(settings, name: str) -> int:
-    """The node's Prometheus port: node i in data-flow order serves port_base + i (0: none).
+    """The process's Prometheus port: process i in data-flow order (a node, or each replica of one: infer#0,
+    infer#1) serves port_base + i (0: none).
     The supervisor, a node started by systemd and `sortline status` all agree on it."""
     if not settings.metrics.port_base:
         return 0

@@ -32,7 +32,7 @@ import zmq
 
 from sortline.pipeline import clock, metrics, registry
 from sortline.pipeline.config import EX_CONFIG, ConfigError, Machine, Section, Settings, config_toml
-from sortline.pipeline.graph import inputs_of, node_params, outputs_of, prepare_runtime_dir
+from sortline.pipeline.graph import cpus_of, inputs_of, node_params, outputs_of, prepare_runtime_dir, replica_of
 from sortline.pipeline.messages import Message, MessageError
 from sortline.pipeline.notify import Notifier, status_line
 from sortline.pipeline.ports import Payload
@@ -64,6 +64,10 @@ class Context:
     # tcp edges upstream of this node whose hosts' clocks are not known to agree (no PTP): latency
     # measured across them would be meaningless (pipeline.clock).
     unsynchronised_edges: tuple[str, ...] = ()
+    # A node with replicas = N runs as N processes: this one is replica `replica` (0 .. N-1). A node that opens a
+    # device of its own (a GPU) opens the one of its replica: the machine's device index + replica.
+    replica: int = 0
+    replicas: int = 1
 
 
 class Node:
@@ -76,6 +80,7 @@ class Node:
         self.params = params
         self.machine = machine
         self.context = context
+        self.replica = context.replica   # which of the node's replicas this process is (0 without replicas)
         self.out: dict[str, Output] = {}
         self.bound: dict[str, dict[str, int]] = {}   # per input port: dimensions its payload must have
         self.log = logging.getLogger(f"sortline.{name}")
@@ -158,10 +163,11 @@ class Node:
 
 
 def build(settings: Settings, name: str) -> Node:
-    """The configured node `name`, constructed (not set up), with what the run tells it."""
-    cls = registry.node_class(settings.nodes[name].kind)
+    """The configured node `name` (or replica, infer#1), constructed (not set up), with what the run tells it."""
+    node, replica = replica_of(name)
+    cls = registry.node_class(settings.nodes[node].kind)
     unsynced = () if settings.clock.ptp_synchronised else tuple(clock.tcp_edges_upstream(settings, name))
-    context = Context(settings.graph.name, config_toml(settings), unsynced)
+    context = Context(settings.graph.name, config_toml(settings), unsynced, replica, settings.nodes[node].replicas)
     return cls(name, node_params(settings, name), settings.machine(), context)
 
 
@@ -242,7 +248,7 @@ class Runner:
         try:
             curve = Curve(ctx, self.settings, self.name)
             for port, edges in inputs_of(self.settings, self.name).items():
-                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve, node.inputs[port])
+                self._inputs[port] = Input(ctx, self.name, port, edges, readers, curve, node.inputs[port], self._warn)
             outs = outputs_of(self.settings, self.name)
             for port in node.outputs:
                 node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
@@ -321,12 +327,15 @@ class Runner:
                 self._port_of[sock] = port
         quiet_since = None
         while not self.node.finished:
-            events = self._poller.poll(POLL_MS if not self.stop_requested else QUIET_S * 1000 / 2)
+            self._hold_back()
+            events = self._poller.poll(self._poll_ms())
             for sock, _ in events:
                 self._handle(sock)
+            self._expire_merges()
             self._heartbeat()
             self._check_health()
             if not any(inp.sockets for inp in self._inputs.values()):
+                self._flush_merges()
                 self._send(self.node.end_of_stream(), time.monotonic_ns())
                 self.node.finish()
             if self.stop_requested:
@@ -334,7 +343,39 @@ class Runner:
                 if events or quiet_since is None:
                     quiet_since = now
                 if self._past_deadline() or now - quiet_since >= QUIET_S:
+                    self._flush_merges()   # what the replicas sent is queued input too
                     return
+
+    # The merges of replicated edges (pipeline.reorder): what they hold goes on in order, by a deadline.
+
+    def _poll_ms(self) -> float:
+        wait = POLL_MS if not self.stop_requested else QUIET_S * 1000 / 2
+        due = [d for inp in self._inputs.values() for m in inp.merges.values() if (d := m.due_ns()) is not None]
+        if due:
+            wait = min(wait, max(0.0, (min(due) - time.monotonic_ns()) / 1e6))
+        return wait
+
+    def _hold_back(self) -> None:
+        """Lossless merges: stop reading the replicas whose messages would only fill a full window (they wait,
+        the producer feeds the others), read them again once it has room."""
+        for inp in self._inputs.values():
+            for sock, edge in inp.sockets.items():
+                merge = inp.merges.get(edge.group)
+                if merge is not None and merge.lossless:
+                    self._poller.register(sock, 0 if merge.blocked(edge.replica) else zmq.POLLIN)
+
+    def _expire_merges(self) -> None:
+        now = time.monotonic_ns()
+        for port, inp in self._inputs.items():
+            for merge in inp.merges.values():
+                for msg, t_in in merge.expire(now):
+                    self._process(port, merge.name, msg, t_in)
+
+    def _flush_merges(self) -> None:
+        for port, inp in self._inputs.items():
+            for merge in inp.merges.values():
+                for msg, t_in in merge.flush():
+                    self._process(port, merge.name, msg, t_in)
 
     def _eos_confirmed(self, edge) -> bool:
         """An end of stream ends an input for good, so only its producer may end it: on this host it leaves
@@ -374,6 +415,10 @@ class Runner:
                 self.log.info("end of stream on %s", edge.name)
                 self._poller.unregister(sock)
                 inp.end(sock)
+                merge = inp.merges.get(edge.group)
+                if merge is not None:
+                    for held, t in merge.ended(edge.replica):
+                        self._process(port, merge.name, held, t)
                 return
             try:
                 inp.payload.check(msg, self.node.bound.get(port, {}))
@@ -385,28 +430,35 @@ class Runner:
             inp.received.inc()
             if "lines" in msg.arrays:  # camera lines (sources' messages): lines per second on the dashboard
                 inp.lines.inc(len(msg.arrays["lines"]))
-            try:
-                outs = list(self.node.process(port, msg) or ())
-            except ConfigError:
-                msg.release()
-                raise  # what arrived shows the configuration cannot work: stop (78), do not crash-loop
-            except Exception as exc:  # a bad message must not take the node down
-                metrics.MALFORMED.labels(self.name, "process").inc()
-                self._warn("process", f"dropped a message on {edge.name}: processing failed: {exc!r}")
-                self.log.debug("processing failed", exc_info=True)
-                for out in self.node.out.values():
-                    out.abandon_unsent()  # slots it took before failing
-                msg.release()
-                continue
-            if not msg.intact():
-                metrics.DROPS.labels(edge.name, "overwritten").inc()
-                self._warn("overwritten", f"dropped a message on {edge.name}: its slot was overwritten while in use")
-                for oport, omsg in outs:
-                    self.node.out[oport].abandon(omsg)
-            else:
-                self._send(outs, t_in)
+            merge = inp.merges.get(edge.group)
+            for ready, t in [(msg, t_in)] if merge is None else merge.push(msg, t_in, edge.replica):
+                self._process(port, edge.name, ready, t)
+            msg.release()   # a message the merge keeps, it has copied
+
+    def _process(self, port: str, edge: str, msg: Message, t_in: int) -> None:
+        """The node's step on one checked message (edge: where it came from, for the counts), and its outputs sent."""
+        try:
+            outs = list(self.node.process(port, msg) or ())
+        except ConfigError:
             msg.release()
-            self._stage.observe((time.monotonic_ns() - t_in) / 1e9)
+            raise  # what arrived shows the configuration cannot work: stop (78), do not crash-loop
+        except Exception as exc:  # a bad message must not take the node down
+            metrics.MALFORMED.labels(self.name, "process").inc()
+            self._warn("process", f"dropped a message on {edge}: processing failed: {exc!r}")
+            self.log.debug("processing failed", exc_info=True)
+            for out in self.node.out.values():
+                out.abandon_unsent()  # slots it took before failing
+            msg.release()
+            return
+        if not msg.intact():
+            metrics.DROPS.labels(edge, "overwritten").inc()
+            self._warn("overwritten", f"dropped a message on {edge}: its slot was overwritten while in use")
+            for oport, omsg in outs:
+                self.node.out[oport].abandon(omsg)
+        else:
+            self._send(outs, t_in)
+        msg.release()
+        self._stage.observe((time.monotonic_ns() - t_in) / 1e9)
 
     def _send(self, outs: Outputs, t_in: int) -> None:
         for port, msg in outs or ():
@@ -472,7 +524,7 @@ def _stop_with_parent() -> None:
 def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int | None = None) -> int:
     if heartbeat:  # started by a supervisor
         _stop_with_parent()
-    _pin(name, settings.nodes[name].cpus)
+    _pin(name, cpus_of(settings, name))
     if metrics_port is None:
         metrics_port = metrics.port_of(settings, name)
     try:

@@ -1,5 +1,8 @@
 """The supervisor: every node of the graph as its own process, kept alive.
 
+A node with replicas = N is N processes, infer#0 .. infer#N-1, each started,
+watched, restarted and reported on its own (pipeline.graph.topo_order names them).
+
 It starts the nodes (every node with inputs at once, then the sources once
 those are set up, so nothing is sent into the void),
 restarts one that dies with a growing backoff (and counts it), kills and
@@ -27,7 +30,7 @@ import zmq
 
 from sortline.pipeline import metrics
 from sortline.pipeline.config import EX_CONFIG, Settings
-from sortline.pipeline.graph import prepare_runtime_dir, source_nodes, topo_order
+from sortline.pipeline.graph import prepare_runtime_dir, replica_of, source_nodes, topo_order
 
 log = logging.getLogger("sortline.supervisor")
 
@@ -257,7 +260,7 @@ class Supervisor:
     def write_report(self, path: str) -> None:
         """Each node's kind, final state, restarts, metrics (of its last process), totals (its counters over
         every process it had) and status, as JSON."""
-        report = {name: {"kind": self.settings.nodes[name].kind, "state": c.state, "restarts": c.restarts,
+        report = {name: {"kind": self.settings.nodes[replica_of(name)[0]].kind, "state": c.state, "restarts": c.restarts,
                          "metrics": c.beat.get("metrics", {}), "totals": c.totals(), "status": c.beat.get("status", {})}
                   for name, c in self.children.items()}
         tmp = f"{path}.tmp"

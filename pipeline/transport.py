@@ -49,6 +49,7 @@ from sortline.pipeline.messages import (
     inline_frames,
 )
 from sortline.pipeline.ports import ANY, Payload
+from sortline.pipeline.reorder import Reorder
 from sortline.pipeline.slots import SlotPool, SlotReader, align
 
 log = logging.getLogger("sortline.transport")
@@ -114,6 +115,18 @@ class Output:
             sock.bind(edge.bind)
             self._sockets.append(sock)
         self._peers = [0] * len(edges)
+        # What one message is sent on: each plain edge, and one edge of each group of edges to a replicated
+        # node (fanout), taken round robin. self._turn: the group's next edge.
+        self._targets: list[list[int]] = []
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(edges):
+            if e.fanout > 1:
+                if e.group not in groups:
+                    self._targets.append(groups.setdefault(e.group, []))
+                groups[e.group].append(i)
+            else:
+                self._targets.append([i])
+        self._turn = [0] * len(self._targets)
         self._shm_edges = [e for e in edges if e.shm]
         self._pool: SlotPool | None = None
         self._pools_made = 0
@@ -181,7 +194,8 @@ class Output:
         return self._pool
 
     def send(self, msg: Message, t_in_ns: int, stage: str) -> None:
-        """Stamp the trace and send on every edge (blocking only lossless ones)."""
+        """Stamp the trace and send on every edge, or on one of each group to a replicated node (blocking only
+        lossless ones)."""
         header = msg.header
         # The first entry (acquisition) and the latest stages: a receiver refuses a longer trace.
         kept = header.trace if len(header.trace) < MAX_TRACE else [*header.trace[:1], *header.trace[2 - MAX_TRACE:]]
@@ -194,18 +208,21 @@ class Output:
         else:
             header = msgspec.structs.replace(header, trace=trace)
         inline = [None, None]  # frames for edges on this host, and for tcp edges (trace in wall-clock time)
-        for edge, sock in zip(self.edges, self._sockets):
+
+        def frames(edge: Edge) -> tuple[list, bool]:
+            """The frames for an edge, and whether ZeroMQ must copy them."""
             if edge.shm and slot_info is not None:
                 header.slot = SlotRef(pool.segment, slot, generation, edge.lane)
-                frames = [encode_header(header)]
-                if self._send(edge, sock, frames, copy=True):
-                    pool.mark_sent(edge.lane, slot, generation)
-            else:
-                tcp = clock.is_tcp(edge)
-                if inline[tcp] is None:
-                    inline[tcp] = inline_frames(clock.to_wall(header) if tcp else header, msg.arrays)
-                # Slot memory is reused: never hand it to ZeroMQ without a copy.
-                self._send(edge, sock, inline[tcp], copy=slot_info is not None)
+                return [encode_header(header)], True
+            tcp = clock.is_tcp(edge)
+            if inline[tcp] is None:
+                inline[tcp] = inline_frames(clock.to_wall(header) if tcp else header, msg.arrays)
+            return inline[tcp], slot_info is not None   # slot memory is reused: never hand it over uncopied
+
+        for k, target in enumerate(self._targets):
+            i = self._send(k, target, frames)
+            if i is not None and self.edges[i].shm and slot_info is not None:
+                pool.mark_sent(self.edges[i].lane, slot, generation)
         if slot_info is not None:
             msg.outgoing = None
             self._unsent.remove(msg)
@@ -223,16 +240,29 @@ class Output:
         for msg in list(self._unsent):
             self.abandon(msg)
 
-    def _send(self, edge: Edge, sock: zmq.Socket, frames: list, copy: bool) -> bool:
+    def _send(self, k: int, target: list[int], frames) -> int | None:
+        """Send on the target's edge, or on one of a replicated node's edges: the first, round robin from its
+        turn, that takes the message now (a replica that is full, or down, is passed over). On a lossless
+        edge wait until one takes it. Returns the edge's index; None: dropped, and counted."""
+        n = len(target)
+        order = [target[(self._turn[k] + j) % n] for j in range(n)]
         while True:
-            try:
-                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
-                return True
-            except zmq.Again:
-                if edge.policy != "lossless" or self._waiting():
-                    self._dropped[edge.name].inc()
-                    return False
-                sock.poll(50, zmq.POLLOUT)
+            for i in order:
+                data, copy = frames(self.edges[i])
+                try:
+                    self._sockets[i].send_multipart(data, flags=zmq.NOBLOCK, copy=copy)
+                except zmq.Again:
+                    continue
+                self._turn[k] = (target.index(i) + 1) % n
+                return i
+            edge = self.edges[order[0]]
+            if edge.policy != "lossless" or self._waiting():
+                self._dropped[edge.name].inc()
+                return None
+            if n == 1:
+                self._sockets[order[0]].poll(50, zmq.POLLOUT)
+            else:
+                zmq.select([], [self._sockets[i] for i in order], [], 0.05)
 
     def _count_peers(self) -> None:
         for i, (sock, mon) in enumerate(zip(self._sockets, self._monitors)):
@@ -309,8 +339,12 @@ class Input:
     """One input port: a socket per arriving edge, decoded into Messages."""
 
     def __init__(self, ctx: zmq.Context, node: str, port: str, edges: list[Edge], readers: SlotReaders, curve=None,
-                 payload: Payload = ANY):
+                 payload: Payload = ANY, warn=None):
         self.node, self.port = node, port
+        # The edges from a replicated node, one per replica, are merged back in seq order (pipeline.reorder).
+        warn = warn or (lambda kind, text: log.warning("%s", text))
+        self.merges = {e.group: Reorder(e.configured, e.merge, e.window, e.timeout_s, e.policy == "lossless", warn)
+                       for e in edges if e.merge > 1}
         self.payload = payload  # what the port takes: every message is checked against it (pipeline.ports)
         self._readers = readers
         self.sockets: dict[zmq.Socket, Edge] = {}

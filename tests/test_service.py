@@ -34,7 +34,7 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     assert sortline("check", "--config", str(etc / "sortline.toml"), timeout=60).returncode == 0
 
     template = (units / "sortline@.service").read_text()
-    assert f"ExecStart={sys.prefix}/bin/sortline node %i --config /etc/sortline/sortline.toml\n" in template
+    assert f"ExecStart={sys.prefix}/bin/sortline node %I --config /etc/sortline/sortline.toml\n" in template
     for line in ("Type=notify", "WatchdogSec=5s", "Restart=on-failure", "RestartPreventExitStatus=78",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=sortline", "RuntimeDirectory=sortline"):
         assert f"\n{line}\n" in template, line
