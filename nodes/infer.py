@@ -49,7 +49,9 @@ class Infer(Node):
             raise ConfigError(["model.path: not set; the infer node needs a model (docs/model.md)"])
         self.shape = s = StripShape.from_machine(self.machine)
         try:
-            self.backend, unavailable = open_for_machine(m.backend, model_file(m.path), s, m.threads, m.device)
+            # Replicas of this node share the machine's GPUs out: replica i opens model.device + i.
+            self.backend, unavailable = open_for_machine(m.backend, model_file(m.path), s, m.threads,
+                                                         m.device + self.replica)
         except ModelFileError as exc:
             raise ConfigError([f"model.path: {exc}"]) from None
         except ImportError as exc:

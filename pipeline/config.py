@@ -147,7 +147,7 @@ class Model(Section):
         "model's finest grid, 3.75 mm on the demo profile; a valve lane is 12.5 mm): cheaper to make and "
         "to turn into objects")
     device: int = Field(0, ge=0, le=64, description="the GPU the tensorrt and onnxruntime-cuda backends run on "
-                        "(CUDA's device index; 0: the first)")
+                        "(CUDA's device index; 0: the first); replica i of the infer node runs on device + i")
 
 
 class CalibrationFiles(Section):
