@@ -175,14 +175,15 @@ def _split_graph(params: str) -> str:
 @pytest.mark.system
 def test_two_nodes_one_camera_each_publish_what_one_node_does(tmp_path, run_dir):
     """The twin's split over real processes: two simulate nodes with the same seed, recorded together,
-    against one node with both cameras, recorded alone: every message the same, header and bytes."""
+    against one node with both cameras, recorded alone: every message the same, header and bytes.
+    (`sortline simulate` on the split config plays both cameras in one node, from its first node's params.)"""
     params = "seed = 8, paced = false, seconds = 0.3, drop_rate = 0.1"
     cfg = write_config(tmp_path / "split.toml", _split_graph(params), run_dir)
     res = sortline("run", "--config", str(cfg), "--record", str(tmp_path / "split.mcap"), "--seconds", "60",
                    timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = sortline("simulate", "--config", str(DEMO), "--record", str(tmp_path / "one.mcap"), "--seed", "8",
-                   "--seconds", "0.3", "--drop-rate", "0.1", timeout=120)
+    res = sortline("simulate", "--config", str(cfg), "--record", str(tmp_path / "one.mcap"), "--seconds", "0.3",
+                   timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     split, one = messages(tmp_path / "split.mcap"), messages(tmp_path / "one.mcap")
     assert set(split) == set(one) == {"rgb", "hsi", "truth"} and len(one["hsi"]) >= 8
@@ -199,3 +200,21 @@ def test_cameras_are_named_once(tmp_path, run_dir):
                        + node_toml("sink", "sink") + '\n[[edges]]\nfrom = "belt.hsi"\nto = "sink.in"\n', run_dir)
     result = sortline("check", "--config", str(cfg))
     assert result.returncode == 78 and "nodes.belt.params.cameras" in result.stderr, result.stderr
+
+
+def test_score_sets_one_belt_on_every_simulate_node(tmp_path):
+    """A twin split by camera is scored on one belt: seed, length, speed and occupancy go to both nodes."""
+    from argparse import Namespace
+
+    from sortline.cli.score import belt_kinds, belt_run
+    from sortline.pipeline.config import NodeConfig
+
+    twin = load_config(ROOT / "configs" / "production-twin.toml")
+    hsi = NodeConfig(kind="simulate", params={"seed": 1, "cameras": ["hsi"]})
+    twin = twin.model_copy(update={"nodes": {**twin.nodes, "belt-hsi": hsi}})
+    run = belt_run(belt_kinds(twin, "twin"), Namespace(seed=9, seconds=2.0, unpaced=True), 2.5, 0.4,
+                   tmp_path / "score.json")(twin)
+    for name in ("belt", "belt-hsi"):
+        p = run.nodes[name].params
+        assert (p["seed"], p["seconds"], p["paced"], p["speed_m_s"], p["occupancy"]) == (9, 2.0, False, 2.5, 0.4)
+    assert run.nodes["belt-hsi"].params["cameras"] == ["hsi"]
