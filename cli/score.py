@@ -32,7 +32,8 @@ def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None,
         sim = {"seed": args.seed, "seconds": args.seconds, "paced": not args.unpaced, "speed_m_s": speed}
         if occupancy is not None:
             sim["occupancy"] = occupancy
-        s = common.with_params(s, kinds["simulate"], **sim)
+        for name in common.nodes_of_kind(s, "simulate"):   # all of them: one belt, maybe split by camera
+            s = common.with_params(s, name, **sim)
         s = common.with_params(s, kinds["valve_sim"], report=str(score_path), by_position=args.unpaced)
         if args.unpaced:   # no clock to keep: decide and send by position
             for name in common.nodes_of_kind(s, "ejector") + common.nodes_of_kind(s, "eject_plan"):
@@ -100,7 +101,10 @@ def score(args) -> int:
                     print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
                     return rc or 1
                 run = json.loads(run_path.read_text())
-                belt_state = run.get("nodes", {}).get(kinds["simulate"], {}).get("state")
+                states = {run.get("nodes", {}).get(name, {}).get("state")
+                          for name in common.nodes_of_kind(settings, "simulate")}
+                belt_state = ("finished" if states == {"finished"}
+                              else ", ".join(sorted(map(str, states - {"finished"}))))
                 if belt_state != "finished":
                     print(f"sortline: score: the run at {speed:g} m/s was stopped after {limit:g} s, before its "
                           f"{args.seconds:g} s of belt were through (the belt was {belt_state}): no score",

@@ -16,7 +16,8 @@ def simulate(args) -> int:
     settings = common.load(args.config)
     # The config's own simulate node (if any) gives the defaults: the same belt as `sortline run`.
     base = next((settings.nodes[n].params for n in common.nodes_of_kind(settings, "simulate")), {})
-    params = {**base, "seconds": args.seconds, "paced": args.paced}
+    # Both cameras, always: a config may split them over two nodes (one camera each) of the same belt.
+    params = {**{k: v for k, v in base.items() if k != "cameras"}, "seconds": args.seconds, "paced": args.paced}
     params.update({k: v for k, v in (("seed", args.seed), ("scene", args.scene), ("speed_m_s", args.speed),
                                      ("occupancy", args.occupancy), ("drop_rate", args.drop_rate)) if v is not None})
 

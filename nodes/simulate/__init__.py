@@ -9,7 +9,10 @@ class, extent, and look: clear, white, coloured, black, ...).
 
 Content depends only on the seed and the encoder position, never on timing:
 the same seed gives the same bytes, paced or not. Pacing follows the belt
-motion (drift and jitter), so line timing looks like a real encoder's.
+motion (drift and jitter), so line timing looks like a real encoder's. So a
+machine too big for one process is played by several nodes with the same
+seed, each with its own `cameras` (and core): their streams are the ones a
+single node would publish.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sortline.pipeline.config import Machine, Section
 from sortline.pipeline.node import Node
 
 STREAM_ID = {"rgb": 1, "hsi": 2}
+CAMERAS = ("rgb", "hsi")
 
 
 class MisregistrationParams(Section):
@@ -48,13 +52,16 @@ class Simulation:
 
     def __init__(self, machine: Machine, *, seed: int = 1, scene: str = "belt", occupancy: float = 0.3,
                  mix: dict[str, float] | None = None, cluster: float = 0.3, speed_m_s: float = 0.0,
-                 drift: float = 0.02, jitter: float = 0.005, misregistration: Misregistration = Misregistration()):
+                 drift: float = 0.02, jitter: float = 0.005, misregistration: Misregistration = Misregistration(),
+                 cameras: tuple[str, ...] = CAMERAS):
+        """cameras: the ones this simulation plays; without "rgb" the scene's RGB map is not drawn (and
+        rgb() and strip() are refused), which makes an HSI-only simulation cheaper; content is the same."""
         rgb, hsi, belt = machine.cameras.rgb, machine.cameras.hsi, machine.belt
-        self.seed, self.machine = seed, machine
+        self.seed, self.machine, self.cameras = seed, machine, tuple(cameras)
         self.rgb_cam_cfg, self.hsi_cam_cfg = rgb, hsi
         row_mm = rgb.ticks_per_line / belt.ticks_per_mm
         self.scene = Scene(seed, belt.width_mm, row_mm, rgb.mm_per_pixel, rgb.pixels, mode=scene,
-                           occupancy=occupancy, mix=mix, cluster=cluster)
+                           occupancy=occupancy, mix=mix, cluster=cluster, draw_rgb="rgb" in self.cameras)
         self.motion = BeltMotion(seed, speed_m_s or belt.speed_m_s, belt.ticks_per_mm, drift=drift, jitter=jitter)
         self.noise = Noise(seed)
         self.lamp = 0.0 if scene == "dark" else 1.0
@@ -76,6 +83,7 @@ class Simulation:
 
     def rgb(self, frame: int, out: np.ndarray | None = None) -> np.ndarray:
         """(lines, pixels, 3) uint8: RGB frame `frame`."""
+        self._playing("rgb")
         cfg = self.rgb_cam_cfg
         row0 = self.position("rgb", frame) // cfg.ticks_per_line
         img = self.rgb_cam.read(self.scene.rows(row0, cfg.lines_per_frame)["rgb"], self._rng("rgb", frame), self.lamp)
@@ -86,12 +94,17 @@ class Simulation:
 
     def hsi(self, frame: int, out: np.ndarray | None = None) -> np.ndarray:
         """(lines, pixels, bands) uint16 raw counts: HSI frame `frame`."""
+        self._playing("hsi")
         img = self.hsi_cam.read(self.scene, self.position("hsi", frame), self.hsi_cam_cfg.lines_per_frame,
                                 self._rng("hsi", frame), self.lamp)
         if out is not None:
             out[...] = img
             return out
         return img
+
+    def _playing(self, camera: str) -> None:
+        if camera not in self.cameras:
+            raise ValueError(f"this simulation plays only {', '.join(self.cameras)}, not {camera}")
 
     def truth(self, frame: int) -> tuple[dict[str, np.ndarray], list[TruthObject]]:
         """Labels and object ids on the RGB grid for RGB frame `frame`, and the objects starting in it."""
@@ -111,6 +124,7 @@ class Simulation:
         reflectance on the RGB grid coarsened by r (what calibration and the register node aim for);
         labels: (lines, pixels) uint8. `lines` must be a multiple of r.
         """
+        self._playing("rgb")
         r = self.hsi_cam.ss
         if lines % r:
             raise ValueError(f"strip lines ({lines}) must be a multiple of the RGB:HSI ratio {r}")
@@ -126,6 +140,9 @@ class Simulate(Node):
 
     class Params(Section):
         seed: int = Field(1, ge=0)
+        cameras: list[Literal["rgb", "hsi"]] = Field(
+            list(CAMERAS), min_length=1, description="the cameras this node plays (and the truth with rgb); "
+            "two nodes with the same seed, one per camera, publish what one node with both would")
         scene: Literal["belt", "target", "white", "dark"] = Field(
             "belt", description="belt: objects; target: calibration boards; white/dark: spectral references")
         occupancy: float = Field(0.3, ge=0, le=0.9, description="fraction of the belt covered by objects")
@@ -144,6 +161,13 @@ class Simulate(Node):
             default_factory=dict, description="camera -> belt time (s) from which it delivers nothing more, "
             "as a camera unplugged does (the other goes on)")
 
+        @field_validator("cameras")
+        @classmethod
+        def _once_each(cls, cameras):
+            if len(set(cameras)) != len(cameras):
+                raise ValueError(f"each camera once: {cameras}")
+            return cameras
+
         @field_validator("mix")
         @classmethod
         def _known_classes(cls, mix):
@@ -154,9 +178,16 @@ class Simulate(Node):
 
     def setup(self) -> None:
         p = self.params
+        unplayed = [port for port in ("rgb", "hsi", "truth") if self.out[port].edges
+                    and (port if port != "truth" else "rgb") not in p.cameras]
+        if unplayed:
+            # Not an error: a recorder connects every port of every source (`--record`).
+            self.log.warning("cameras = %s: nothing comes out of port %s (the truth goes with the RGB camera); "
+                             "the node that plays it has to feed its edges", p.cameras, ", ".join(unplayed))
         self.sim = Simulation(self.machine, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.mix or None,
                               cluster=p.cluster, speed_m_s=p.speed_m_s, drift=p.drift, jitter=p.jitter,
-                              misregistration=Misregistration(**p.misregistration.model_dump()))
+                              misregistration=Misregistration(**p.misregistration.model_dump()),
+                              cameras=tuple(p.cameras))
         cams = self.machine.cameras
         self.cam = {"rgb": cams.rgb, "hsi": cams.hsi}
         self.frame = {"rgb": 0, "hsi": 0}     # next frame index along the belt (dropped ones count)
@@ -164,15 +195,15 @@ class Simulate(Node):
         self.gap = {"rgb": False, "hsi": False}
         self.dropped = {"rgb": 0, "hsi": 0}
         self.overruns = 0
-        self.want_truth = bool(self.out["truth"].edges)
+        self.want_truth = bool(self.out["truth"].edges) and "rgb" in p.cameras
         # A camera nobody listens to is not drawn (the truth goes with the RGB frames, so RGB always is).
-        self.cameras = [c for c in ("rgb", "hsi") if c == "rgb" or self.out[c].edges]
+        self.cameras = [c for c in p.cameras if c == "rgb" or self.out[c].edges] or list(p.cameras)
         self.t0 = 0
         self.meta = {"rgb": CameraMeta("rgb", f"SIM-RGB-{p.seed}", "RGB8", 8),
                      "hsi": CameraMeta("hsi", f"SIM-HSI-{p.seed}", "Mono12", 12)}
-        self.log.info("%s scene, seed %d, %.2f m/s; rgb %s lines/frame, hsi %s lines/frame, truth %s",
-                      p.scene, p.seed, p.speed_m_s or self.machine.belt.speed_m_s, cams.rgb.lines_per_frame,
-                      cams.hsi.lines_per_frame, "on" if self.want_truth else "off (not connected)")
+        self.log.info("%s scene, seed %d, %.2f m/s; playing %s (rgb %s lines/frame, hsi %s lines/frame), truth %s",
+                      p.scene, p.seed, p.speed_m_s or self.machine.belt.speed_m_s, " and ".join(self.cameras),
+                      cams.rgb.lines_per_frame, cams.hsi.lines_per_frame, "on" if self.want_truth else "off")
 
     def _span(self, stream: str) -> tuple[int, int]:
         cam = self.cam[stream]
@@ -233,4 +264,4 @@ class Simulate(Node):
     def status(self) -> dict:
         return {"rgb": self.seq["rgb"], "hsi": self.seq["hsi"], "dropped": sum(self.dropped.values()),
                 "overruns": self.overruns,
-                "belt_m": round(self._span("rgb")[0] / self.machine.belt.ticks_per_mm / 1000, 2)}
+                "belt_m": round(max(self._span(c)[0] for c in self.cameras) / self.machine.belt.ticks_per_mm / 1000, 2)}

@@ -128,7 +128,8 @@ class Scene:
 
     def __init__(self, seed: int, width_mm: float, row_mm: float, col_mm: float, cols: int,
                  mode: str = "belt", occupancy: float = 0.3, mix: dict[str, float] | None = None,
-                 cluster: float = 0.3):
+                 cluster: float = 0.3, draw_rgb: bool = True):
+        self.draw_rgb = draw_rgb     # False: no "rgb" map (for a node that plays only the HSI camera)
         self.seed, self.width_mm, self.row_mm, self.col_mm, self.cols = seed, width_mm, row_mm, col_mm, cols
         self.mode, self.occupancy, self.cluster = mode, occupancy, cluster
         mix = mix or DEFAULT_MIX
@@ -272,34 +273,63 @@ class Scene:
         def table(values, belt, dtype):
             return np.asarray([belt] + list(values), dtype=dtype)
 
+        # Every per-pixel property is a per-object table looked up by `local` (take: several times faster
+        # than fancy indexing). Where a pixel's value is an expression, it is evaluated in the same order
+        # on the same float32 values as ever, in place: the same seed still gives the same bytes.
         rng = self._rng(tile, 1)
         cls = table([o.cls for o in objs], 0, np.uint8)
         ids = table([o.id for o in objs], 0, np.uint32)
         endm = table([o.endmember for o in objs], ENDMEMBER[("belt", "grey")], np.uint8)
         base_gain = table([o.gain for o in objs], 1.0, np.float32)
         crumple = table([o.crumple for o in objs], 0.03, np.float32)
-        alpha = table([o.alpha for o in objs], 1.0, np.float32)
-        gloss = table([o.gloss for o in objs], 0.0, np.float32)
-        colour = np.concatenate([[[0.13, 0.13, 0.14]], [o.rgb for o in objs]]).astype(np.float32) \
-            if objs else np.array([[0.13, 0.13, 0.14]], np.float32)
 
         # Shading: smooth noise at two scales (unit variance), stronger on crumpled items.
         def smooth(sigma):
             f = cv2.GaussianBlur(rng.standard_normal((rows, cols), dtype=np.float32), (0, 0), sigma)
-            return f * (1.0 / (f.std() + 1e-6))
-        field = 0.8 * smooth(6) + 0.6 * smooth(2)
-        shade = crumple[local] * 0.35 * field
-        gain = np.clip(base_gain[local] * (1 + shade), 0.2, 1.6)
+            f *= 1.0 / (f.std() + 1e-6)
+            return f
+        field = smooth(6)
+        field *= 0.8
+        field += 0.6 * smooth(2)                        # 0.8 * smooth(6) + 0.6 * smooth(2)
+        shade = (crumple * 0.35).take(local)
+        shade *= field                                  # crumple * 0.35 * field
+        gain = shade + 1
+        gain *= base_gain.take(local)
+        np.clip(gain, 0.2, 1.6, out=gain)               # base_gain * (1 + shade), clipped
 
-        endmember = endm[local]
+        endmember = endm.take(local)
         on_top = overlay > 0
         endmember[on_top] = OVERLAY_ENDMEMBER[overlay[on_top]]
+        maps = {"labels": cls.take(local), "instances": ids.take(local), "endmember": endmember, "gain": gain}
+        if self.draw_rgb:
+            maps["rgb"] = self._rgb(objs, local, overlay, on_top, field, shade, rng)
+        if self.mode == "white":
+            # A white reference tile under the whole scan line.
+            maps["endmember"][:] = ENDMEMBER[("target", "white")]
+            maps["gain"][:] = 1.0
+            if "rgb" in maps:
+                maps["rgb"][:] = 0.92
+        if len(self._tiles) >= 8:
+            self._tiles.pop(max(self._tiles, key=lambda t: abs(t - tile)))
+        self._tiles[tile] = maps
+        return maps
 
-        # RGB: belt grain, the item's colour over the belt by its opacity, print, dirt, highlights.
-        belt = 0.13 + 0.02 * cv2.GaussianBlur(rng.standard_normal((rows, cols), dtype=np.float32), (0, 0), 1.2)
-        a = alpha[local][..., None]
-        rgb = colour[local]
-        rgb -= (1 - a) * (rgb - belt[..., None])
+    def _rgb(self, objs, local, overlay, on_top, field, shade, rng) -> np.ndarray:
+        """The RGB map (rows, cols, 3) float32 0..1 of a tile: belt grain, the item's colour over the belt by
+        its opacity, print, dirt, shading, highlights. Drawn last from the tile's generator: skipping it
+        (a node that plays only the HSI camera) changes nothing else."""
+        alpha = np.asarray([1.0] + [o.alpha for o in objs], np.float32)
+        gloss = np.asarray([0.0] + [o.gloss for o in objs], np.float32)
+        colour = np.asarray([[0.13, 0.13, 0.14]] + [o.rgb for o in objs], np.float32)
+        belt = cv2.GaussianBlur(rng.standard_normal(local.shape, dtype=np.float32), (0, 0), 1.2)
+        belt *= 0.02
+        belt += 0.13
+        # colour[local], one 12-byte record per pixel (a take on records: fancy indexing of rows is slow).
+        rgb = colour.view(np.dtype((np.void, colour.itemsize * 3))).ravel().take(local)
+        rgb = rgb.view(np.float32).reshape(*local.shape, 3)
+        seen = rgb - belt[..., None]
+        seen *= (1 - alpha).take(local)[..., None]
+        rgb -= seen                                     # rgb - (1 - alpha) * (rgb - belt)
         rr, cc = np.nonzero(on_top)
         if len(rr):
             # Print: two-tone stripes on labels (paper: light, film: red), plain brown dirt.
@@ -309,32 +339,24 @@ class Scene:
             ink = np.array([[0, 0, 0], [1.0, 0.95, 0.85], [0.8, 0.3, 0.2], [0, 0, 0]], np.float32)[kind] * tone
             ink[kind == DIRT] = [0.28, 0.22, 0.15]
             rgb[rr, cc] = ink
-        rgb *= (1 + 0.6 * shade)[..., None]
-        rgb += (gloss[local] * np.maximum(field - 1.2, 0) * 0.5)[..., None]
-        maps = {
-            "labels": cls[local],
-            "instances": ids[local],
-            "endmember": endmember,
-            "gain": gain.astype(np.float32),
-            "rgb": np.clip(rgb, 0, 1, out=rgb),
-        }
-        if self.mode == "white":
-            # A white reference tile under the whole scan line.
-            maps["endmember"][:] = ENDMEMBER[("target", "white")]
-            maps["gain"][:] = 1.0
-            maps["rgb"][:] = 0.92
-        if len(self._tiles) >= 8:
-            self._tiles.pop(max(self._tiles, key=lambda t: abs(t - tile)))
-        self._tiles[tile] = maps
-        return maps
+        lit = shade * 0.6
+        lit += 1
+        rgb *= lit[..., None]                           # (1 + 0.6 * shade)
+        glare = field - 1.2
+        np.maximum(glare, 0, out=glare)
+        glare *= gloss.take(local)
+        glare *= 0.5
+        rgb += glare[..., None]                         # gloss * max(field - 1.2, 0) * 0.5
+        return np.clip(rgb, 0, 1, out=rgb)
 
-    def rows(self, r0: int, n: int) -> dict[str, np.ndarray]:
-        """The maps for scene rows r0 .. r0+n (a view when inside one tile)."""
+    def rows(self, r0: int, n: int, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """The maps (those named in keys; none named: all) for scene rows r0 .. r0+n (views inside one tile)."""
         t0, t1 = r0 // TILE_ROWS, (r0 + n - 1) // TILE_ROWS
         if t0 == t1:
             off = r0 - t0 * TILE_ROWS
-            return {k: v[off:off + n] for k, v in self.tile(t0).items()}
-        parts = [self.rows(r, min(n - (r - r0), (r // TILE_ROWS + 1) * TILE_ROWS - r))
+            maps = self.tile(t0)
+            return {k: maps[k][off:off + n] for k in keys or maps}
+        parts = [self.rows(r, min(n - (r - r0), (r // TILE_ROWS + 1) * TILE_ROWS - r), keys)
                  for r in [r0] + list(range((t0 + 1) * TILE_ROWS, r0 + n, TILE_ROWS))]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
