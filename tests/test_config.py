@@ -220,11 +220,12 @@ def test_the_production_twin_is_the_production_machine_with_a_simulated_belt_and
         "plan": "eject_plan", "ejector": "ejector"}
     assert {n: c.kind for n, c in twin.nodes.items()} == {
         "register": "register", "infer": "infer", "plan": "eject_plan", "ejector": "ejector",
-        "belt": "simulate", "valve_sim": "valve_sim"}
+        "belt": "simulate", "belt-hsi": "simulate", "valve_sim": "valve_sim"}
     kept = {(e.src, e.dst) for e in prod.edges if not e.src.startswith("acquire")}
     assert kept <= {(e.src, e.dst) for e in twin.edges}
-    assert {e.dst for e in twin.edges if e.src.startswith("belt.")} == {
+    assert {e.dst for e in twin.edges if e.src.startswith("belt")} == {
         "register.rgb", "register.hsi", "plan.encoder", "ejector.encoder", "valve_sim.truth", "valve_sim.encoder"}
+    assert twin.nodes["belt"].params["seed"] == twin.nodes["belt-hsi"].params["seed"]   # one belt
     assert (prod.ejector.driver, twin.ejector.driver) == ("udp", "sim")
     assert twin.calibration.spectral == str(ROOT / "configs/calibration/production-twin-spectral.npz")
     assert all(os.path.isfile(p) for p in (twin.calibration.spectral, twin.calibration.spatial, twin.ejector.key))
