@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from sortline.calibration.spatial import SpatialCalibration
-from sortline.calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from sortline.calibration.spectral import BinnedReflectance, CalibrationError, SpectralReference
 from sortline.nodes.streams import LINES, STRIP, StripMeta
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Machine, Section
@@ -45,6 +45,7 @@ class StripCutter:
         self.core, self.overlap = m.strip_lines, m.overlap_lines
         self.total = self.core + 2 * self.overlap
         self.spectral, self.spatial = spectral, spatial
+        self.binned = BinnedReflectance(spectral, self.groups)   # counts → reflectance in the model's bands
         self.max_wait_lines = max_wait_lines
         # Static half of the resampling: which HSI coordinate lies under each coarse cell's centre.
         cells = self.width // self.r
@@ -82,7 +83,7 @@ class StripCutter:
             self.no_hsi.append((lo, position + self.along.max() + self.tpl_h))
             if self.hsi_end is not None:
                 self.breaks.append(lo)
-        self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.groups)))
+        self.hsi_chunks.append((position, self.binned(raw)))
         self.hsi_end = position + len(raw) * self.tpl_h
         # RGB more than max_wait_lines behind (or stopped): the HSI before that is given up, counted, and
         # the RGB lines it saw, should they still come, are skipped as HSI-less (bounded memory either way).
