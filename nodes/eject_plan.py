@@ -113,8 +113,13 @@ class ObjectFinder:
         n, clusters, cstats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
         rows_total = len(cls)
         last = cstats[:, cv2.CC_STAT_TOP] + cstats[:, cv2.CC_STAT_HEIGHT] - 1
+        can_open = not final and rows_total < MAX_CARRY_LINES
+        # Clusters that matter: not ended before the lines already seen (then their objects were done),
+        # and either big enough to hold an object or open (a speck's top can start the carry).
+        wanted = (last >= old - 1) & ((cstats[:, cv2.CC_STAT_AREA] >= self.min_area)
+                                      | (can_open & (last == rows_total - 1)))
         found, open_tops = [], []
-        for cl in np.flatnonzero(last[1:] >= old - 1) + 1:      # the others ended before the lines already seen
+        for cl in np.flatnonzero(wanted[1:]) + 1:
             x, y, w, h = cstats[cl, :4]
             in_cluster = clusters[y:y + h, x:x + w] == cl
             touched = np.bincount(cls[y:y + h, x:x + w][in_cluster], minlength=self.classes)
@@ -123,7 +128,10 @@ class ObjectFinder:
                 parts = [(present[0], in_cluster, (0, 0, w, h, cstats[cl, 4]), x, y)]
             else:
                 parts = []
+                open_cluster = can_open and last[cl] == rows_total - 1
                 for c in present:
+                    if touched[c] < self.min_area and not open_cluster:
+                        continue                # only specks of this class here, none of them open
                     mask = ((cls[y:y + h, x:x + w] == c) & in_cluster).view(np.uint8)
                     bx, by, bw, bh = cv2.boundingRect(mask)      # label only where this class is
                     m, labels, stats, _ = cv2.connectedComponentsWithStats(mask[by:by + bh, bx:bx + bw],
@@ -133,7 +141,7 @@ class ObjectFinder:
                 top, bottom = oy + py, oy + py + ph - 1
                 if bottom < old - 1:
                     continue                   # ended before the lines already seen: done then
-                is_open = not final and bottom == rows_total - 1 and rows_total < MAX_CARRY_LINES
+                is_open = can_open and bottom == rows_total - 1
                 if is_open:
                     open_tops.append(top)
                 if area < self.min_area:
