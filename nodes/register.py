@@ -195,8 +195,19 @@ class StripCutter:
                     break
                 run = []
             run.append((p, a))
-        cube = np.concatenate([a for _, a in run])
         map_y = ((pos_h - run[0][0]) / self.tpl_h - 0.5).astype(np.float32)
+        # Only the run's lines the cells read: OpenCV rounds a coordinate to 1/32 of a line, up to the next
+        # line at most, and reads the line after it (at weight 0 on a whole line), hence + 3. Moving the
+        # coordinates by whole lines is exact in float32, and so is the result.
+        lo = max(0, int(np.floor(map_y.min())))
+        hi = int(np.floor(map_y.max())) + 3
+        parts, first = [], 0
+        for _, a in run:
+            if first + len(a) > lo and first < hi:
+                parts.append(a[max(0, lo - first):hi - first])
+            first += len(a)
+        cube = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        map_y -= lo
         out = cv2.remap(cube, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return out.reshape(*self.map_x.shape, self.bands)
 

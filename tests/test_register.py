@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -42,8 +43,9 @@ def belt(settings):
 def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, rgb_until=None, previous=False):
     sim, rgb, hsi = belt
     cut = StripCutter(settings, *calibrations, max_wait_lines=256)
-    if previous:   # HSI counts to model bands as the node did before BinnedReflectance
+    if previous:   # HSI counts to model bands, and onto the RGB grid, as the node did before
         cut.binned = lambda raw: bin_bands(previous_reflectance(calibrations[0], raw), cut.groups)
+        cut._hsi_cells = lambda top: previous_hsi_cells(cut, top)
     strips, held = [], []
     for f in range(len(rgb)):
         if f not in skip_hsi and (hsi_until is None or f < hsi_until):
@@ -53,6 +55,22 @@ def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, 
         strips += list(cut.strips())
         held.append((len(cut.rgb_chunks), len(cut.hsi_chunks)))
     return cut, strips, held
+
+
+def previous_hsi_cells(cut, top):
+    """The resampling as it was: the whole run of HSI lines concatenated, then remapped."""
+    pos_h = top + cut.cell_pos[:, None] - cut.along[None, :]
+    run = []
+    for p, a in cut.hsi_chunks:
+        if run and p != run[-1][0] + len(run[-1][1]) * cut.tpl_h:
+            if run[-1][0] + len(run[-1][1]) * cut.tpl_h > pos_h.min():
+                break
+            run = []
+        run.append((p, a))
+    map_y = ((pos_h - run[0][0]) / cut.tpl_h - 0.5).astype(np.float32)
+    out = cv2.remap(np.concatenate([a for _, a in run]), cut.map_x, map_y, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(*cut.map_x.shape, cut.bands)
 
 
 def cores(settings, strips):
