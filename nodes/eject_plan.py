@@ -151,7 +151,9 @@ class ObjectFinder:
                 rr, cc = rr + top, cc + ox + px
                 # The order the objects are offered in: by class, then by the first 2 x 2 block of the
                 # mask (in raster order) that each covers, the order a labelling per class numbers them.
-                first_block = ((rr >> 1) * cls.shape[1] + (cc >> 1)).min()
+                # That block is in the object's first pair of block rows: the pixels up to its end.
+                pair_end = np.searchsorted(rr, (top | 1) + 1)
+                first_block = (top >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
                 found.append((c, first_block, rr, cc, touched, is_open))
         out = []
         for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
