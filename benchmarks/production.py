@@ -253,12 +253,12 @@ def main() -> int:
     load = os.getloadavg()[0]
 
     # Inputs first: frames, references, masks' scene.
-    frames = 24 if args.quick else 72
+    frames = 16 if args.quick else 72
     spectral, spatial = references(settings)
     sim = Simulation(settings, seed=3)
     rgb_frames = [sim.rgb(f) for f in range(frames)]
     hsi_frames = [sim.hsi(f) for f in range(frames)]
-    masks = 10 if args.quick else 40
+    masks = 6 if args.quick else 40
 
     reg = [time_register(settings, spectral, spatial, sim, rgb_frames, hsi_frames) for _ in range(runs)]
     reg_cpu, reg_wall = statistics.median(c.cpu for c, _ in reg), statistics.median(c.wall for c, _ in reg)
@@ -272,7 +272,7 @@ def main() -> int:
     plan4_cpu = statistics.median(c.cpu for c in plans4) if plans4 else plan_cpu
     with tempfile.TemporaryDirectory() as tmp:
         ej = time_ejector(machine, made, Path(tmp))
-        inf = None if args.no_infer else time_infer(settings, Path(tmp), 6 if args.quick else 20)
+        inf = None if args.no_infer else time_infer(settings, Path(tmp), 4 if args.quick else 20)
 
     def factor(seconds: float) -> float:
         return round(1 / seconds / needed, 2)
