@@ -217,7 +217,9 @@ class BinnedReflectance:
         pixels, bands = self.ref.shape
         if raw.shape[1:] != (pixels, bands):
             raise CalibrationError(f"frames are {raw.shape[1:]} (pixels × bands), the reference is {self.ref.shape}")
-        x = raw.reshape(len(raw), -1).astype(np.float32)
+        if not len(raw):
+            return np.zeros((0, pixels, self.groups), np.float32)
+        x = raw.reshape(len(raw), pixels * bands).astype(np.float32)
         np.subtract(x, self.dark, out=x)
         np.multiply(x, self.scale, out=x)
         cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)            # max(x, 0)

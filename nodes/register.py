@@ -232,7 +232,10 @@ class Register(Node):
             spatial = SpatialCalibration.load(files.spatial, rgb_pixels=cams.rgb.pixels, hsi_pixels=cams.hsi.pixels)
         except CalibrationError as exc:
             raise ConfigError([str(exc)]) from None
-        self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
+        try:
+            self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
+        except ValueError as exc:   # model bands the camera's cannot be binned into
+            raise ConfigError([f"model.bands / model.band_ranges: {exc}"]) from None
         self.expect("rgb", pixels=cams.rgb.pixels, channels=3, ticks_per_line=cams.rgb.ticks_per_line)
         self.expect("hsi", pixels=cams.hsi.pixels, channels=cams.hsi.bands, ticks_per_line=cams.hsi.ticks_per_line)
         self.last_rgb = None

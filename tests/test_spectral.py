@@ -136,6 +136,7 @@ def test_binned_reflectance_is_the_mean_of_the_reflectance_within_float_rounding
     assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
 
 
-def test_binned_reflectance_refuses_another_camera(reference):
+def test_binned_reflectance_of_no_lines_and_of_another_camera(reference):
+    assert BinnedReflectance(reference, 32)(np.zeros((0, 160, 224), np.uint16)).shape == (0, 160, 32)
     with pytest.raises(CalibrationError, match="pixels × bands"):
         BinnedReflectance(reference, 32)(np.zeros((4, 100, 224), np.uint16))
