@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 FORMAT = "sortline-spectral"
@@ -56,6 +57,16 @@ def bin_bands(cube: np.ndarray, groups: int | list[tuple[int, int]], dtype=np.fl
         return (sums / np.diff(edges)).astype(dtype, copy=False)
     out = np.stack([cube[..., a:b].mean(-1, dtype=np.float32) for a, b in edges], -1)
     return out.astype(dtype, copy=False)
+
+
+def bin_matrix(n_bands: int, groups: int | list[tuple[int, int]]) -> np.ndarray:
+    """(n_bands, groups) float32: bin_bands as a matrix product, 1 / len(group) for each band in a group."""
+    edges = band_groups(n_bands, groups)
+    spans = np.stack([edges[:-1], edges[1:]], 1) if edges.ndim == 1 else edges
+    m = np.zeros((n_bands, len(spans)), np.float32)
+    for g, (a, b) in enumerate(spans):
+        m[a:b, g] = 1.0 / (b - a)
+    return m
 
 
 @dataclass
@@ -100,18 +111,19 @@ class SpectralReference:
         return self.dark.shape
 
     def _prepare(self):
-        # Per (pixel, band): the pixel to read (itself, or the nearest good one
-        # along the line) and 1 / response, computed once.
+        # Computed once: 1 / response per (pixel, band), and for each bad (pixel, band) the good pixel
+        # of the same band nearest along the line, as flat indices into a (pixels × bands) line.
         pixels, bands = self.shape
-        idx = np.broadcast_to(np.arange(pixels)[:, None], (pixels, bands)).copy()
+        fix, src = [], []
         for b in np.nonzero(self.bad.any(0))[0]:
             good = np.nonzero(~self.bad[:, b])[0]
             if len(good) == 0:
                 raise CalibrationError(f"band {b} has no good pixel")
-            nearest = good[np.abs(np.arange(pixels)[:, None] - good[None, :]).argmin(1)]
-            idx[:, b] = nearest
-        self._src = idx * bands + np.arange(bands)[None, :]     # flat index into a (pixels, bands) line
-        self._needs_repair = bool(self.bad.any())
+            bad = np.nonzero(self.bad[:, b])[0]
+            fix.append(bad * bands + b)
+            src.append(good[np.abs(bad[:, None] - good[None, :]).argmin(1)] * bands + b)
+        self._fix = np.concatenate(fix) if fix else np.zeros(0, np.intp)
+        self._src = np.concatenate(src) if src else np.zeros(0, np.intp)
         resp = np.maximum(self.white - self.dark, 1.0)
         self._scale = (self.white_reflectance / resp).astype(np.float32)
 
@@ -125,10 +137,13 @@ class SpectralReference:
         refl -= self.dark
         refl *= self._scale
         np.clip(refl, 0.0, clip, out=refl)
-        if self._needs_repair:
-            lines = refl.reshape(len(refl), -1)
-            lines[:] = lines[:, self._src.ravel()]
+        self._repair(refl.reshape(len(refl), -1))
         return refl
+
+    def _repair(self, lines: np.ndarray) -> None:
+        """Bad pixels of (lines, pixels × bands) reflectance take their good neighbour's value, in place."""
+        if len(self._fix):
+            lines[:, self._fix] = lines[:, self._src]   # the right side is read whole first: sources are good
 
     # The file: one .npz, arrays plus a JSON header that says what it is.
 
@@ -164,3 +179,55 @@ class SpectralReference:
             raise CalibrationError(f"{path}: made for camera {header['serial']!r}, this is {serial!r}; recalibrate")
         meta = {k: header[k] for k in ("serial", "exposure_us", "white_reflectance", "date") if k in header}
         return cls(**arrays, **meta)
+
+
+class BinnedReflectance:
+    """bin_bands(reference.reflectance(raw), groups), made for a stream of frames at line rate.
+
+    What is exact and what is not. Reflectance is affine in the counts per (pixel, band),
+    r = (raw − dark) × s with s = white_reflectance / (white − dark), then clipped to [0, clip],
+    and a model band is the mean of r over its group. Binning counts first is not the same:
+    (Σraw − Σdark) / (Σwhite − Σdark) weighs the bands of a group by their response instead of
+    equally (s differs from band to band: lamp, optics, sensor), and the clip is not linear (a
+    band below its dark level or above `clip` changes its group's mean, not the others). Even
+    the dark subtraction, linear as it is, cannot move after the binning without the clip. So
+    the subtraction, the scale and the clip stay per band, each one pass over the frame as a
+    flat (lines, pixels × bands) array with a (pixels × bands) row, clipped by OpenCV's
+    thresholds, bad pixels repaired only where they are, and the mean taken by OpenCV's area
+    resize (equal groups that divide the bands) or a product with bin_matrix (any other
+    groups). Those sum in another order than numpy's mean: the result differs from
+    bin_bands(reflectance(raw)) by float32 rounding (a few 1e-7 on values up to `clip`), well
+    inside float16's step (2**-11 of a value), which is what a strip carries.
+    """
+
+    def __init__(self, reference: SpectralReference, groups: int | list[tuple[int, int]], clip: float = 1.5):
+        if reference._scale is None:
+            reference._prepare()
+        self.ref, self.clip = reference, float(clip)
+        pixels, bands = reference.shape
+        self.matrix = bin_matrix(bands, groups)
+        self.groups = self.matrix.shape[1]
+        self.dark = reference.dark.reshape(-1)
+        self.scale = reference._scale.reshape(-1)
+        edges = band_groups(bands, groups)
+        self.area = edges.ndim == 1 and bands % self.groups == 0   # N equal groups of whole bands
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """(lines, pixels, bands) raw counts → (lines, pixels, groups) float32 binned reflectance."""
+        pixels, bands = self.ref.shape
+        if raw.shape[1:] != (pixels, bands):
+            raise CalibrationError(f"frames are {raw.shape[1:]} (pixels × bands), the reference is {self.ref.shape}")
+        if not len(raw):
+            return np.zeros((0, pixels, self.groups), np.float32)
+        x = raw.reshape(len(raw), pixels * bands).astype(np.float32)
+        np.subtract(x, self.dark, out=x)
+        np.multiply(x, self.scale, out=x)
+        cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)            # max(x, 0)
+        cv2.threshold(x, self.clip, self.clip, cv2.THRESH_TRUNC, dst=x)  # min(x, clip)
+        self.ref._repair(x)
+        x = x.reshape(-1, bands)
+        if self.area:
+            out = cv2.resize(x, (self.groups, len(x)), interpolation=cv2.INTER_AREA)
+        else:
+            out = x @ self.matrix
+        return out.reshape(len(raw), pixels, self.groups)

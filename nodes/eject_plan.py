@@ -106,42 +106,67 @@ class ObjectFinder:
         return self._components(*carry, len(carry[1]), plan, final=True)
 
     def _components(self, line0, cls, conf, planned, old, plan, final) -> list[Obj]:
-        # Clusters: everything that touches (any classes); objects: connected pixels of one class.
+        # Clusters: everything that touches (any classes); objects: connected pixels of one class. An
+        # object lies in one cluster, and a cluster of one class is one object: so one labelling of the
+        # whole buffer, and a labelling per class only inside the clusters where classes touch.
         fg = (cls != 0).astype(np.uint8)
-        _, clusters, cstats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+        n, clusters, cstats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
         rows_total = len(cls)
-        out, open_tops = [], []
-        for c in np.unique(cls):
-            if c == 0:
-                continue
-            n, labels, stats, _ = cv2.connectedComponentsWithStats((cls == c).astype(np.uint8), connectivity=8)
-            last_row = stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT] - 1
-            for k in range(1, n):
-                if last_row[k] < old - 1:
+        last = cstats[:, cv2.CC_STAT_TOP] + cstats[:, cv2.CC_STAT_HEIGHT] - 1
+        can_open = not final and rows_total < MAX_CARRY_LINES
+        # Clusters that matter: not ended before the lines already seen (then their objects were done),
+        # and either big enough to hold an object or open (a speck's top can start the carry).
+        wanted = (last >= old - 1) & ((cstats[:, cv2.CC_STAT_AREA] >= self.min_area)
+                                      | (can_open & (last == rows_total - 1)))
+        found, open_tops = [], []
+        for cl in np.flatnonzero(wanted[1:]) + 1:
+            x, y, w, h = cstats[cl, :4]
+            in_cluster = clusters[y:y + h, x:x + w] == cl
+            touched = np.bincount(cls[y:y + h, x:x + w][in_cluster], minlength=self.classes)
+            present = np.flatnonzero(touched[1:]) + 1
+            if len(present) == 1:
+                parts = [(present[0], in_cluster, (0, 0, w, h, cstats[cl, 4]), x, y)]
+            else:
+                parts = []
+                open_cluster = can_open and last[cl] == rows_total - 1
+                for c in present:
+                    if touched[c] < self.min_area and not open_cluster:
+                        continue                # only specks of this class here, none of them open
+                    mask = ((cls[y:y + h, x:x + w] == c) & in_cluster).view(np.uint8)
+                    bx, by, bw, bh = cv2.boundingRect(mask)      # label only where this class is
+                    m, labels, stats, _ = cv2.connectedComponentsWithStats(mask[by:by + bh, bx:bx + bw],
+                                                                           connectivity=8)
+                    parts += [(c, labels, stats[k], x + bx, y + by, k) for k in range(1, m)]
+            for c, labels, (px, py, pw, ph, area), ox, oy, *k in parts:
+                top, bottom = oy + py, oy + py + ph - 1
+                if bottom < old - 1:
                     continue                   # ended before the lines already seen: done then
-                is_open = not final and last_row[k] == rows_total - 1 and rows_total < MAX_CARRY_LINES
+                is_open = can_open and bottom == rows_total - 1
                 if is_open:
-                    open_tops.append(stats[k, cv2.CC_STAT_TOP])
-                if stats[k, cv2.CC_STAT_AREA] < self.min_area:
+                    open_tops.append(top)
+                if area < self.min_area:
                     continue                   # a speck (noise, a fragment of a misread object), or not yet an object
-                x, y, w, h = (stats[k, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
-                                                    cv2.CC_STAT_HEIGHT))
-                rr, cc = np.nonzero(labels[y:y + h, x:x + w] == k)
-                rr, cc = rr + y, cc + x
-                # Its cluster: how much of what it touches is of other classes, per class.
-                cl = clusters[rr[0], cc[0]]
-                cx, cy, cw, ch = (cstats[cl, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
-                                                          cv2.CC_STAT_HEIGHT))
-                in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
-                done_px = planned[rr, cc]
-                obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
-                          np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
-                          bool(done_px.any()), not is_open,
-                          np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes))
-                if obj.fresh.any() and plan(obj):
-                    planned[rr, cc] = True
-                if not is_open:
-                    out.append(obj)
+                mine = labels[py:py + ph, px:px + pw]
+                rr, cc = np.nonzero(mine == k[0] if k else mine)
+                rr, cc = rr + top, cc + ox + px
+                # The order the objects are offered in: by class, then by the first 2 x 2 block of the
+                # mask (in raster order) that each covers, the order a labelling per class numbers them.
+                # That block is in the object's first pair of block rows: the pixels up to its end.
+                pair_end = np.searchsorted(rr, (top | 1) + 1)
+                first_block = (top >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
+                found.append((c, first_block, rr, cc, touched, is_open))
+        out = []
+        for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
+            done_px = planned[rr, cc]
+            hist = np.zeros(max(self.classes, c + 1), np.int64)    # all its pixels are of class c
+            conf_sum = np.zeros(len(hist))
+            hist[c], conf_sum[c] = len(rr), conf[rr, cc].sum(dtype=np.float64)
+            obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, hist, conf_sum, ~done_px,
+                      bool(done_px.any()), not is_open, touched)
+            if obj.fresh.any() and plan(obj):
+                planned[rr, cc] = True
+            if not is_open:
+                out.append(obj)
         if open_tops and not final:
             start = min(open_tops)
             self.carry = (line0 + start, cls[start:].copy(), conf[start:].copy(), planned[start:].copy())

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from sortline.calibration.spatial import SpatialCalibration
-from sortline.calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from sortline.calibration.spectral import BinnedReflectance, CalibrationError, SpectralReference
 from sortline.nodes.streams import LINES, STRIP, StripMeta
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Machine, Section
@@ -45,6 +45,7 @@ class StripCutter:
         self.core, self.overlap = m.strip_lines, m.overlap_lines
         self.total = self.core + 2 * self.overlap
         self.spectral, self.spatial = spectral, spatial
+        self.binned = BinnedReflectance(spectral, self.groups)   # counts → reflectance in the model's bands
         self.max_wait_lines = max_wait_lines
         # Static half of the resampling: which HSI coordinate lies under each coarse cell's centre.
         cells = self.width // self.r
@@ -82,7 +83,7 @@ class StripCutter:
             self.no_hsi.append((lo, position + self.along.max() + self.tpl_h))
             if self.hsi_end is not None:
                 self.breaks.append(lo)
-        self.hsi_chunks.append((position, bin_bands(self.spectral.reflectance(raw), self.groups)))
+        self.hsi_chunks.append((position, self.binned(raw)))
         self.hsi_end = position + len(raw) * self.tpl_h
         # RGB more than max_wait_lines behind (or stopped): the HSI before that is given up, counted, and
         # the RGB lines it saw, should they still come, are skipped as HSI-less (bounded memory either way).
@@ -194,8 +195,19 @@ class StripCutter:
                     break
                 run = []
             run.append((p, a))
-        cube = np.concatenate([a for _, a in run])
         map_y = ((pos_h - run[0][0]) / self.tpl_h - 0.5).astype(np.float32)
+        # Only the run's lines the cells read: OpenCV rounds a coordinate to 1/32 of a line, up to the next
+        # line at most, and reads the line after it (at weight 0 on a whole line), hence + 3. Moving the
+        # coordinates by whole lines is exact in float32, and so is the result.
+        lo = max(0, int(np.floor(map_y.min())))
+        hi = int(np.floor(map_y.max())) + 3
+        parts, first = [], 0
+        for _, a in run:
+            if first + len(a) > lo and first < hi:
+                parts.append(a[max(0, lo - first):hi - first])
+            first += len(a)
+        cube = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        map_y -= lo
         out = cv2.remap(cube, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return out.reshape(*self.map_x.shape, self.bands)
 
@@ -220,7 +232,10 @@ class Register(Node):
             spatial = SpatialCalibration.load(files.spatial, rgb_pixels=cams.rgb.pixels, hsi_pixels=cams.hsi.pixels)
         except CalibrationError as exc:
             raise ConfigError([str(exc)]) from None
-        self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
+        try:
+            self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
+        except ValueError as exc:   # model bands the camera's cannot be binned into
+            raise ConfigError([f"model.bands / model.band_ranges: {exc}"]) from None
         self.expect("rgb", pixels=cams.rgb.pixels, channels=3, ticks_per_line=cams.rgb.ticks_per_line)
         self.expect("hsi", pixels=cams.hsi.pixels, channels=cams.hsi.bands, ticks_per_line=cams.hsi.ticks_per_line)
         self.last_rgb = None

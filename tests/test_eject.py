@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,8 +13,9 @@ from sortline.nodes.belt.bar import BarGeometry
 from sortline.nodes.belt.datagram import (SIZE, Command, DatagramError, SequenceWindow, decode, encode, next_seq,
                                           read_key)
 from sortline.nodes.belt.encoder import EncoderTrack
-from sortline.nodes.eject_plan import ObjectFinder, Policy, decide, valve_windows
+from sortline.nodes.eject_plan import MAX_CARRY_LINES, Obj, ObjectFinder, Policy, decide, valve_windows
 from sortline.nodes.ejector import Schedule
+from sortline.nodes.simulate import Simulation
 from sortline.pipeline.graph import load_config
 from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
                             start, stop, wait_for, write_config)
@@ -77,6 +79,115 @@ def test_long_objects_are_planned_while_seen_and_each_pixel_once(settings):
     v = planned[0][2][0][0]
     spans = [next((a, b) for vv, a, b in p[2] if vv == v) for p in planned]
     assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+
+
+class PreviousFinder(ObjectFinder):
+    """ObjectFinder as it was before the plan labelled clusters first: a labelling of the whole buffer per
+    class present (the definition the faster one is held to)."""
+
+    def _components(self, line0, cls, conf, planned, old, plan, final) -> list[Obj]:
+        # Clusters: everything that touches (any classes); objects: connected pixels of one class.
+        fg = (cls != 0).astype(np.uint8)
+        _, clusters, cstats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+        rows_total = len(cls)
+        out, open_tops = [], []
+        for c in np.unique(cls):
+            if c == 0:
+                continue
+            n, labels, stats, _ = cv2.connectedComponentsWithStats((cls == c).astype(np.uint8), connectivity=8)
+            last_row = stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT] - 1
+            for k in range(1, n):
+                if last_row[k] < old - 1:
+                    continue                   # ended before the lines already seen: done then
+                is_open = not final and last_row[k] == rows_total - 1 and rows_total < MAX_CARRY_LINES
+                if is_open:
+                    open_tops.append(stats[k, cv2.CC_STAT_TOP])
+                if stats[k, cv2.CC_STAT_AREA] < self.min_area:
+                    continue                   # a speck (noise, a fragment of a misread object), or not yet an object
+                x, y, w, h = (stats[k, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                    cv2.CC_STAT_HEIGHT))
+                rr, cc = np.nonzero(labels[y:y + h, x:x + w] == k)
+                rr, cc = rr + y, cc + x
+                # Its cluster: how much of what it touches is of other classes, per class.
+                cl = clusters[rr[0], cc[0]]
+                cx, cy, cw, ch = (cstats[cl, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                          cv2.CC_STAT_HEIGHT))
+                in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
+                done_px = planned[rr, cc]
+                obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
+                          np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
+                          bool(done_px.any()), not is_open,
+                          np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes))
+                if obj.fresh.any() and plan(obj):
+                    planned[rr, cc] = True
+                if not is_open:
+                    out.append(obj)
+        if open_tops and not final:
+            start = min(open_tops)
+            self.carry = (line0 + start, cls[start:].copy(), conf[start:].copy(), planned[start:].copy())
+        else:
+            self.carry = None
+        return out
+
+
+def mask_stream(settings, seed):
+    """The synthetic belt's truth as masks per RGB pixel, with misread specks and blobs of other classes
+    (touching clusters of many classes, specks under min_area, objects across chunk borders)."""
+    sim = Simulation(settings, seed=seed, occupancy=0.45)
+    labels = np.ascontiguousarray(sim.scene.rows(0, 640)["labels"])
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    noisy.ravel()[rng.choice(noisy.size, noisy.size // 200, replace=False)] = rng.integers(1, 10, noisy.size // 200)
+    for _ in range(40):
+        y, x = rng.integers(0, 630), rng.integers(0, 630)
+        noisy[y:y + rng.integers(2, 10), x:x + rng.integers(2, 10)] = rng.integers(1, 10)
+    conf = rng.integers(100, 256, noisy.shape).astype(np.uint8)
+    return noisy, conf
+
+
+def run_finder(finder, mask, conf, chunks, gaps=()):
+    """Objects and plan calls, in the order they come, fed in chunks of the given sizes."""
+    calls, seen = [], []
+
+    def plan(obj):
+        calls.append((obj.id, obj.area, int(obj.fresh.sum()), obj.complete, obj.planned, obj.cluster.tolist()))
+        return obj.cls in (1, 6) and obj.area > 40
+
+    def record(objs):
+        for o in objs:
+            seen.append((o.id, o.rows.tolist(), o.cols.tolist(), o.hist.tolist(), o.conf_sum.tolist(),
+                         o.fresh.tolist(), o.planned, o.complete, o.cluster.tolist()))
+
+    i = 0
+    for n in chunks:
+        record(finder.feed(i, mask[i:i + n], conf[i:i + n], plan, gap=i in gaps))
+        carry = finder.carry
+        seen.append(None if carry is None else (carry[0], carry[1].tobytes(), carry[2].tobytes(), carry[3].tobytes()))
+        i += n
+    record(finder.flush(plan))
+    return calls, seen
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_objects_and_their_order_are_the_per_class_labellings(settings, seed):
+    """The same objects (pixels, histograms, confidence, clusters, fresh and planned pixels), offered to plan
+    and returned in the same order, and the same carry, as labelling every class over the whole buffer."""
+    mask, conf = mask_stream(settings, seed)
+    chunks = [64] * 4 + [17, 47, 96, 32, 64, 64, 64, 128]
+    now = run_finder(ObjectFinder(min_area_px=30), mask, conf, chunks, gaps={448})
+    before = run_finder(PreviousFinder(min_area_px=30), mask, conf, chunks, gaps={448})
+    assert len(now[0]) > 30 and sum(o is not None and len(o) > 4 for o in now[1]) > 20
+    assert now == before
+
+
+def test_dense_random_masks_order_like_the_per_class_labellings():
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        mask = ((rng.random((240, 180)) < 0.3) * rng.integers(1, 4, (240, 180))).astype(np.uint8)
+        conf = rng.integers(0, 256, mask.shape).astype(np.uint8)
+        chunks = [40, 40, 80, 80]
+        assert run_finder(ObjectFinder(min_area_px=3), mask, conf, chunks) == \
+            run_finder(PreviousFinder(min_area_px=3), mask, conf, chunks), trial
 
 
 def test_valve_windows_geometry(settings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from sortline.nodes.simulate.cameras import Misregistration
 from sortline.pipeline.graph import load_config
 from tests.conftest import DEMO, edge_toml, load_json, node_toml, sortline, write_config
 from tests.test_spatial import target_blobs
+from tests.test_spectral import previous_reflectance
 
 MIS = Misregistration()
 
@@ -38,9 +40,12 @@ def belt(settings):
     return sim, [sim.rgb(f) for f in range(n)], [sim.hsi(f) for f in range(n)]
 
 
-def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, rgb_until=None):
+def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, rgb_until=None, previous=False):
     sim, rgb, hsi = belt
     cut = StripCutter(settings, *calibrations, max_wait_lines=256)
+    if previous:   # HSI counts to model bands, and onto the RGB grid, as the node did before
+        cut.binned = lambda raw: bin_bands(previous_reflectance(calibrations[0], raw), cut.groups)
+        cut._hsi_cells = lambda top: previous_hsi_cells(cut, top)
     strips, held = [], []
     for f in range(len(rgb)):
         if f not in skip_hsi and (hsi_until is None or f < hsi_until):
@@ -50,6 +55,22 @@ def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, 
         strips += list(cut.strips())
         held.append((len(cut.rgb_chunks), len(cut.hsi_chunks)))
     return cut, strips, held
+
+
+def previous_hsi_cells(cut, top):
+    """The resampling as it was: the whole run of HSI lines concatenated, then remapped."""
+    pos_h = top + cut.cell_pos[:, None] - cut.along[None, :]
+    run = []
+    for p, a in cut.hsi_chunks:
+        if run and p != run[-1][0] + len(run[-1][1]) * cut.tpl_h:
+            if run[-1][0] + len(run[-1][1]) * cut.tpl_h > pos_h.min():
+                break
+            run = []
+        run.append((p, a))
+    map_y = ((pos_h - run[0][0]) / cut.tpl_h - 0.5).astype(np.float32)
+    out = cv2.remap(np.concatenate([a for _, a in run]), cut.map_x, map_y, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(*cut.map_x.shape, cut.bands)
 
 
 def cores(settings, strips):
@@ -170,3 +191,18 @@ def test_band_ranges_pick_the_model_bands(settings, calibrations, belt):
     assert hsi.shape[-1] == 3
     ideal = bin_bands(sim.strip(top // 15, len(strips[2][1]))["hsi"], ranges)
     assert np.median(np.abs(hsi.astype(np.float32) - ideal)) < 0.005
+
+
+@pytest.mark.parametrize("skip_hsi", [(), (20,)], ids=["belt", "hsi_gap"])
+def test_strips_are_the_previous_definitions_within_float16_rounding(settings, calibrations, belt, skip_hsi):
+    """The same strips, positions, gaps and meta as with the per-band reflectance binned by numpy (the
+    definition before BinnedReflectance); HSI values equal in float16, what the node sends, but for a rare
+    one on a rounding boundary, one step off."""
+    _, now, _ = run(settings, calibrations, belt, skip_hsi=skip_hsi)
+    _, before, _ = run(settings, calibrations, belt, skip_hsi=skip_hsi, previous=True)
+    assert len(now) == len(before) >= 8
+    for (top, rgb, hsi, valid, gap), (top0, rgb0, hsi0, valid0, gap0) in zip(now, before):
+        assert (top, valid, gap) == (top0, valid0, gap0) and np.array_equal(rgb, rgb0)
+        np.testing.assert_allclose(hsi, hsi0, rtol=1e-6, atol=1e-7)
+        steps = np.abs(hsi.astype(np.float16).view(np.int16).astype(int) - hsi0.astype(np.float16).view(np.int16))
+        assert steps.max() <= 1 and (steps > 0).mean() < 1e-3

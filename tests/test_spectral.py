@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sortline.calibration.spectral import CalibrationError, SpectralReference, bin_bands
+from sortline.calibration.spectral import BinnedReflectance, CalibrationError, SpectralReference, bin_bands
 from sortline.nodes.simulate import Simulation
 from sortline.nodes.simulate.materials import ENDMEMBER
 from sortline.pipeline.graph import load_config
@@ -84,3 +84,59 @@ def test_file_round_trip_and_refusals(tmp_path, reference):
     (tmp_path / "junk.npz").write_bytes(b"not a calibration")
     with pytest.raises(CalibrationError, match="not a readable"):
         SpectralReference.load(tmp_path / "junk.npz")
+
+
+def previous_reflectance(ref: SpectralReference, raw: np.ndarray, clip: float = 1.5) -> np.ndarray:
+    """The definition the register node used before BinnedReflectance: every (pixel, band) read through the
+    nearest-good-pixel map, the whole frame gathered."""
+    pixels, bands = ref.shape
+    idx = np.broadcast_to(np.arange(pixels)[:, None], (pixels, bands)).copy()
+    for b in np.nonzero(ref.bad.any(0))[0]:
+        good = np.nonzero(~ref.bad[:, b])[0]
+        idx[:, b] = good[np.abs(np.arange(pixels)[:, None] - good[None, :]).argmin(1)]
+    scale = (ref.white_reflectance / np.maximum(ref.white - ref.dark, 1.0)).astype(np.float32)
+    refl = raw.astype(np.float32)
+    refl -= ref.dark
+    refl *= scale
+    np.clip(refl, 0.0, clip, out=refl)
+    lines = refl.reshape(len(refl), -1)
+    lines[:] = lines[:, (idx * bands + np.arange(bands)[None, :]).ravel()]
+    return refl
+
+
+@pytest.fixture(scope="module")
+def belt_raw(settings):
+    """Belt frames, with counts under the dark level and over 1.5 reflectance, so that both clips act."""
+    sim = Simulation(settings, seed=9, occupancy=0.6)
+    raw = np.concatenate([sim.hsi(f) for f in range(6)])
+    rng = np.random.default_rng(9)
+    raw.reshape(-1)[rng.choice(raw.size, raw.size // 50, replace=False)] = 0
+    raw.reshape(-1)[rng.choice(raw.size, raw.size // 50, replace=False)] = 4095
+    return raw
+
+
+def test_reflectance_repairs_exactly_as_the_whole_frame_gather(reference, belt_raw):
+    assert reference.bad.sum() > 0
+    assert np.array_equal(reference.reflectance(belt_raw), previous_reflectance(reference, belt_raw))
+
+
+@pytest.mark.parametrize("groups", [32, 30, [(10, 20), (100, 140), (200, 224)]],
+                        ids=["equal", "uneven", "ranges"])
+def test_binned_reflectance_is_the_mean_of_the_reflectance_within_float_rounding(reference, belt_raw, groups):
+    """The fast path against bin_bands(previous reflectance): float32 rounding apart, and in float16 (what a
+    strip carries) equal but for a rare value on a rounding boundary, one step off."""
+    refl = previous_reflectance(reference, belt_raw)
+    assert (refl == 0).mean() > 0.01 and (refl == 1.5).mean() > 0.002     # both clips in play
+    expected = bin_bands(refl, groups)
+    got = BinnedReflectance(reference, groups)(belt_raw)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    g16, e16 = got.astype(np.float16), expected.astype(np.float16)
+    steps = np.abs(g16.view(np.int16).astype(int) - e16.view(np.int16).astype(int))
+    assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
+
+
+def test_binned_reflectance_of_no_lines_and_of_another_camera(reference):
+    assert BinnedReflectance(reference, 32)(np.zeros((0, 160, 224), np.uint16)).shape == (0, 160, 32)
+    with pytest.raises(CalibrationError, match="pixels × bands"):
+        BinnedReflectance(reference, 32)(np.zeros((4, 100, 224), np.uint16))
