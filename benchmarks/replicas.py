@@ -22,7 +22,7 @@ a core busy with other work takes a replica's share.
 Rounds of (1 replica, 2 replicas) are interleaved, so that a change in the
 machine's load hits both; the figures are the medians.
 
-    python benchmarks/replicas.py [--quick] [--json PATH] [--strips N] [--rounds N]
+    python benchmarks/replicas.py [--quick] [--json PATH] [--strips N] [--rounds N] [--config MACHINE]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from sortline.calibration.spectral import bin_bands  # noqa: E402
 from sortline.nodes.simulate import Simulation  # noqa: E402
 from sortline.nodes.streams import StripMeta  # noqa: E402
+from sortline.pipeline.config import compose  # noqa: E402
 from sortline.pipeline.graph import load_config, outputs_of  # noqa: E402
 from sortline.pipeline.node import finished_mark  # noqa: E402
 from sortline.pipeline.transport import Output  # noqa: E402
@@ -56,7 +57,7 @@ VARIANTS = 8  # distinct strips, cycled
 
 
 def strips(settings, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Held-out synthetic strips of the demo profile (a seed the model was not trained on)."""
+    """Held-out synthetic strips of the machine (a seed the model was not trained on)."""
     m = settings.model
     sim = Simulation(settings, seed=1100, occupancy=0.5)
     out = []
@@ -66,13 +67,18 @@ def strips(settings, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def config(path: Path, run_dir: Path, replicas: int, report: Path) -> Path:
-    """The demo machine, with register -> infer (replicas, one core each) -> sink; only infer and sink run."""
-    import tomllib
+def config(machine: Path, path: Path, run_dir: Path, replicas: int, report: Path) -> Path:
+    """The machine (the demo's by default), with register -> infer (replicas, one core each) -> sink; only infer
+    and sink run."""
+    data = compose(machine)
 
-    data = tomllib.loads(DEMO.read_text())
-    data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
-    data["ejector"]["key"] = str(DEMO.parent / data["ejector"]["key"])
+    def beside(v: str) -> str:
+        return v if not v or os.path.isabs(v) or ":" in v else str(machine.parent / v)
+
+    data["calibration"] = {k: beside(v) for k, v in data["calibration"].items()}
+    data["ejector"]["key"] = beside(data["ejector"]["key"])
+    data["model"]["path"] = beside(data["model"]["path"])
+    data.pop("supervisor", None)
     data["graph"] = {"name": f"bench-replicas-{replicas}", "runtime_dir": str(run_dir)}
     data["nodes"] = {
         "belt": {"kind": "simulate"},
@@ -89,10 +95,10 @@ def config(path: Path, run_dir: Path, replicas: int, report: Path) -> Path:
     return path
 
 
-def run(replicas: int, count: int, made: list, workdir: Path) -> dict:
+def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"slr{replicas}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     report = workdir / f"sink-{replicas}.json"
-    cfg = config(workdir / f"replicas-{replicas}.toml", run_dir, replicas, report)
+    cfg = config(machine, workdir / f"replicas-{replicas}.toml", run_dir, replicas, report)
     settings = load_config(cfg)
     names = ["infer"] if replicas == 1 else [f"infer#{i}" for i in range(replicas)]
     procs = [subprocess.Popen([sys.executable, "-m", "sortline", "node", name, "--config", str(cfg)],
@@ -145,17 +151,19 @@ def main() -> int:
     parser.add_argument("--strips", type=int, default=0, help="strips per run (default 300, 150 with --quick)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds of (1 replica, 2 replicas) (default 3, 1 "
                         "with --quick): the medians are the figures")
+    parser.add_argument("--config", type=Path, default=DEMO, help="the machine (default: the demo profile; "
+                        "configs/production-twin.toml: the production strip and model)")
     args = parser.parse_args()
     count = args.strips or (150 if args.quick else 300)
     rounds = args.rounds or (1 if args.quick else 3)
-    settings = load_config(DEMO)
+    settings = load_config(args.config)
     made = strips(settings, VARIANTS)
     load_before = os.getloadavg()[0]
     results: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):   # interleaved, so that a change in the machine's load hits both alike
             for replicas in (1, 2):
-                results[replicas].append(run(replicas, count, made, Path(tmp)))
+                results[replicas].append(run(args.config, replicas, count, made, Path(tmp)))
     rate = {n: statistics.median(r["strips_per_s"] for r in runs) for n, runs in results.items()}
     every = results[1] + results[2]
     figures = {
