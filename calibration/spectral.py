@@ -133,12 +133,15 @@ class SpectralReference:
             raise CalibrationError(f"frames are {raw.shape[1:]} (pixels × bands), the reference is {self.shape}")
         if self._scale is None:
             self._prepare()
-        refl = raw.astype(np.float32)
-        refl -= self.dark
-        refl *= self._scale
-        np.clip(refl, 0.0, clip, out=refl)
-        self._repair(refl.reshape(len(refl), -1))
-        return refl
+        # One pass per step over the frame as a flat (lines, pixels × bands) array, clipped by OpenCV's
+        # thresholds (line rate: this is most of the register node's work).
+        x = raw.reshape(len(raw), -1).astype(np.float32)
+        np.subtract(x, self.dark.reshape(-1), out=x)
+        np.multiply(x, self._scale.reshape(-1), out=x)
+        cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)   # max(x, 0)
+        cv2.threshold(x, clip, clip, cv2.THRESH_TRUNC, dst=x)  # min(x, clip)
+        self._repair(x)
+        return x.reshape(raw.shape)
 
     def _repair(self, lines: np.ndarray) -> None:
         """Bad pixels of (lines, pixels × bands) reflectance take their good neighbour's value, in place."""
@@ -191,41 +194,27 @@ class BinnedReflectance:
     equally (s differs from band to band: lamp, optics, sensor), and the clip is not linear (a
     band below its dark level or above `clip` changes its group's mean, not the others). Even
     the dark subtraction, linear as it is, cannot move after the binning without the clip. So
-    the subtraction, the scale and the clip stay per band, each one pass over the frame as a
-    flat (lines, pixels × bands) array with a (pixels × bands) row, clipped by OpenCV's
-    thresholds, bad pixels repaired only where they are, and the mean taken by OpenCV's area
-    resize (equal groups that divide the bands) or a product with bin_matrix (any other
-    groups). Those sum in another order than numpy's mean: the result differs from
+    the reflectance stays per band (SpectralReference.reflectance), and the mean is taken by
+    OpenCV's area resize (equal groups that divide the bands) or a product with bin_matrix (any
+    other groups). Those sum in another order than numpy's mean: the result differs from
     bin_bands(reflectance(raw)) by float32 rounding (a few 1e-7 on values up to `clip`), well
     inside float16's step (2**-11 of a value), which is what a strip carries.
     """
 
     def __init__(self, reference: SpectralReference, groups: int | list[tuple[int, int]], clip: float = 1.5):
-        if reference._scale is None:
-            reference._prepare()
         self.ref, self.clip = reference, float(clip)
-        pixels, bands = reference.shape
+        bands = reference.shape[1]
         self.matrix = bin_matrix(bands, groups)
         self.groups = self.matrix.shape[1]
-        self.dark = reference.dark.reshape(-1)
-        self.scale = reference._scale.reshape(-1)
         edges = band_groups(bands, groups)
         self.area = edges.ndim == 1 and bands % self.groups == 0   # N equal groups of whole bands
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """(lines, pixels, bands) raw counts → (lines, pixels, groups) float32 binned reflectance."""
         pixels, bands = self.ref.shape
-        if raw.shape[1:] != (pixels, bands):
-            raise CalibrationError(f"frames are {raw.shape[1:]} (pixels × bands), the reference is {self.ref.shape}")
-        if not len(raw):
+        if not len(raw) and raw.shape[1:] == self.ref.shape:
             return np.zeros((0, pixels, self.groups), np.float32)
-        x = raw.reshape(len(raw), pixels * bands).astype(np.float32)
-        np.subtract(x, self.dark, out=x)
-        np.multiply(x, self.scale, out=x)
-        cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)            # max(x, 0)
-        cv2.threshold(x, self.clip, self.clip, cv2.THRESH_TRUNC, dst=x)  # min(x, clip)
-        self.ref._repair(x)
-        x = x.reshape(-1, bands)
+        x = self.ref.reflectance(raw, self.clip).reshape(-1, bands)
         if self.area:
             out = cv2.resize(x, (self.groups, len(x)), interpolation=cv2.INTER_AREA)
         else:

@@ -409,6 +409,14 @@ _PATH_KEYS = (("calibration", "spectral"), ("calibration", "spatial"), ("model",
               ("security", "key"), ("security", "authorized"))
 
 
+def _beside_keys(path: Path, keys):
+    """An edge's server_key beside the file: one, or a list of one per replica (anything else is left to
+    validation)."""
+    if isinstance(keys, list):
+        return [_beside(path, k) if isinstance(k, str) else k for k in keys]
+    return _beside(path, keys) if isinstance(keys, str) else keys
+
+
 def _read_toml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"config file {path}: not found"])
@@ -451,9 +459,8 @@ def compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if unknown:
         raise ConfigError([f"{path}: drop_nodes: {', '.join(unknown)}: no such node in {base_path}"])
     base["nodes"] = {name: cfg for name, cfg in nodes.items() if name not in drop}
-    base_edges = [dict(e, server_key=_beside(base_path, e["server_key"])) if isinstance(e.get("server_key"), str)
-                  else e for e in base.get("edges", [])]
-    kept = [e for e in base_edges
+    kept = [dict(e, server_key=_beside_keys(base_path, e["server_key"])) if "server_key" in e else e
+            for e in base.get("edges", [])
             if not any(str(e.get(end, "")).split(".")[0] in drop for end in ("from", "to"))]
     edges = data.pop("edges", [])
     merged = _merge(base, data)
@@ -474,18 +481,13 @@ def read_config(path: str | os.PathLike) -> Settings:
     except ValidationError as exc:
         raise ConfigError([f"{path}: {line}" for line in format_validation(exc)]) from None
 
-    def beside(v: str) -> str:
-        return _beside(path, v)
-
-    cal = CalibrationFiles(**{k: beside(v) for k, v in settings.calibration.model_dump().items()})
-    model = settings.model.model_copy(update={"path": beside(settings.model.path)})
-    ejector = settings.ejector.model_copy(update={"key": beside(settings.ejector.key)})
-    sec = settings.security.model_copy(update={"key": beside(settings.security.key),
-                                               "authorized": beside(settings.security.authorized)})
-    edges = [e.model_copy(update={"server_key": [beside(k) for k in e.server_key] if isinstance(e.server_key, list)
-                                  else beside(e.server_key)}) for e in settings.edges]
-    return settings.model_copy(update={"calibration": cal, "model": model, "ejector": ejector, "security": sec,
-                                       "edges": edges})
+    # After validation, so that SORTLINE_* overrides of these paths start beside the file too.
+    update: dict[str, Any] = {}
+    for table, key in _PATH_KEYS:
+        section = update.get(table, getattr(settings, table))
+        update[table] = section.model_copy(update={key: _beside(path, getattr(section, key))})
+    update["edges"] = [e.model_copy(update={"server_key": _beside_keys(path, e.server_key)}) for e in settings.edges]
+    return settings.model_copy(update=update)
 
 
 def config_toml(settings: Settings) -> str:
