@@ -41,8 +41,10 @@ def belt_speed(text: str) -> float:
     line)."""
     try:
         return _SPEED.validate_python(float(text))
-    except (ValueError, ValidationError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is no belt speed (0.01 to 10 m/s)") from exc
+    except ValidationError as exc:   # the configuration's own bounds say what is allowed
+        raise argparse.ArgumentTypeError(f"{text!r} is no belt speed: {exc.errors()[0]['msg']} m/s") from exc
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is no belt speed (a number, m/s)") from exc
 
 
 def seconds(text: str) -> float:

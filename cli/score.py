@@ -101,14 +101,12 @@ def score(args) -> int:
                     print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
                     return rc or 1
                 run = json.loads(run_path.read_text())
-                states = {run.get("nodes", {}).get(name, {}).get("state")
+                states = {name: run.get("nodes", {}).get(name, {}).get("state")
                           for name in common.nodes_of_kind(settings, "simulate")}
-                belt_state = ("finished" if states == {"finished"}
-                              else ", ".join(sorted(map(str, states - {"finished"}))))
-                if belt_state != "finished":
+                unfinished = ", ".join(f"{name} {state}" for name, state in states.items() if state != "finished")
+                if unfinished:
                     print(f"sortline: score: the run at {speed:g} m/s was stopped after {limit:g} s, before its "
-                          f"{args.seconds:g} s of belt were through (the belt was {belt_state}): no score",
-                          file=sys.stderr)
+                          f"{args.seconds:g} s of belt were through ({unfinished}): no score", file=sys.stderr)
                     return 1
                 rows.append(score_row(json.loads(score_path.read_text()), run, speed, occupancy, args))
     print(score_table(rows))

@@ -125,7 +125,7 @@ class ObjectFinder:
             touched = np.bincount(cls[y:y + h, x:x + w][in_cluster], minlength=self.classes)
             present = np.flatnonzero(touched[1:]) + 1
             if len(present) == 1:
-                parts = [(present[0], in_cluster, (0, 0, w, h, cstats[cl, 4]), x, y)]
+                parts = [(present[0], in_cluster, (0, 0, w, h, cstats[cl, 4]), x, y, True)]   # the cluster itself
             else:
                 parts = []
                 open_cluster = can_open and last[cl] == rows_total - 1
@@ -137,7 +137,7 @@ class ObjectFinder:
                     m, labels, stats, _ = cv2.connectedComponentsWithStats(mask[by:by + bh, bx:bx + bw],
                                                                            connectivity=8)
                     parts += [(c, labels, stats[k], x + bx, y + by, k) for k in range(1, m)]
-            for c, labels, (px, py, pw, ph, area), ox, oy, *k in parts:
+            for c, labels, (px, py, pw, ph, area), ox, oy, k in parts:
                 top, bottom = oy + py, oy + py + ph - 1
                 if bottom < old - 1:
                     continue                   # ended before the lines already seen: done then
@@ -146,8 +146,7 @@ class ObjectFinder:
                     open_tops.append(top)
                 if area < self.min_area:
                     continue                   # a speck (noise, a fragment of a misread object), or not yet an object
-                mine = labels[py:py + ph, px:px + pw]
-                rr, cc = np.nonzero(mine == k[0] if k else mine)
+                rr, cc = np.nonzero(labels[py:py + ph, px:px + pw] == k)
                 rr, cc = rr + top, cc + ox + px
                 # The order the objects are offered in: by class, then by the first 2 x 2 block of the
                 # mask (in raster order) that each covers, the order a labelling per class numbers them.
