@@ -15,6 +15,7 @@ table.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -91,6 +92,19 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.run_dir = prepare_runtime_dir(self.settings.runtime_dir())
+        # One supervisor per graph: a second one would bind the same sockets and steal the first one's
+        # messages. The lock goes with the process, however it ends.
+        self._lock = open(self.run_dir / "supervisor.lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            log.error("graph %s is already running in %s (supervisor pid %s): stop it first, or give this one "
+                      "another graph.name", self.settings.graph.name, self.run_dir, self._lock.read().strip() or "?")
+            return EX_CONFIG
+        self._lock.truncate(0)
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
         ctx = zmq.Context()
         beats = ctx.socket(zmq.PULL)
         beats.setsockopt(zmq.LINGER, 0)

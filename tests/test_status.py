@@ -49,3 +49,27 @@ def test_status_needs_metrics(tmp_path, run_dir):
     cfg = write_config(tmp_path / "c.toml", chain(), run_dir)
     res = sortline("status", "--config", str(cfg), timeout=60)
     assert res.returncode == 78 and "metrics.port_base is 0" in res.stderr
+
+
+@pytest.mark.system
+def test_a_second_supervisor_of_a_running_graph_is_refused(tmp_path, run_dir):
+    """Two supervisors of one graph would bind the same sockets and take each other's messages."""
+    port = free_port()
+    graph = chain("lines = 4, pixels = 64, bands = 3")
+    cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {port}\n")
+    other = write_config(tmp_path / "d.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {free_port()}\n")
+    sup = start("run", "--config", str(cfg))
+    try:
+        wait_for(lambda: metric(scrape(port + 2), "sortline_messages_total", direction="in") > 10, timeout=60)
+        second = sortline("run", "--config", str(other), "--seconds", "5", timeout=60)
+        assert second.returncode == 78, second.stderr[-2000:]
+        assert f"graph test is already running in {run_dir} (supervisor pid {sup.pid})" in second.stderr
+        # The first one lost nothing to it.
+        before = metric(scrape(port + 2), "sortline_messages_total", direction="in")
+        wait_for(lambda: metric(scrape(port + 2), "sortline_messages_total", direction="in") > before + 10)
+    finally:
+        rc, _, err = stop(sup, timeout=30)
+    assert rc == 0, err[-2000:]
+    # Once it is gone, the graph starts again.
+    again = sortline("run", "--config", str(other), "--seconds", "2", timeout=60)
+    assert again.returncode == 0, again.stderr[-2000:]
