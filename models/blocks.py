@@ -5,11 +5,13 @@ Every reshape uses Python integers taken from the input's (static) shape: an
 exported graph then carries constants, not Shape/Gather chains, which keeps
 ONNX Runtime and TensorRT graphs small. Masks and relative-position indices
 are built in numpy for the exact grid and become constants too, kept
-factorised: one relative-position bias per head shared by every window, and
-the shifted-window mask as one small table per window row and one per window
-column, each added to the scores by broadcasting. Summed into one tensor they
-would be (windows, heads, 64, 64) per layer, which constant folding writes
-into an exported file: most of its size at a production strip.
+factorised: the relative-position bias is gathered in the graph from each
+layer's learned table ((2 win - 1)^2, heads) by an int index (n, n), one for
+all the layers of a window size, and the shifted-window mask is one small table
+per window row and one per window column, each added to the scores by
+broadcasting. Summed into one tensor they would be (windows, heads, 64, 64)
+per layer, which constant folding writes into an exported file: most of its
+size at a production strip.
 """
 
 from __future__ import annotations
@@ -177,7 +179,9 @@ class WindowBlock(nn.Module):
             y = torch.roll(y, (-sh, -sw), (1, 2))
         nh, nw, n = hp // wh, wp // ww, wh * ww
         y = y.reshape(b, nh, wh, nw, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, n, c)
-        bias = self.bias_table[torch.from_numpy(index.ravel())].reshape(n, n, self.heads).permute(2, 0, 1)
+        # A 2-D index keeps this Gather in the exported graph: the exporter's constant folding folds a Gather
+        # only with a 1-D index, and folded this would be an expanded (heads, n, n) constant in every layer.
+        bias = self.bias_table[torch.from_numpy(index)].permute(2, 0, 1)
         y = self.attn(y, bias, mask)
         y = y.reshape(b, nh, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         if sh or sw:

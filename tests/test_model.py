@@ -191,11 +191,18 @@ def test_onnx_export_matches_torch(tmp_path):
     # The strip goes in as the register node makes it; the graph converts it.
     assert {i.name: i.type.tensor_type.elem_type for i in proto.graph.input} == {
         "rgb": onnx.TensorProto.UINT8, "hsi": onnx.TensorProto.FLOAT16}
-    # Window masks and position biases stay factorised: one (heads, 64, 64) bias per layer, no constant per window.
-    constants = [tuple(t.dims) for t in proto.graph.initializer]
-    constants += [tuple(a.t.dims) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims]
-    scores = [d for d in constants if len(d) >= 3 and d[-2:] == (64, 64)]
-    assert scores and all(len(d) == 3 and d[0] <= 8 for d in scores), scores
+    # Window masks and position biases stay factorised: no constant per window, and no bias expanded to
+    # (heads, 64, 64): each layer gathers its bias in the graph from its learned table by a shared int index.
+    initializers = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    fixed = {n.output[0]: (tuple(a.t.dims), a.t.data_type) for n in proto.graph.node if n.op_type == "Constant"
+             for a in n.attribute if a.t.dims}
+    constants = list(initializers.values()) + [d for d, _ in fixed.values()]
+    assert not [d for d in constants if len(d) >= 3 and d[-2:] == (64, 64)]
+    heads = {f"net.{name}.bias_table": m.heads for name, m in net.named_modules() if isinstance(m, WindowBlock)}
+    gathers = {n.input[0]: n.input[1] for n in proto.graph.node if n.op_type == "Gather"}
+    assert {table: initializers[table] for table in gathers} == {t: ((2 * 8 - 1) ** 2, h) for t, h in heads.items()}
+    assert {fixed[i] for i in gathers.values()} == {((n, n), onnx.TensorProto.INT64) for n in (64, 40)}
+    assert len(set(gathers.values())) == 2   # one index for all the layers of a window size (8 x 8 and 5 x 8)
     largest = max(int(np.prod(d)) for d in constants)
     assert largest == max(p.numel() for p in net.parameters()), largest   # a weight matrix, nothing per grid
     # The broadcast masks reshape the scores to 7 dimensions; TensorRT takes at most 8.
