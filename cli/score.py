@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -25,9 +26,13 @@ def belt_kinds(settings: Settings, config_path: str) -> dict[str, str] | None:
     return kinds
 
 
+PRIORITIES = ("recovery", "balanced", "purity")   # --sweep priority: the recipe's knob, one run each
+
+
 def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None, score_path: Path,
-             samples_path: Path | None = None):
-    """The rewrite for a scored run of the synthetic belt: seed, length, speed, pacing, report paths."""
+             samples_path: Path | None = None, priority: str | None = None):
+    """The rewrite for a scored run of the synthetic belt: seed, length, speed, pacing, report paths, and
+    the recipe's priority if given."""
     def rewrite(s: Settings) -> Settings:
         sim = {"seed": args.seed, "seconds": args.seconds, "paced": not args.unpaced, "speed_m_s": speed}
         if occupancy is not None:
@@ -43,6 +48,8 @@ def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None,
                 s = common.with_params(s, name, samples=str(samples_path))
         # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow.
         update = {"belt": s.belt.model_copy(update={"speed_m_s": speed})}
+        if priority is not None:
+            update["recipe"] = s.recipe.model_copy(update={"priority": priority})
         if args.unpaced:   # the belt waits: every edge must hold it back instead of dropping
             update["edges"] = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in s.edges]
         return s.model_copy(update=update)
@@ -54,11 +61,15 @@ def ejector_status(run: dict) -> dict:
     return next((n["status"] for n in run.get("nodes", {}).values() if n.get("kind") == "ejector"), {})
 
 
-def score_row(score: dict, run: dict, speed: float, occupancy, args) -> dict:
-    """One flat row: the valve-bar simulator's score, the ejector's late commands, latency."""
+def score_row(score: dict, run: dict, speed: float, occupancy, priority: str, args) -> dict:
+    """One flat row: the valve-bar simulator's score, the ejector's late commands, latency, and the air
+    per recovered target (valve-open ms)."""
     ejector = ejector_status(run)
-    return {"speed_m_s": speed, "occupancy": occupancy, "seconds": args.seconds, "seed": args.seed,
-            "paced": not args.unpaced, **{k: v for k, v in score.items() if not isinstance(v, (dict, list))},
+    hit = score.get("hit_targets", 0)
+    return {"speed_m_s": speed, "occupancy": occupancy, "priority": priority, "seconds": args.seconds,
+            "seed": args.seed, "paced": not args.unpaced,
+            **{k: v for k, v in score.items() if not isinstance(v, (dict, list))},
+            "air_per_recovered_ms": round(1000 * score["air_valve_s"] / hit, 2) if hit else None,
             "late": ejector.get("late", 0) + score.get("late_arrivals", 0),
             "decision_p50_ms": ejector.get("decision_p50_ms"), "decision_p99_ms": ejector.get("decision_p99_ms"),
             "lead_p50_ms": ejector.get("lead_p50_ms"), "lead_min_ms": ejector.get("lead_min_ms"),
@@ -69,14 +80,15 @@ def score_row(score: dict, run: dict, speed: float, occupancy, args) -> dict:
 def score_table(rows: list[dict]) -> str:
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f} %"
-    out = ["| speed m/s | occupancy | targets | recovery | recovery, black excluded | purity | purity (area) | late "
-           "| missed | air valve-s | decision p50/p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| speed m/s | occupancy | priority | targets | recovery | recovery, black excluded | purity "
+           "| purity (area) | late | missed | air valve-s | air ms per recovered | decision p50/p99 ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         occ = "default" if r["occupancy"] is None else f"{r['occupancy']:g}"
-        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['targets']} | {pct(r['recovery'])} | "
+        out.append(f"| {r['speed_m_s']:g} | {occ} | {r['priority']} | {r['targets']} | {pct(r['recovery'])} | "
                    f"{pct(r.get('recovery_not_black'))} ({r.get('black_targets', 0)} black) | {pct(r['purity'])} | "
                    f"{pct(r['purity_area'])} | {r['late']} | {r['missed']} | {r['air_valve_s']:.1f} | "
-                   f"{r['decision_p50_ms']} / {r['decision_p99_ms']} |")
+                   f"{r['air_per_recovered_ms']} | {r['decision_p50_ms']} / {r['decision_p99_ms']} |")
     return "\n".join(out)
 
 
@@ -87,28 +99,35 @@ def score(args) -> int:
         return EX_CONFIG
     speeds = args.speeds or [args.speed or settings.belt.speed_m_s]
     occupancies = [float(v) for v in args.occupancies.split(",")] if args.occupancies else [args.occupancy]
+    priorities = PRIORITIES if args.sweep == "priority" else [None]
+    if args.plot and len(priorities) == 1:
+        print("sortline: score: --plot draws the curve of a --sweep", file=sys.stderr)
+        return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:   # before the runs, not after them
+        print("sortline: score: --plot needs matplotlib: pip install 'sortline[plots]'", file=sys.stderr)
+        return 2
     rows = []
-    for speed in speeds:
-        for occupancy in occupancies:
-            with tempfile.TemporaryDirectory(prefix="sortline-score-") as tmp:
-                score_path, run_path = Path(tmp) / "score.json", Path(tmp) / "run.json"
-                # Paced, the belt takes its own time; unpaced, it waits for the slowest stage, which on a CPU
-                # can be far slower than the belt (the production twin's model).
-                limit = args.seconds * (UNPACED_SLOWDOWN if args.unpaced else 1) + 30
-                rc = common.run_rewritten(settings, belt_run(kinds, args, speed, occupancy, score_path),
-                                          limit, str(run_path))
-                if rc != 0 or not score_path.exists():
-                    print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
-                    return rc or 1
-                run = json.loads(run_path.read_text())
-                states = {name: run.get("nodes", {}).get(name, {}).get("state")
-                          for name in common.nodes_of_kind(settings, "simulate")}
-                unfinished = ", ".join(f"{name} {state}" for name, state in states.items() if state != "finished")
-                if unfinished:
-                    print(f"sortline: score: the run at {speed:g} m/s was stopped after {limit:g} s, before its "
-                          f"{args.seconds:g} s of belt were through ({unfinished}): no score", file=sys.stderr)
-                    return 1
-                rows.append(score_row(json.loads(score_path.read_text()), run, speed, occupancy, args))
+    for speed, occupancy, priority in ((s, o, p) for s in speeds for o in occupancies for p in priorities):
+        with tempfile.TemporaryDirectory(prefix="sortline-score-") as tmp:
+            score_path, run_path = Path(tmp) / "score.json", Path(tmp) / "run.json"
+            # Paced, the belt takes its own time; unpaced, it waits for the slowest stage, which on a CPU
+            # can be far slower than the belt (the production twin's model).
+            limit = args.seconds * (UNPACED_SLOWDOWN if args.unpaced else 1) + 30
+            rc = common.run_rewritten(settings, belt_run(kinds, args, speed, occupancy, score_path,
+                                                         priority=priority), limit, str(run_path))
+            if rc != 0 or not score_path.exists():
+                print(f"sortline: score: the run at {speed:g} m/s failed (exit {rc})", file=sys.stderr)
+                return rc or 1
+            run = json.loads(run_path.read_text())
+            states = {name: run.get("nodes", {}).get(name, {}).get("state")
+                      for name in common.nodes_of_kind(settings, "simulate")}
+            unfinished = ", ".join(f"{name} {state}" for name, state in states.items() if state != "finished")
+            if unfinished:
+                print(f"sortline: score: the run at {speed:g} m/s was stopped after {limit:g} s, before its "
+                      f"{args.seconds:g} s of belt were through ({unfinished}): no score", file=sys.stderr)
+                return 1
+            rows.append(score_row(json.loads(score_path.read_text()), run, speed, occupancy,
+                                  priority or settings.recipe.priority, args))
     print(score_table(rows))
     for r in rows:
         looks = {k[len("recovery_look_"):]: v for k, v in r.items() if k.startswith("recovery_look_")}
@@ -121,7 +140,44 @@ def score(args) -> int:
         print("UNPACED: the belt waited for the pipeline; these figures score decisions, not timing.")
     if args.json:
         Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else {"runs": rows}, indent=2) + "\n")
+    if args.plot:
+        plot_curve(rows, Path(args.plot))
+        print(f"the recovery-purity-air curve: {args.plot}")
     return 0
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Left: recovery against purity, one line per speed and occupancy through the priorities; right: the
+    air each recovered target cost, by priority."""
+    import matplotlib
+    matplotlib.use("Agg")       # files only: no display on a machine's controller
+    import matplotlib.pyplot as plt
+
+    fig, (curve, air) = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["recovery"] is not None and r["purity"] is not None:
+            groups.setdefault((r["speed_m_s"], r["occupancy"]), []).append(r)
+    for (speed, occ), runs in groups.items():
+        label = f"{speed:g} m/s, occupancy {'default' if occ is None else f'{occ:g}'}"
+        line, = curve.plot([100 * r["purity"] for r in runs], [100 * r["recovery"] for r in runs], "o-", label=label)
+        for i, r in enumerate(runs):   # staggered: settings that score the same would print over each other
+            curve.annotate(r["priority"], (100 * r["purity"], 100 * r["recovery"]), textcoords="offset points",
+                           xytext=(6, 6 - 11 * i), fontsize=8, color=line.get_color())
+        air.plot([r["priority"] for r in runs], [r["air_per_recovered_ms"] for r in runs], "o-", label=label)
+    curve.set_xlabel("purity, % of hit objects that are targets")
+    curve.set_ylabel("recovery, % of targets hit")
+    air.set_xlabel("recipe priority")
+    air.set_ylabel("air per recovered target, valve-open ms")
+    first = rows[0]
+    fig.suptitle(f"sortline score --sweep priority: {first['seconds']:g} s of belt, seed {first['seed']}"
+                 f"{', paced' if first['paced'] else ', unpaced (decisions alone)'}")
+    for ax in (curve, air):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def add(sub) -> None:
@@ -141,5 +197,9 @@ def add(sub) -> None:
     p.add_argument("--occupancies", default="", help="comma-separated occupancies: one run each (a table)")
     p.add_argument("--unpaced", action="store_true",
                    help="let the belt wait for the pipeline: scores decisions alone, not timing (says so)")
+    p.add_argument("--sweep", choices=["priority"], default=None,
+                   help="priority: one run per recipe priority (recovery, balanced, purity) at each speed and "
+                   "occupancy: the recovery-purity-air curve")
+    p.add_argument("--plot", default=None, help="with --sweep: draw the curve into this PNG file")
     p.add_argument("--json", default=None, help="write the figures here (one flat object; {runs: [...]} for a table)")
     p.set_defaults(func=score)

@@ -42,6 +42,8 @@ from sortline.pipeline.node import Node
 
 MAX_CARRY_LINES = 4096   # an "object" longer than this (a jam) is cut
 
+SPARED = Counter("sortline_plan_spared_lanes", "Valve lanes of ejected objects left out to spare a neighbour",
+                 ["node"])
 OBJECTS = Counter("sortline_objects", "Objects found, by majority class and decision", ["node", "cls", "decision"])
 
 
@@ -56,6 +58,7 @@ class Obj:
     planned: bool             # windows were made for some of it already (it is being ejected)
     complete: bool            # no more lines can join it
     cluster: np.ndarray       # pixels per class of everything it touches, itself included
+    scene: Scene | None = None   # the mask lines it was found in, its neighbours' too
 
     @property
     def area(self) -> int:
@@ -64,6 +67,30 @@ class Obj:
     @property
     def cls(self) -> int:
         return int(np.argmax(self.hist[1:]) + 1)
+
+
+class Scene:
+    """The mask lines an object was found in (the finder's buffer) and the objects of every class found
+    there with it: what lies around it, for the air."""
+
+    def __init__(self, line0: int, classes: np.ndarray, confidence: np.ndarray, objects: list[tuple]):
+        self.line0, self.classes, self.confidence = line0, classes, confidence
+        self.objects = objects          # (class, rows, cols) in the buffer, specks left out
+        self._others: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def others(self, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The objects not of a target class: a label per pixel (0 for none), each label's area in pixels
+        and the model's mean confidence over it (0..1). Made once for the buffer, from the objects the
+        finder labelled anyway."""
+        if self._others is None:
+            labels = np.zeros(self.classes.shape, np.int32)
+            others = [(rr, cc) for c, rr, cc in self.objects if c not in target_ids]
+            area, conf = np.zeros(len(others) + 1, np.int64), np.zeros(len(others) + 1)
+            for i, (rr, cc) in enumerate(others, 1):
+                labels[rr, cc] = i
+                area[i], conf[i] = len(rr), self.confidence[rr, cc].mean(dtype=np.float64) / 255.0
+            self._others = labels, area, conf
+        return self._others
 
 
 class ObjectFinder:
@@ -155,13 +182,14 @@ class ObjectFinder:
                 first_block = (top >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
                 found.append((c, first_block, rr, cc, touched, is_open))
         out = []
+        scene = Scene(line0, cls, conf, [(c, rr, cc) for c, _, rr, cc, _, _ in found])
         for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
             done_px = planned[rr, cc]
             hist = np.zeros(max(self.classes, c + 1), np.int64)    # all its pixels are of class c
             conf_sum = np.zeros(len(hist))
             hist[c], conf_sum[c] = len(rr), conf[rr, cc].sum(dtype=np.float64)
             obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, hist, conf_sum, ~done_px,
-                      bool(done_px.any()), not is_open, touched)
+                      bool(done_px.any()), not is_open, touched, scene)
             if obj.fresh.any() and plan(obj):
                 planned[rr, cc] = True
             if not is_open:
@@ -209,21 +237,89 @@ def confidence(obj: Obj) -> float:
     return float(obj.conf_sum[obj.cls] / obj.area / 255.0)
 
 
-def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: int) -> list[list[int]]:
-    """[[valve, open_pos, close_pos], ...]: per valve, the ticks at the bar from the first to the last line of
-    the object's fresh pixels."""
+@dataclass(frozen=True)
+class Sparing:
+    """How much of a target's air may be left out to spare its neighbours: the recipe's priority."""
+    keep: float    # the target keeps at least this share of its (confidence-weighted) fresh pixels under air
+    spare: float   # a non-target with at least this share of its area under the air is to be spared
+
+
+# recovery: every lane of a target is blown, whatever it carries off with it.
+PRIORITIES = {"purity": Sparing(keep=0.6, spare=0.25), "balanced": Sparing(keep=0.8, spare=0.35), "recovery": None}
+
+
+def lane_spans(obj: Obj, bar: BarGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per valve lane under the object's fresh pixels: the valve, the first and last line of those pixels,
+    and their summed confidence (0..1 each; 1 each without a scene)."""
     valves = bar.valve_of_col[obj.cols[obj.fresh]]
     keep = valves >= 0
-    v, rows = valves[keep], obj.rows[obj.fresh][keep]
+    v, rows, cols = valves[keep], obj.rows[obj.fresh][keep], obj.cols[obj.fresh][keep]
     if len(v) == 0:
-        return []
+        return (np.zeros(0, np.int64),) * 3 + (np.zeros(0),)
+    sc = obj.scene
+    conf = np.ones(len(v)) if sc is None else sc.confidence[rows - sc.line0, cols] / 255.0
     order = np.lexsort((rows, v))
-    v, rows = v[order], rows[order]
+    v, rows, conf = v[order], rows[order], conf[order]
     starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
-    first, last = rows[starts], np.maximum.reduceat(rows, starts)
+    return v[starts], rows[starts], np.maximum.reduceat(rows, starts), np.add.reduceat(conf, starts)
+
+
+def spare_lanes(obj: Obj, spans, bar: BarGeometry, before_lines: int, after_lines: int, target_ids: np.ndarray,
+                sparing: Sparing | None, min_confidence: float = 0.0) -> np.ndarray:
+    """Which of the object's lanes to blow (a bool per lane of `spans`).
+
+    A lane's air covers its valve's columns from its first line (less the margin before) to its last (plus
+    the margin after). A non-target object with at least `sparing.spare` of its area under the air of all
+    the lanes would be carried off: the lanes over it are left out, those that blow most of it for the
+    least of the target first, as long as the target keeps `sparing.keep` of its confidence-weighted
+    pixels under air. A neighbour that cannot be spared within that costs the target nothing, nor one the
+    model is unsure of (mean confidence under `min_confidence`: as likely a misread part of the target)."""
+    v, first, last, weight = spans
+    keep = np.ones(len(v), bool)
+    sc = obj.scene
+    if sparing is None or sc is None or len(v) < 2:
+        return keep
+    labels, areas, sure = sc.others(target_ids)
+    h = len(labels)
+    r0 = np.clip(first - before_lines - sc.line0, 0, h)
+    r1 = np.clip(last + 1 + after_lines - sc.line0, 0, h)
+    under = []                                   # per lane: (neighbour labels, their pixels under it)
+    for lane, a, b in zip(v, r0, r1):
+        c0, c1 = bar.lane_cols[lane]
+        ids, px = np.unique(labels[a:b, c0:c1], return_counts=True)
+        under.append((ids[ids > 0], px[ids > 0]))
+    ids = np.unique(np.concatenate([u[0] for u in under]))
+    if len(ids) == 0:
+        return keep
+    px = np.zeros((len(v), len(ids)))            # lanes x neighbours
+    for i, (n, k) in enumerate(under):
+        px[i, np.searchsorted(ids, n)] = k
+    area = areas[ids].astype(float)
+    budget = (1 - sparing.keep) * weight.sum()
+    for n in np.argsort(-px.sum(0) / area):
+        covered = px[keep, n].sum()
+        if covered < sparing.spare * area[n] or sure[ids[n]] < min_confidence:
+            continue
+        drop, cost = [], 0.0
+        for lane in sorted(np.flatnonzero(keep & (px[:, n] > 0)), key=lambda i: -px[i, n] / weight[i]):
+            drop.append(lane)
+            cost += weight[lane]
+            covered -= px[lane, n]
+            if covered < sparing.spare * area[n]:
+                break
+        if covered < sparing.spare * area[n] and cost <= budget:
+            keep[drop] = False
+            budget -= cost
+    return keep
+
+
+def valve_windows(obj: Obj, bar: BarGeometry, before_ticks: int, after_ticks: int, spans=None) -> list[list[int]]:
+    """[[valve, open_pos, close_pos], ...]: per valve, the ticks at the bar from the first to the last line of
+    the object's fresh pixels (or of the lanes in `spans`, from lane_spans)."""
+    v, first, last, _ = lane_spans(obj, bar) if spans is None else spans
     open_pos = first * bar.tpl - before_ticks + bar.travel_ticks
     close_pos = (last + 1) * bar.tpl + after_ticks + bar.travel_ticks
-    return [[int(a), int(b), int(c)] for a, b, c in zip(v[starts], open_pos, close_pos)]
+    return [[int(a), int(b), int(c)] for a, b, c in zip(v, open_pos, close_pos)]
 
 
 class EjectPlan(Node):
@@ -253,6 +349,8 @@ class EjectPlan(Node):
         self.target_ids = np.zeros(0, np.int64)
         self.before = int(round(m.ejector.margin_before_mm * m.belt.ticks_per_mm))
         self.after = int(round(m.ejector.margin_after_mm * m.belt.ticks_per_mm))
+        self.sparing = PRIORITIES[m.recipe.priority]
+        self.spared = 0
         self.counts: dict[str, int] = {}
         self.windows: list[Window] = []
         self.clipped = 0
@@ -312,7 +410,14 @@ class EjectPlan(Node):
         if self.params.timing and self.track.known:
             earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
         cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
-        for v, a, b in valve_windows(obj, self.bar, self.before, self.after):
+        spans = lane_spans(obj, self.bar)
+        keep = spare_lanes(obj, spans, self.bar, -(-self.before // self.bar.tpl), -(-self.after // self.bar.tpl),
+                           self.target_ids, self.sparing, self.params.min_confidence)
+        if not keep.all():
+            self.spared += int((~keep).sum())
+            SPARED.labels(self.name).inc(int((~keep).sum()))
+            spans = tuple(x[keep] for x in spans)
+        for v, a, b in valve_windows(obj, self.bar, self.before, self.after, spans):
             if a < earliest:
                 self.clipped += 1
                 if b <= earliest:
@@ -344,4 +449,4 @@ class EjectPlan(Node):
         return None if out is None else [("out", out)]
 
     def status(self) -> dict:
-        return {**dict(sorted(self.counts.items())), "clipped_windows": self.clipped}
+        return {**dict(sorted(self.counts.items())), "clipped_windows": self.clipped, "spared_lanes": self.spared}

@@ -167,6 +167,9 @@ class Budget(Section):
 class Recipe(Section):
     targets: list[str] = Field(["PET"], min_length=1, description="the classes this machine ejects, by the "
                                "names the model gives them; a name the model does not know stops start-up")
+    priority: Literal["purity", "balanced", "recovery"] = Field(
+        "balanced", description="what the air gives way to: purity leaves out more of a target's air to spare "
+        "the objects beside it, recovery none (docs/ejection.md, 'Air per valve lane')")
 
 
 class Machine(Section):

@@ -27,3 +27,9 @@ class BarGeometry:
         x = (np.arange(rgb.pixels // stride) + 0.5) * self.mm_per_px
         idx = np.floor((x - (self.offset - self.pitch / 2)) / self.pitch).astype(np.int64)
         self.valve_of_col = np.where((idx >= 0) & (idx < self.count), idx, -1)
+        # Each valve's lane as mask columns [first, last + 1) ((0, 0): no column under it).
+        self.lane_cols = np.zeros((self.count, 2), np.int64)
+        cols = np.flatnonzero(self.valve_of_col >= 0)
+        lanes = self.valve_of_col[cols]
+        self.lane_cols[lanes[::-1], 0] = cols[::-1]
+        self.lane_cols[lanes, 1] = cols + 1
