@@ -20,7 +20,7 @@ def check(args) -> int:
         print(f"  {cam} line rate: {settings.line_rate_hz(cam):.0f} lines/s at {settings.belt.speed_m_s:g} m/s")
     print(f"  RGB:HSI ratio: {settings.hsi_ratio}")
     print(f"  latency budget: {settings.budget_derivation()}")
-    print(f"  recipe: ejects {', '.join(settings.recipe.targets)}")
+    print(f"  recipe: ejects {', '.join(settings.recipe.targets)}, priority {settings.recipe.priority}")
     print(f"  runtime directory: {settings.runtime_dir()}")
     print(f"  nodes (data-flow order): {', '.join(topo_order(settings))}")
     for e in edges(settings):
