@@ -245,6 +245,21 @@ class Register(Node):
         self.log.info("strips of %d+2x%d RGB lines, HSI binned to %d bands; calibrations %s, %s",
                       self.cutter.core, self.cutter.overlap, self.cutter.bands, files.spectral, files.spatial)
 
+    def holds(self, port: str) -> bool:
+        """A camera far ahead of the other waits, on lossless edges (a replay, an unpaced run): there the
+        other is only slower, not gone, and nothing need be given up. RGB is held two frames before
+        max_wait_lines are buffered (but never before a strip could be cut), HSI once it is a quarter of
+        max_wait_lines ahead of the RGB: both before the cutter would give lines up."""
+        c = self.cutter
+        if port == "rgb":
+            lpf = self.machine.cameras.rgb.lines_per_frame
+            lines = max(self.params.max_wait_lines - 2 * lpf, c.core + c.overlap + lpf)
+            return c.rgb_end is not None and c.rgb_end - c.next_core > lines * c.tpl_r
+        if c.hsi_end is None or not c.hsi_chunks:
+            return False
+        lead = c.hsi_end - (c.rgb_end if c.rgb_end is not None else c.hsi_chunks[0][0])
+        return lead > self.params.max_wait_lines // 4 * c.tpl_r
+
     def process(self, port, msg):
         h, lines = msg.header, msg.arrays["lines"]
         before, before_hsi = self.cutter.dropped_lines, self.cutter.dropped_hsi_lines

@@ -102,6 +102,11 @@ class Node:
         """A source's compute step: called in a loop; paces itself (see sleep_until)."""
         raise NotImplementedError
 
+    def holds(self, port: str) -> bool:
+        """True: read no more from this input for now, it is far ahead of another the node waits for.
+        Only lossless edges are held back (their senders wait); what arrives on others is taken."""
+        return False
+
     def end_of_stream(self) -> Outputs:
         """Every input has ended: the last outputs (a flush), then the node finishes."""
         return None
@@ -356,13 +361,17 @@ class Runner:
         return wait
 
     def _hold_back(self) -> None:
-        """Lossless merges: stop reading the replicas whose messages would only fill a full window (they wait,
-        the producer feeds the others), read them again once it has room."""
-        for inp in self._inputs.values():
+        """Lossless edges: stop reading those the node holds (Node.holds) and the replicas whose messages
+        would only fill a full merge window (their senders wait meanwhile), read them again once there is
+        room. A bounded or latest edge is always read: its sender cannot wait."""
+        for port, inp in self._inputs.items():
+            held = self.node.holds(port)
             for sock, edge in inp.sockets.items():
+                if edge.policy != "lossless":
+                    continue
                 merge = inp.merges.get(edge.group)
-                if merge is not None and merge.lossless:
-                    self._poller.register(sock, 0 if merge.blocked(edge.replica) else zmq.POLLIN)
+                blocked = held or (merge is not None and merge.lossless and merge.blocked(edge.replica))
+                self._poller.register(sock, 0 if blocked else zmq.POLLIN)
 
     def _expire_merges(self) -> None:
         now = time.monotonic_ns()

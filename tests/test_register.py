@@ -206,3 +206,37 @@ def test_strips_are_the_previous_definitions_within_float16_rounding(settings, c
         np.testing.assert_allclose(hsi, hsi0, rtol=1e-6, atol=1e-7)
         steps = np.abs(hsi.astype(np.float16).view(np.int16).astype(int) - hsi0.astype(np.float16).view(np.int16))
         assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
+
+
+@pytest.mark.system
+def test_a_camera_far_ahead_waits_on_lossless_edges_instead_of_losing_lines(tmp_path, run_dir, settings,
+                                                                             calibrations):
+    """One belt as two nodes, each as fast as it can go: on lossless edges the register node stops reading
+    the camera that is ahead (its sender waits) long before it would give lines up; every strip comes,
+    whole. (Without that, the two processes drift apart by more than max_wait_lines and lines are lost.)"""
+    spectral, spatial = calibrations
+    spectral.save(tmp_path / "spectral.npz")
+    spatial.save(tmp_path / "spatial.json")
+    graph = (node_toml("belt", "simulate", 'seed = 2, paced = false, seconds = 1.5, cameras = ["rgb"]')
+             + node_toml("belt-hsi", "simulate", 'seed = 2, paced = false, seconds = 1.5, cameras = ["hsi"]')
+             + node_toml("register", "register", "max_wait_lines = 256")
+             + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
+             + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt-hsi.hsi", "register.hsi")
+             + edge_toml("register.out", "sink.in"))
+    cfg = write_config(tmp_path / "reg.toml", graph, run_dir, calibration={
+        "spectral": str(tmp_path / "spectral.npz"), "spatial": str(tmp_path / "spatial.json")})
+    result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
+                      timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_json(tmp_path / "run.json")["nodes"]
+    status = run["register"]["status"]
+    # The first RGB lines lie before the HSI camera's first line once the cameras' offset is applied: none of
+    # them can be registered, live or not (58 on these calibrations). Nothing after them is given up.
+    assert status["hsi_missing_lines"] <= 64 and status["rgb_missing_lines"] == 0, status
+    sink = load_json(tmp_path / "sink.json")
+    # 1.5 s at 2 m/s: 3200 RGB lines, 50 strips of 64 (the last may wait for context that never comes).
+    assert sink["received"] >= 3200 // settings.model.strip_lines - 2 and sink["lost"] == 0, sink
+    assert sink["gap_flags"] == 1        # the first strip only: nothing was given up on the way
+    # Nor was anything dropped on an edge (the 58 lines above are the only count).
+    drops = {k: v for n in run.values() for k, v in n["totals"].items() if k.startswith("sortline_edge_drops_total")}
+    assert sum(drops.values()) == status["hsi_missing_lines"], drops
