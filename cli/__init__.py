@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from sortline.cli import (build_engine, calibrate, cameras, check, evaluate, export, hil, inspect,
                                    install_service, keys, node, replay, run, score, simulate, status, train)
 from sortline.cli.common import config_errors
+from sortline.pipeline import logs
 from sortline.pipeline.config import ConfigError
 
 DESCRIPTION = """\
@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except ConfigError as exc:  # found after loading: a directory, a file the config names

@@ -10,6 +10,7 @@ from typing import Annotated, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
+from sortline.pipeline import logs
 from sortline.pipeline.config import EX_CONFIG, Belt, ConfigError, Settings, config_toml
 from sortline.pipeline.graph import load_config
 from sortline.pipeline.graph import prepare_runtime_dir
@@ -17,7 +18,7 @@ from sortline.pipeline.graph import prepare_runtime_dir
 
 def config_errors(exc: ConfigError) -> int:
     for line in exc.lines:
-        print(f"sortline: config error: {line}", file=sys.stderr)
+        print(logs.error_line(f"sortline: config error: {line}"), file=sys.stderr)
     return EX_CONFIG
 
 

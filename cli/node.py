@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from sortline.cli import common
+from sortline.pipeline import logs
 from sortline.pipeline.config import EX_CONFIG
 
 
@@ -14,8 +15,8 @@ def node(args) -> int:
 
     settings = common.load(args.config)
     if args.name not in processes(settings):
-        print(f"sortline: config error: no node named {args.name!r}; the graph has {', '.join(processes(settings))}",
-              file=sys.stderr)
+        print(logs.error_line(f"sortline: config error: no node named {args.name!r}; the graph has "
+                              f"{', '.join(processes(settings))}"), file=sys.stderr)
         return EX_CONFIG
     return main(settings, args.name, args.heartbeat, args.metrics_port)
 
