@@ -10,7 +10,9 @@ from sortline.pipeline.config import EX_CONFIG
 
 
 def node(args) -> int:
+    from sortline.models.backends import installed
     from sortline.pipeline.graph import processes
+    from sortline.pipeline.metrics import set_build_info
     from sortline.pipeline.node import main
 
     settings = common.load(args.config)
@@ -18,6 +20,7 @@ def node(args) -> int:
         print(logs.error_line(f"sortline: config error: no node named {args.name!r}; the graph has "
                               f"{', '.join(processes(settings))}"), file=sys.stderr)
         return EX_CONFIG
+    set_build_info(args.name, installed())
     return main(settings, args.name, args.heartbeat, args.metrics_port)
 
 

@@ -66,6 +66,9 @@ def details(now: dict, before: dict, dt: float) -> str:
     if any(k.startswith("sortline_ejections_total") for k in now):
         out.append(f"ejections/s {metrics.rate(now, before, dt, '', 'sortline_ejections_total'):.1f}")
         out.append(f"late {metrics.total(now, 'sortline_ejector_late_total'):.0f}")
+        decision = quantile(now, before, "sortline_ejector_decision_seconds", 0.99)
+        if decision is not None:
+            out.append(f"decision p99 {_ms(decision)}")
     return ", ".join(out)
 
 
