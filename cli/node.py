@@ -28,7 +28,7 @@ def add(sub) -> None:
     p = sub.add_parser("node", help="run one node in this process (what a systemd unit starts)",
                        description="Run one node of the configured graph in the foreground.")
     p.add_argument("name", help="the node's name in the configuration (a replica: NAME#I, e.g. infer#1)")
-    common.add_config(p)
+    common.add_config(p, demo=False)
     p.add_argument("--heartbeat", default=None, help="ZeroMQ address of a supervisor's heartbeat socket")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (0: off; default: metrics.port_base + the "

@@ -110,8 +110,8 @@ def render(table: list[tuple[str, ...]]) -> str:
 def status(args) -> int:
     settings = common.load(args.config)
     if not settings.metrics.port_base:
-        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read",
-              file=sys.stderr)
+        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read "
+              f"(set it there, or SORTLINE_METRICS__PORT_BASE=9300 for both `sortline run` and this)", file=sys.stderr)
         return EX_CONFIG
     table = rows(settings, args.interval)
     print(render(table))

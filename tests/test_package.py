@@ -93,8 +93,8 @@ def test_the_wheel_installs_one_top_level_package_with_its_data(wheel):
         assert {n.split("/")[0] for n in names} == {"sortline", info.split("/")[0]}
         entry_points = z.read(info.replace("top_level.txt", "entry_points.txt")).decode()
     for data in ("sortline/configs/demo.toml", "sortline/configs/calibration/demo-spectral.npz",
-                 "sortline/models/weights/belt-fusion-nano.onnx", "sortline/systemd/sortline@.service",
-                 "sortline/docs/grafana/sortline.json"):
+                 "sortline/configs/keys/demo-valves.valve_key", "sortline/models/weights/belt-fusion-nano.onnx",
+                 "sortline/systemd/sortline@.service", "sortline/docs/grafana/sortline.json"):
         assert data in names, data
     assert not any("/tests/" in n or "/benchmarks/" in n for n in names)
     assert "[sortline.nodes]" in entry_points and "infer = sortline.nodes.infer:Infer" in entry_points
@@ -143,6 +143,22 @@ def test_the_infer_node_runs_in_a_venv_without_torch(installed, wheel, tmp_path,
     # ONNX Runtime alone: the .[infer] extra has no torch, and no TensorRT.
     assert build == [f'sortline_build_info{{backends="onnxruntime",node="infer",python="{python_version}",'
                      f'version="{version}"}}'], build
+
+
+def test_the_installed_command_says_its_version_and_checks_the_shipped_demo_profile(installed, wheel, tmp_path):
+    """Without a checkout: --version from the installed metadata, and the demo profile (its calibration files
+    and valve key beside it) found in the installed package when --config is not given."""
+    venv, python = installed
+    res = subprocess.run([venv / "bin" / "sortline", "--version"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout == f"sortline {wheel.name.split('-')[1]}\n", res
+    res = subprocess.run([venv / "bin" / "sortline", "check"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stderr.splitlines()
+    shipped = line.removeprefix("sortline: no --config given: using the shipped demo profile ")
+    assert shipped != line and Path(shipped).is_relative_to(venv) and shipped.endswith("/sortline/configs/demo.toml")
+    assert res.stdout.startswith(f"{shipped}: valid (profile demo)\n") and "recipe: ejects PET" in res.stdout
 
 
 def test_the_shipped_onnx_model_is_the_shipped_checkpoint_exported_for_the_demo_strip():
