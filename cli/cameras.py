@@ -21,7 +21,7 @@ def add(sub) -> None:
                        "section and acquire nodes) or by --cti: vendor, model, serial, and the features a camera "
                        "configuration needs (size, pixel formats, rates, trigger, chunks). With --config, also "
                        "which device each acquire node selects. Needs the .[cameras] extra.")
-    common.add_config(p, required=False)
+    common.add_config(p, demo=False, required=False)
     p.add_argument("--cti", action="append", default=[], metavar="PATH",
                    help="a GenTL producer (.cti); repeat for several (default: GENICAM_GENTL64_PATH)")
     p.set_defaults(func=cameras)

@@ -10,6 +10,7 @@ from typing import Annotated, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
+from sortline.pipeline import logs
 from sortline.pipeline.config import EX_CONFIG, Belt, ConfigError, Settings, config_toml
 from sortline.pipeline.graph import load_config
 from sortline.pipeline.graph import prepare_runtime_dir
@@ -17,7 +18,7 @@ from sortline.pipeline.graph import prepare_runtime_dir
 
 def config_errors(exc: ConfigError) -> int:
     for line in exc.lines:
-        print(f"sortline: config error: {line}", file=sys.stderr)
+        print(logs.error_line(f"sortline: config error: {line}"), file=sys.stderr)
     return EX_CONFIG
 
 
@@ -29,8 +30,24 @@ def load(path: str) -> Settings:
         sys.exit(config_errors(exc))
 
 
-def add_config(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
-    p.add_argument("--config", required=required, default=default, help="machine configuration (TOML)")
+def add_config(p: argparse.ArgumentParser, demo: bool = True, required: bool = True,
+               help: str = "machine configuration (TOML)") -> None:
+    """--config FILE. demo: without it, the command runs on the shipped demo profile and says so (see
+    default_config): for commands that can run on a CPU alone. Otherwise --config is required (commands that set
+    up a real machine), or, not required, the command goes without one."""
+    if demo:
+        p.add_argument("--config", default=None, help=f"{help}; default: the shipped demo profile")
+        p.set_defaults(demo_config=True)
+    else:
+        p.add_argument("--config", required=required, default=None, help=help)
+
+
+def default_config(args: argparse.Namespace) -> None:
+    """A command that takes the demo profile by default and was given no --config gets it, with a line on
+    stderr that says so (the path, to copy it from)."""
+    if getattr(args, "demo_config", False) and args.config is None:
+        args.config = shipped_config("demo")
+        print(f"sortline: no --config given: using the shipped demo profile {args.config}", file=sys.stderr)
 
 
 _SPEED = TypeAdapter(Annotated[float, Belt.model_fields["speed_m_s"]])

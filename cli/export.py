@@ -39,7 +39,6 @@ def add(sub) -> None:
                        "it in ONNX Runtime and report the largest difference from torch. Needs the .[train] extra.")
     p.add_argument("model", help="checkpoint (.safetensors, or shipped:NAME)")
     p.add_argument("--out", default="", help="ONNX file (default: beside the checkpoint, .onnx)")
-    p.add_argument("--config", default=common.shipped_config("demo"),
-                   help="machine config: strip size, overlap, width (default: the shipped demo profile)")
+    common.add_config(p, help="machine config: strip size, overlap, width")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=export)

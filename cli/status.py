@@ -66,6 +66,9 @@ def details(now: dict, before: dict, dt: float) -> str:
     if any(k.startswith("sortline_ejections_total") for k in now):
         out.append(f"ejections/s {metrics.rate(now, before, dt, '', 'sortline_ejections_total'):.1f}")
         out.append(f"late {metrics.total(now, 'sortline_ejector_late_total'):.0f}")
+        decision = quantile(now, before, "sortline_ejector_decision_seconds", 0.99)
+        if decision is not None:
+            out.append(f"decision p99 {_ms(decision)}")
     return ", ".join(out)
 
 
@@ -107,8 +110,8 @@ def render(table: list[tuple[str, ...]]) -> str:
 def status(args) -> int:
     settings = common.load(args.config)
     if not settings.metrics.port_base:
-        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read",
-              file=sys.stderr)
+        print(f"sortline: status: metrics.port_base is 0 in {args.config}: the nodes serve no metrics to read "
+              f"(set it there, or SORTLINE_METRICS__PORT_BASE=9300 for both `sortline run` and this)", file=sys.stderr)
         return EX_CONFIG
     table = rows(settings, args.interval)
     print(render(table))

@@ -21,6 +21,13 @@ Ejections are counted per object (its id, unique within a run), by class:
 `sortline_ejections_total{cls}`. Only the recipe's targets can be ejected,
 so a window for any other class is refused and counted, and the metric has
 at most one series per target.
+
+Latency, from the acquisition of the camera lines a plan was decided on (the
+first entry of its trace): to the plan arriving here, the decision latency
+(`sortline_ejector_decision_seconds`); to each command leaving for the
+driver, the end-to-end latency (`sortline_latency_seconds`, as the sink
+measures it). A command leaves `send_ahead_ms` before its deadline by
+design, so the second is mostly the belt's travel to the valve bar.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ MAX_PENDING = 100_000   # valve windows waiting to be sent: a bound on the sched
 DRIVER_ERRORS = Counter("sortline_valve_driver_errors", "Commands the valve driver could not send", ["node"])
 LEAD = Histogram("sortline_ejector_lead_seconds", "How far ahead of its deadline a command left", ["node"],
                  buckets=LATENCY_BUCKETS)
+DECISION = Histogram("sortline_ejector_decision_seconds", "Decision latency: from the acquisition of the last camera "
+                     "lines a plan was decided on (its first trace entry) to the plan reaching the ejector",
+                     ["node"], buckets=LATENCY_BUCKETS)
 
 
 class Schedule:
@@ -161,6 +171,13 @@ class Ejector(Node):
         self._late, self._commands = LATE.labels(self.name), COMMANDS.labels(self.name)
         self._open_s, self._lead = OPEN_SECONDS.labels(self.name), LEAD.labels(self.name)
         self._driver_errors = DRIVER_ERRORS.labels(self.name)
+        # End-to-end latency where commands leave: exposure -> the command sent (the sink's figure, at the valves).
+        self._e2e, self._decision = metrics.E2E_SECONDS.labels(self.name), DECISION.labels(self.name)
+        # Across hosts the trace is only as good as the hosts' clock agreement (pipeline/clock.py).
+        self.e2e_reported = not self.context.unsynchronised_edges
+        if not self.e2e_reported:
+            self.log.warning("end-to-end and decision latency not reported: their path crosses tcp edges (%s) "
+                             "and clock.ptp_synchronised is false", ", ".join(self.context.unsynchronised_edges))
         self._warn = RateLimitedLog(self.log)
         self.running = True
         self.sender = self.start_thread(self._send_loop, "sender")
@@ -178,6 +195,8 @@ class Ejector(Node):
             now = time.monotonic_ns()
             self.decision_ms[self.n_decision % 4096] = (now - t_exposure) / 1e6
             self.n_decision += 1
+            if self.e2e_reported:
+                self._decision.observe((now - t_exposure) / 1e9)
             if self.traces is not None and windows:
                 self.traces.append([now] + [t for e in h.trace for t in (e.t_in_ns, e.t_out_ns)])
                 self.stages = self.stages or [e.stage for e in h.trace]
@@ -239,10 +258,13 @@ class Ejector(Node):
             self._driver_errors.inc()
             self._warn("driver", f"valve driver: {exc} (command for object {w[4]} lost)")
             return
+        sent_ns = time.monotonic_ns()
         self.sent += 1
         self._commands.inc()
         self._open_s.inc(duration / 1e9)
-        self._sample(w[6], time.monotonic_ns(), t_cmd - self.schedule.latency_ns, missed=False, obj=w[4])
+        if w[6] and self.e2e_reported:   # no exposure time: sent by position alone (timing off)
+            self._e2e.observe((sent_ns - w[6]) / 1e9)
+        self._sample(w[6], sent_ns, t_cmd - self.schedule.latency_ns, missed=False, obj=w[4])
         if self.params.timing:
             lead = (t_cmd - self.schedule.latency_ns - now) / 1e6
             self.lead_ms[self.n_lead % 4096] = lead

@@ -7,8 +7,10 @@ figures travel in the heartbeat to the supervisor, which prints them.
 
 from __future__ import annotations
 
+import platform
 import socket
 import urllib.request
+from importlib import metadata
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
@@ -37,6 +39,19 @@ THREAD_ERRORS = Counter("sortline_thread_errors", "Exceptions that ended a worke
 REORDER_GAPS = Counter("sortline_reorder_gaps", "Gaps the merge after a replicated node gave up waiting for (a "
                        "replica died or dropped messages)", ["edge"])
 REORDER_MISSING = Counter("sortline_reorder_missing", "Messages missing in those gaps", ["edge"])
+BUILD_INFO = Gauge("sortline_build_info", "1, labelled with what this node runs: sortline's version, Python's, and "
+                   "the inference backends whose libraries are installed (comma-separated)",
+                   ["node", "version", "python", "backends"])
+
+
+def version() -> str:
+    """The installed sortline package's version (its metadata: the same for a wheel and a checkout installed
+    with `pip install -e`)."""
+    return metadata.version("sortline")
+
+
+def set_build_info(node: str, backends: list[str]) -> None:
+    BUILD_INFO.labels(node, version(), platform.python_version(), ",".join(sorted(backends))).set(1)
 
 
 def port_of(settings, name: str) -> int:

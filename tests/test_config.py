@@ -164,6 +164,43 @@ def test_help_explains_each_command():
         assert sub.returncode == 0 and "--config" in sub.stdout
 
 
+# Where the demo profile is a sensible default: commands that run on a CPU alone. Those that set up a real
+# machine (its units, its calibration files, one of its nodes) need --config.
+ON_THE_DEMO = (["run"], ["replay", "x.mcap"], ["simulate", "--seconds", "1", "--record", "x.mcap"], ["score"],
+               ["hil"], ["check"], ["status"], ["export", "shipped:belt-fusion-nano.safetensors"])
+NEED_CONFIG = (["install-service"], ["node", "belt"], ["calibrate", "spectral", "--dark", "d", "--white", "w", "--out", "o"],
+               ["calibrate", "spatial", "rec.mcap", "--out", "o"], ["calibrate", "check", "rec.mcap"])
+
+
+def test_which_commands_take_the_demo_profile_without_config():
+    from sortline.cli import build_parser
+
+    for args in ON_THE_DEMO:
+        parsed = build_parser().parse_args(args)
+        assert parsed.config is None and parsed.demo_config, args
+    for args in NEED_CONFIG:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(args)
+        assert exc.value.code == 2, args
+    cameras = build_parser().parse_args(["cameras"])   # lists the producers' devices without a config
+    assert cameras.config is None and not getattr(cameras, "demo_config", False)
+
+
+@pytest.mark.system
+def test_check_without_config_checks_the_shipped_demo_profile_and_says_so():
+    from importlib.resources import files
+
+    shipped = str(files("sortline") / "configs" / "demo.toml")
+    res = sortline("check", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [f"sortline: no --config given: using the shipped demo profile {shipped}"]
+    assert res.stdout.startswith(f"{shipped}: valid (profile demo)\n")
+    given = sortline("check", "--config", str(DEMO), timeout=60)
+    assert given.returncode == 0 and given.stderr == "" and given.stdout.startswith(f"{DEMO}: valid")
+    res = sortline("install-service", timeout=60)
+    assert res.returncode == 2 and "the following arguments are required: --config" in res.stderr
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from([("belt", "speed_m_s"), ("belt", "ticks_per_mm"), ("valve_bar", "distance_mm"),
                             ("valve_bar", "count"), ("valve_bar", "min_pulse_ms"), ("valve_bar", "pitch_mm"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, scrape
 from sortline.models.backends import open_backend
 from sortline.models.contract import StripShape, model_file
 from test_infer import Around, strips
@@ -93,22 +93,30 @@ def test_the_wheel_installs_one_top_level_package_with_its_data(wheel):
         assert {n.split("/")[0] for n in names} == {"sortline", info.split("/")[0]}
         entry_points = z.read(info.replace("top_level.txt", "entry_points.txt")).decode()
     for data in ("sortline/configs/demo.toml", "sortline/configs/calibration/demo-spectral.npz",
-                 "sortline/models/weights/belt-fusion-nano.onnx", "sortline/systemd/sortline@.service",
-                 "sortline/docs/grafana/sortline.json"):
+                 "sortline/configs/keys/demo-valves.valve_key", "sortline/models/weights/belt-fusion-nano.onnx",
+                 "sortline/systemd/sortline@.service", "sortline/docs/grafana/sortline.json",
+                 "sortline/docs/prometheus/sortline-rules.yml"):
         assert data in names, data
     assert not any("/tests/" in n or "/benchmarks/" in n for n in names)
     assert "[sortline.nodes]" in entry_points and "infer = sortline.nodes.infer:Infer" in entry_points
 
 
-def test_the_infer_node_runs_in_a_venv_without_torch(wheel, tmp_path, run_dir):
-    """`pip install sortline[infer]` into a fresh venv: no torch there, and the infer node sorts the demo
-    profile's strips with the shipped model (found in the installed package, not in this checkout)."""
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> tuple[Path, str]:
+    """`pip install sortline[infer]` into a fresh venv: (the venv, its python)."""
+    venv = tmp_path_factory.mktemp("installed") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
     res = subprocess.run([BIN / "pip", "--python", python, "install", "-q", "--no-compile", f"{wheel}[infer]"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    return venv, python
+
+
+def test_the_infer_node_runs_in_a_venv_without_torch(installed, wheel, tmp_path, run_dir):
+    """In the fresh venv: no torch there, and the infer node sorts the demo profile's strips with the shipped
+    model (found in the installed package, not in this checkout); its endpoint says what it runs."""
+    venv, python = installed
     probe = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "True", "torch is installed in the fresh venv"
@@ -123,12 +131,35 @@ def test_the_infer_node_runs_in_a_venv_without_torch(wheel, tmp_path, run_dir):
             header, arrays = h.receive()
             assert header.seq == seq and header.meta["model"] == direct.model_hash
             assert np.array_equal(arrays["classes"], direct.run(rgb, hsi)[0])
+        build = [k for k, v in scrape(h.port).items() if k.startswith("sortline_build_info{") and v == 1]
     finally:
         rc, err = h.close()
     assert rc == 0, err[-3000:]
     where = subprocess.run([python, "-c", "import sortline; print(sortline.__file__)"], capture_output=True,
                            text=True, cwd=ROOT).stdout
     assert where.startswith(str(venv)), where     # the installed package ran, not this checkout
+    version = wheel.name.split("-")[1]
+    python_version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                    capture_output=True, text=True).stdout.strip()
+    # ONNX Runtime alone: the .[infer] extra has no torch, and no TensorRT.
+    assert build == [f'sortline_build_info{{backends="onnxruntime",node="infer",python="{python_version}",'
+                     f'version="{version}"}}'], build
+
+
+def test_the_installed_command_says_its_version_and_checks_the_shipped_demo_profile(installed, wheel, tmp_path):
+    """Without a checkout: --version from the installed metadata, and the demo profile (its calibration files
+    and valve key beside it) found in the installed package when --config is not given."""
+    venv, python = installed
+    res = subprocess.run([venv / "bin" / "sortline", "--version"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout == f"sortline {wheel.name.split('-')[1]}\n", res
+    res = subprocess.run([venv / "bin" / "sortline", "check"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stderr.splitlines()
+    shipped = line.removeprefix("sortline: no --config given: using the shipped demo profile ")
+    assert shipped != line and Path(shipped).is_relative_to(venv) and shipped.endswith("/sortline/configs/demo.toml")
+    assert res.stdout.startswith(f"{shipped}: valid (profile demo)\n") and "recipe: ejects PET" in res.stdout
 
 
 def test_the_shipped_onnx_model_is_the_shipped_checkpoint_exported_for_the_demo_strip():

@@ -34,6 +34,15 @@ from sortline.models.contract import ModelFileError, StripShape, read_engine_hea
 from sortline.pipeline.config import cache_dir
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
+LIBRARIES = {"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "pycuda"), "torch": ("torch",)}
+
+
+def installed() -> list[str]:
+    """The backends whose libraries are installed here. Looked up, not imported: every node process asks (for
+    sortline_build_info), and importing torch takes seconds."""
+    import importlib.util
+
+    return [name for name, libs in LIBRARIES.items() if all(importlib.util.find_spec(lib) for lib in libs)]
 
 
 def open_backend(kind: str, path: str | Path, shape: StripShape, threads: int = 1, device: int = 0) -> Backend:
