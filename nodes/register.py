@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from sortline.calibration.spatial import SpatialCalibration
-from sortline.calibration.spectral import BinnedReflectance, CalibrationError, SpectralReference
+from sortline.calibration.spectral import BLOCK_BYTES, BinnedReflectance, CalibrationError, SpectralReference
 from sortline.nodes.streams import LINES, STRIP, StripMeta
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Machine, Section
@@ -98,7 +98,9 @@ class StripCutter:
         self.cell_pos = (np.arange(self.total // self.r) + 0.5) * self.r * self.tpl_r   # from the strip's top
         self.rgb_shape = (self.total, self.width, 3)
         self.hsi_shape = (*self.map_x.shape, self.bands)
-        self._cells = np.full(self.hsi_shape, 0.0, np.float32)   # the resampling's output, before the strip's dtype
+        # The resampling's output before the strip's dtype: rows of cells, about BLOCK_BYTES of them.
+        block_rows = max(1, min(self.hsi_shape[0], BLOCK_BYTES // (4 * cells * self.bands)))
+        self._cells = np.full((block_rows, cells, self.bands), 0.0, np.float32)
         # Room for three times the lines a strip and a frame span (HSI: with the cameras' distance apart);
         # more only while a camera is late.
         lpf_r, lpf_h = machine.cameras.rgb.lines_per_frame, machine.cameras.hsi.lines_per_frame
@@ -268,12 +270,17 @@ class StripCutter:
         hi = min(int(np.floor(map_y.max())) + 3, sum(len(a) for _, a in run))
         first = self.hsi_held.row(run[0][1])
         map_y -= lo
-        cells = cv2.remap(self.hsi_held.array[first + lo:first + hi], self.map_x, map_y, cv2.INTER_LINEAR,
-                          dst=self._cells, borderMode=cv2.BORDER_REPLICATE)
-        if out.dtype == np.float16:   # OpenCV's conversion: numpy's rounding (checked bit for bit), 7x faster
-            cv2.add(cells.reshape(len(out), -1), 0.0, dst=out.reshape(len(out), -1), dtype=cv2.CV_16F)
-        else:
-            out[...] = cells.reshape(self.hsi_shape)
+        lines = self.hsi_held.array[first + lo:first + hi]
+        # In blocks of rows that stay in cache between the resampling and the conversion to the strip's dtype.
+        for top_row in range(0, len(out), len(self._cells)):
+            rows = slice(top_row, min(len(out), top_row + len(self._cells)))
+            n = rows.stop - rows.start
+            cells = cv2.remap(lines, self.map_x[rows], map_y[rows], cv2.INTER_LINEAR, dst=self._cells[:n],
+                              borderMode=cv2.BORDER_REPLICATE)
+            if out.dtype == np.float16:   # OpenCV's conversion: numpy's rounding (checked bit for bit), 7x faster
+                cv2.add(cells.reshape(n, -1), 0.0, dst=out[rows].reshape(n, -1), dtype=cv2.CV_16F)
+            else:
+                out[rows] = cells.reshape(n, *self.hsi_shape[1:])
 
 
 class Register(Node):
