@@ -195,6 +195,8 @@ class StripCutter:
         gap = self.after_gap
         rgb, hsi = into(top, valid, gap) or (None, None)
         if rgb is not None:
+            if not hsi.flags.c_contiguous:    # OpenCV writes float16 only into a view of contiguous rows
+                raise ValueError("strips(into): the hsi array must be C-contiguous")
             self._rgb_lines(top, end, rgb)
             self._hsi_cells(top, hsi)
         if end <= core_end:
