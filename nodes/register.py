@@ -38,14 +38,20 @@ class HeldLines:
     `chunks` holds (position, lines) per input, each `lines` a view of the array, consecutive chunks
     on consecutive rows: a run of consecutive chunks is one slice of the array, read without
     concatenating. The StripCutter trims chunks from the left; new lines go after the last, and when
-    the array is full the lines still held move to its start (or to a larger array, when they would
-    fill more than half of it).
+    the array is full the lines still held move to its start, or to an array twice as large when
+    they would fill more than half of it (while a camera is late), up to twice `most`, the most
+    lines the cutter holds.
     """
 
-    def __init__(self, line_shape: tuple[int, ...], dtype, reserve: int):
-        self.array = np.full((reserve, *line_shape), 0, dtype)   # written now: no page faults while strips are due
+    def __init__(self, line_shape: tuple[int, ...], dtype, reserve: int, most: int):
+        self.array = self._rows(reserve, line_shape, dtype)
         self.chunks: deque[tuple[int, np.ndarray]] = deque()
         self.end = 0                # the row after the newest line
+        self.most = most
+
+    @staticmethod
+    def _rows(n: int, line_shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.full((n, *line_shape), 0, dtype)   # written now: no page faults while strips are due
 
     def add(self, position: int, n: int) -> np.ndarray:
         """The rows for n new lines from `position`, held as a chunk, for the caller to fill."""
@@ -65,8 +71,9 @@ class HeldLines:
         first = self.row(self.chunks[0][1]) if self.chunks else self.end
         held = self.end - first
         rows = self.array
-        if 2 * (held + n) > len(rows):
-            rows = np.empty((2 * (held + n), *rows.shape[1:]), rows.dtype)
+        size = max(held + n, min(2 * len(rows), 2 * (self.most + n)))
+        if 2 * (held + n) > len(rows) and size > len(rows):
+            rows = self._rows(size, rows.shape[1:], rows.dtype)
         starts = [self.row(a) - first for _, a in self.chunks]
         rows[:held] = self.array[first:self.end]      # numpy copies overlapping rows as if through a buffer
         moved = [(p, rows[r:r + len(a)]) for (p, a), r in zip(self.chunks, starts)]
@@ -105,8 +112,11 @@ class StripCutter:
         # more only while a camera is late.
         lpf_r, lpf_h = machine.cameras.rgb.lines_per_frame, machine.cameras.hsi.lines_per_frame
         span_h = ((self.total + lpf_r) * self.tpl_r + np.abs(self.along).max()) / self.tpl_h
-        self.rgb_held = HeldLines((self.width, 3), np.uint8, 3 * (self.total + lpf_r))
-        self.hsi_held = HeldLines((self.hsi_pixels, self.bands), np.float32, 3 * (int(span_h) + 3 + lpf_h))
+        # The most held while the other camera is late: max_wait_lines of belt, a strip and a frame.
+        most_r = max_wait_lines + self.total + 2 * lpf_r
+        most_h = int((most_r * self.tpl_r + np.ptp(self.along)) / self.tpl_h) + 3 + 2 * lpf_h
+        self.rgb_held = HeldLines((self.width, 3), np.uint8, 3 * (self.total + lpf_r), most_r)
+        self.hsi_held = HeldLines((self.hsi_pixels, self.bands), np.float32, 3 * (int(span_h) + 3 + lpf_h), most_h)
         self.rgb_chunks, self.hsi_chunks = self.rgb_held.chunks, self.hsi_held.chunks
         self.next_core: int | None = None       # position of the next strip's first core line
         self.after_gap = True                   # no real context above the next strip
