@@ -11,9 +11,10 @@ a stage's real-time factor is what it does per second over what 3 m/s needs.
 - register: StripCutter (HSI counts to reflectance in the model's bands,
   pairing by position, RGB strip assembly, HSI resampled onto the RGB grid)
   over simulated frames, with the spatial mapping the config implies (the work
-  does not depend on the fitted values). Also timed the straightforward way in
-  the same run, per-band reflectance binned by numpy (bin_bands(reflectance)):
-  `register_vs_per_band`.
+  does not depend on the fitted values), each strip written into arrays like
+  the node's message (rgb uint8, hsi float16), as the node does. Also timed the
+  straightforward way in the same run, per-band reflectance binned by numpy
+  (bin_bands(reflectance)): `register_vs_per_band`.
 - plan: the eject-plan node's process() on masks of the belt's truth labels at
   the config's model.mask_stride (and at 4, the model's own grid, when the
   config's differs), with misread specks; 25 masks/s needed.
@@ -99,13 +100,15 @@ def time_register(settings, spectral, spatial, sim, rgb_frames, hsi_frames, per_
     """Time per strip (wall, CPU), and the strips made."""
     cut = StripCutter(settings, spectral, spatial)
     if per_band:
-        cut.binned = lambda raw: bin_bands(spectral.reflectance(raw), cut.groups)
+        cut.binned = lambda raw, out: np.copyto(out, bin_bands(spectral.reflectance(raw), cut.groups))
+    # What the node writes each strip into: its message's arrays (a few, as the slots of a shared-memory pool).
+    slots = [(np.full(cut.rgb_shape, 0, np.uint8), np.full(cut.hsi_shape, 0, np.float16)) for _ in range(4)]
     strips, clock = 0, Clock()
     with clock:
         for f in range(len(rgb_frames)):
             cut.hsi(sim.position("hsi", f), hsi_frames[f], False)
             cut.rgb(sim.position("rgb", f), rgb_frames[f], False)
-            strips += sum(1 for _ in cut.strips())
+            strips += sum(1 for _ in cut.strips(lambda top, valid, gap: slots[cut.seq % len(slots)]))
     clock.wall, clock.cpu = clock.wall / strips, clock.cpu / strips
     return clock, strips
 

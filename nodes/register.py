@@ -25,11 +25,61 @@ import numpy as np
 from pydantic import Field
 
 from sortline.calibration.spatial import SpatialCalibration
-from sortline.calibration.spectral import BinnedReflectance, CalibrationError, SpectralReference
+from sortline.calibration.spectral import BLOCK_BYTES, BinnedReflectance, CalibrationError, SpectralReference
 from sortline.nodes.streams import LINES, STRIP, StripMeta
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Machine, Section
 from sortline.pipeline.node import Node, RateLimitedLog
+
+
+class HeldLines:
+    """One camera's lines that strips may still need, in one array, in the order they came.
+
+    `chunks` holds (position, lines) per input, each `lines` a view of the array, consecutive chunks
+    on consecutive rows: a run of consecutive chunks is one slice of the array, read without
+    concatenating. The StripCutter trims chunks from the left; new lines go after the last, and when
+    the array is full the lines still held move to its start, or to an array twice as large when
+    they would fill more than half of it (while a camera is late), up to twice `most`, the most
+    lines the cutter holds.
+    """
+
+    def __init__(self, line_shape: tuple[int, ...], dtype, reserve: int, most: int):
+        self.array = self._rows(reserve, line_shape, dtype)
+        self.chunks: deque[tuple[int, np.ndarray]] = deque()
+        self.end = 0                # the row after the newest line
+        self.most = most
+
+    @staticmethod
+    def _rows(n: int, line_shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.full((n, *line_shape), 0, dtype)   # written now: no page faults while strips are due
+
+    def add(self, position: int, n: int) -> np.ndarray:
+        """The rows for n new lines from `position`, held as a chunk, for the caller to fill."""
+        if self.end + n > len(self.array):
+            self._make_room(n)
+        rows = self.array[self.end:self.end + n]
+        self.chunks.append((position, rows))
+        self.end += n
+        return rows
+
+    def row(self, lines: np.ndarray) -> int:
+        """The row of the array where `lines` (a chunk, or a view into one) starts."""
+        offset = lines.__array_interface__["data"][0] - self.array.__array_interface__["data"][0]
+        return offset // self.array.strides[0]
+
+    def _make_room(self, n: int) -> None:
+        first = self.row(self.chunks[0][1]) if self.chunks else self.end
+        held = self.end - first
+        rows = self.array
+        size = max(held + n, min(2 * len(rows), 2 * (self.most + n)))
+        if 2 * (held + n) > len(rows) and size > len(rows):
+            rows = self._rows(size, rows.shape[1:], rows.dtype)
+        starts = [self.row(a) - first for _, a in self.chunks]
+        rows[:held] = self.array[first:self.end]      # numpy copies overlapping rows as if through a buffer
+        moved = [(p, rows[r:r + len(a)]) for (p, a), r in zip(self.chunks, starts)]
+        self.chunks.clear()
+        self.chunks.extend(moved)
+        self.array, self.end = rows, held
 
 
 class StripCutter:
@@ -53,8 +103,21 @@ class StripCutter:
         self.map_x = np.broadcast_to((u - 0.5).astype(np.float32), (self.total // self.r, cells)).copy()
         self.along = spatial.along_ticks(u)                    # RGB ticks − HSI ticks, per cell column
         self.cell_pos = (np.arange(self.total // self.r) + 0.5) * self.r * self.tpl_r   # from the strip's top
-        self.rgb_chunks: deque[tuple[int, np.ndarray]] = deque()
-        self.hsi_chunks: deque[tuple[int, np.ndarray]] = deque()
+        self.rgb_shape = (self.total, self.width, 3)
+        self.hsi_shape = (*self.map_x.shape, self.bands)
+        # The resampling's output before the strip's dtype: rows of cells, about BLOCK_BYTES of them.
+        block_rows = max(1, min(self.hsi_shape[0], BLOCK_BYTES // (4 * cells * self.bands)))
+        self._cells = np.full((block_rows, cells, self.bands), 0.0, np.float32)
+        # Room for three times the lines a strip and a frame span (HSI: with the cameras' distance apart);
+        # more only while a camera is late.
+        lpf_r, lpf_h = machine.cameras.rgb.lines_per_frame, machine.cameras.hsi.lines_per_frame
+        span_h = ((self.total + lpf_r) * self.tpl_r + np.abs(self.along).max()) / self.tpl_h
+        # The most held while the other camera is late: max_wait_lines of belt, a strip and a frame.
+        most_r = max_wait_lines + self.total + 2 * lpf_r
+        most_h = int((most_r * self.tpl_r + np.ptp(self.along)) / self.tpl_h) + 3 + 2 * lpf_h
+        self.rgb_held = HeldLines((self.width, 3), np.uint8, 3 * (self.total + lpf_r), most_r)
+        self.hsi_held = HeldLines((self.hsi_pixels, self.bands), np.float32, 3 * (int(span_h) + 3 + lpf_h), most_h)
+        self.rgb_chunks, self.hsi_chunks = self.rgb_held.chunks, self.hsi_held.chunks
         self.next_core: int | None = None       # position of the next strip's first core line
         self.after_gap = True                   # no real context above the next strip
         self.rgb_end = self.hsi_end = None      # position just past the last line received
@@ -73,7 +136,7 @@ class StripCutter:
             self.breaks.append(self.rgb_end)
         if self.next_core is None:
             self.next_core = position
-        self.rgb_chunks.append((position, lines.copy()))     # the input is a view of a slot: copy what is kept
+        self.rgb_held.add(position, len(lines))[...] = lines   # the input is a view of a slot: copy what is kept
         self.rgb_end = position + len(lines) * self.tpl_r
 
     def hsi(self, position: int, raw: np.ndarray, gap: bool) -> None:
@@ -83,7 +146,8 @@ class StripCutter:
             self.no_hsi.append((lo, position + self.along.max() + self.tpl_h))
             if self.hsi_end is not None:
                 self.breaks.append(lo)
-        self.hsi_chunks.append((position, self.binned(raw)))
+        self.spectral.check(raw)
+        self.binned(raw, out=self.hsi_held.add(position, len(raw)))
         self.hsi_end = position + len(raw) * self.tpl_h
         # RGB more than max_wait_lines behind (or stopped): the HSI before that is given up, counted, and
         # the RGB lines it saw, should they still come, are skipped as HSI-less (bounded memory either way).
@@ -99,15 +163,24 @@ class StripCutter:
 
     # Output.
 
-    def strips(self):
-        """Every strip that can be made now: (position, rgb, hsi, valid_lines, gap)."""
+    def strips(self, into=None):
+        """Every strip that can be made now: (position, rgb, hsi, valid_lines, gap).
+
+        into(position, valid_lines, gap) gives the arrays to write the strip into (the node's message
+        buffers: rgb uint8, hsi float16 or float32), or None where there is nowhere to put it: that strip
+        is given up and no more are made now. Without it, new arrays (hsi float32).
+        """
+        into = into or self._new_arrays
         while self.next_core is not None:
-            made = self._one()
-            if made is None:
+            made = self._one(into)
+            if made is None or made[1] is None:
                 return
             yield made
 
-    def _one(self):
+    def _new_arrays(self, position: int, valid: int, gap: bool) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(self.rgb_shape, np.uint8), np.empty(self.hsi_shape, np.float32)
+
+    def _one(self, into):
         if self.hsi_end is None:
             return self._wait_or_skip(self.next_core)
         for lo, hi in self.no_hsi:
@@ -118,7 +191,7 @@ class StripCutter:
                     return None
                 self.dropped_lines += skip
                 self._resume_at(self.next_core + skip * self.tpl_r)
-                return self._one() if self.next_core is not None else None
+                return self._one(into) if self.next_core is not None else None
         top = self.next_core - self.overlap * self.tpl_r
         core_end = self.next_core + self.core * self.tpl_r
         bottom = core_end + self.overlap * self.tpl_r
@@ -128,16 +201,20 @@ class StripCutter:
             return None      # not all RGB lines yet
         if self.hsi_end < end - self.along.min() + self.tpl_h:
             return self._wait_or_skip(end)
-        rgb = self._rgb_lines(top, end)
-        hsi = self._hsi_cells(top)
-        valid = (min(end, core_end) - self.next_core) // self.tpl_r
+        valid = int((min(end, core_end) - self.next_core) // self.tpl_r)
         gap = self.after_gap
+        rgb, hsi = into(top, valid, gap) or (None, None)
+        if rgb is not None:
+            if not hsi.flags.c_contiguous:    # OpenCV writes float16 only into a view of contiguous rows
+                raise ValueError("strips(into): the hsi array must be C-contiguous")
+            self._rgb_lines(top, end, rgb)
+            self._hsi_cells(top, hsi)
         if end <= core_end:
             self._resume_at(end)                     # a gap inside the core: start again after it
         else:
             self._continue_at(core_end)
         self.seq += 1
-        return top, rgb, hsi, int(valid), gap
+        return top, rgb, hsi, valid, gap
 
     def _wait_or_skip(self, end: int):
         """HSI is late. Within max_wait_lines, wait; beyond, HSI has stopped: give lines up, counted."""
@@ -174,19 +251,21 @@ class StripCutter:
             self.hsi_chunks.popleft()
         self.no_hsi = [(lo, hi) for lo, hi in self.no_hsi if hi > keep_from]
 
-    def _rgb_lines(self, top: int, end: int) -> np.ndarray:
-        """RGB lines from `top` to `end`, rows outside real data repeated from the nearest real one."""
+    def _rgb_lines(self, top: int, end: int, out: np.ndarray) -> None:
+        """RGB lines from `top` to `end` into out, rows outside real data repeated from the nearest real one."""
         first = self.next_core if self.after_gap else top
-        chunks = [(p, a) for p, a in self.rgb_chunks if p + len(a) * self.tpl_r > first and p < end]
-        lines = np.concatenate([a for _, a in chunks])[(first - chunks[0][0]) // self.tpl_r:][:(end - first) // self.tpl_r]
+        p, a = next((p, a) for p, a in self.rgb_chunks if p + len(a) * self.tpl_r > first)
+        start = self.rgb_held.row(a) + (first - p) // self.tpl_r
+        lines = self.rgb_held.array[start:min(start + (end - first) // self.tpl_r, self.rgb_held.end)]
         above = (first - top) // self.tpl_r
-        below = self.total - above - len(lines)
-        return cv2.copyMakeBorder(lines, above, below, 0, 0, cv2.BORDER_REPLICATE) if above or below else lines
+        out[above:above + len(lines)] = lines
+        out[:above] = lines[0]
+        out[above + len(lines):] = lines[-1]
 
-    def _hsi_cells(self, top: int) -> np.ndarray:
-        """HSI reflectance resampled onto the strip's coarse grid (total/r × width/r × bands)."""
+    def _hsi_cells(self, top: int, out: np.ndarray) -> None:
+        """HSI reflectance resampled onto the strip's coarse grid (total/r × width/r × bands), into out."""
         pos_h = top + self.cell_pos[:, None] - self.along[None, :]     # HSI ticks that saw each cell's centre
-        # The run of contiguous HSI lines that holds them (strips never span an HSI gap).
+        # The run of contiguous HSI lines that holds them (strips never span an HSI gap): consecutive rows.
         want = pos_h.min()
         run: list[tuple[int, np.ndarray]] = []
         for p, a in self.hsi_chunks:
@@ -200,16 +279,20 @@ class StripCutter:
         # line at most, and reads the line after it (at weight 0 on a whole line), hence + 3. Moving the
         # coordinates by whole lines is exact in float32, and so is the result.
         lo = max(0, int(np.floor(map_y.min())))
-        hi = int(np.floor(map_y.max())) + 3
-        parts, first = [], 0
-        for _, a in run:
-            if first + len(a) > lo and first < hi:
-                parts.append(a[max(0, lo - first):hi - first])
-            first += len(a)
-        cube = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        hi = min(int(np.floor(map_y.max())) + 3, sum(len(a) for _, a in run))
+        first = self.hsi_held.row(run[0][1])
         map_y -= lo
-        out = cv2.remap(cube, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        return out.reshape(*self.map_x.shape, self.bands)
+        lines = self.hsi_held.array[first + lo:first + hi]
+        # In blocks of rows that stay in cache between the resampling and the conversion to the strip's dtype.
+        for top_row in range(0, len(out), len(self._cells)):
+            rows = slice(top_row, min(len(out), top_row + len(self._cells)))
+            n = rows.stop - rows.start
+            cells = cv2.remap(lines, self.map_x[rows], map_y[rows], cv2.INTER_LINEAR, dst=self._cells[:n],
+                              borderMode=cv2.BORDER_REPLICATE)
+            if out.dtype == np.float16:   # OpenCV's conversion: numpy's rounding (checked bit for bit), 7x faster
+                cv2.add(cells.reshape(n, -1), 0.0, dst=out[rows].reshape(n, -1), dtype=cv2.CV_16F)
+            else:
+                out[rows] = cells.reshape(n, *self.hsi_shape[1:])
 
 
 class Register(Node):
@@ -269,16 +352,19 @@ class Register(Node):
         else:
             self.cutter.hsi(h.position, lines, h.gap)
         outs = []
-        for top, rgb, hsi, valid, gap in self.cutter.strips():
-            out = self.out["out"].new({"rgb": (rgb.shape, np.uint8), "hsi": (hsi.shape, np.float16)},
-                                      like=self.last_rgb, stream="strip", seq=self.cutter.seq - 1, position=top,
-                                      ticks_per_line=self.cutter.tpl_r, gap=gap,
-                                      meta=StripMeta(self.cutter.overlap, self.cutter.r, valid))
+        cut = self.cutter
+
+        def into(top, valid, gap):   # each strip is written straight into its message
+            out = self.out["out"].new({"rgb": (cut.rgb_shape, np.uint8), "hsi": (cut.hsi_shape, np.float16)},
+                                      like=self.last_rgb, stream="strip", seq=cut.seq, position=top,
+                                      ticks_per_line=cut.tpl_r, gap=gap, meta=StripMeta(cut.overlap, cut.r, valid))
             if out is None:
-                break
-            out.arrays["rgb"][...] = rgb
-            out.arrays["hsi"][...] = hsi
+                return None
             outs.append(("out", out))
+            return out.arrays["rgb"], out.arrays["hsi"]
+
+        for _ in cut.strips(into):
+            pass
         if self.cutter.dropped_lines > before:
             self.given_up.inc(self.cutter.dropped_lines - before)
             self._warn("hsi_missing", f"no HSI lines for {self.cutter.dropped_lines - before} RGB lines: gave them "

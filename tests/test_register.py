@@ -8,7 +8,7 @@ import pytest
 
 from sortline.calibration.spatial import Geometry, fit
 from sortline.calibration.spectral import SpectralReference, bin_bands
-from sortline.nodes.register import StripCutter
+from sortline.nodes.register import HeldLines, StripCutter
 from sortline.nodes.simulate import Simulation
 from sortline.nodes.simulate.cameras import Misregistration
 from sortline.pipeline.graph import load_config
@@ -44,8 +44,8 @@ def run(settings, calibrations, belt, skip_rgb=(), skip_hsi=(), hsi_until=None, 
     sim, rgb, hsi = belt
     cut = StripCutter(settings, *calibrations, max_wait_lines=256)
     if previous:   # HSI counts to model bands, and onto the RGB grid, as the node did before
-        cut.binned = lambda raw: bin_bands(previous_reflectance(calibrations[0], raw), cut.groups)
-        cut._hsi_cells = lambda top: previous_hsi_cells(cut, top)
+        cut.binned = lambda raw, out: np.copyto(out, bin_bands(previous_reflectance(calibrations[0], raw), cut.groups))
+        cut._hsi_cells = lambda top, out: np.copyto(out, previous_hsi_cells(cut, top))
     strips, held = [], []
     for f in range(len(rgb)):
         if f not in skip_hsi and (hsi_until is None or f < hsi_until):
@@ -240,3 +240,57 @@ def test_a_camera_far_ahead_waits_on_lossless_edges_instead_of_losing_lines(tmp_
     # Nor was anything dropped on an edge (the 58 lines above are the only count).
     drops = {k: v for n in run.values() for k, v in n["totals"].items() if k.startswith("sortline_edge_drops_total")}
     assert sum(drops.values()) == status["hsi_missing_lines"], drops
+def test_strips_written_into_the_nodes_float16_buffers_are_the_float32_ones_rounded(settings, calibrations, belt):
+    """What the node does: each strip written into its message's arrays (rgb uint8, hsi float16)."""
+    _, wide, _ = run(settings, calibrations, belt)
+    sim, rgb, hsi = belt
+    cut = StripCutter(settings, *calibrations, max_wait_lines=256)
+    buffers = [(np.zeros(cut.rgb_shape, np.uint8), np.zeros(cut.hsi_shape, np.float16)) for _ in wide]
+    made = []
+    for f in range(len(rgb)):
+        cut.hsi(sim.position("hsi", f), hsi[f], False)
+        cut.rgb(sim.position("rgb", f), rgb[f], False)
+        made += list(cut.strips(lambda top, valid, gap: buffers[cut.seq]))
+    assert len(made) == len(wide) >= 8
+    for (top, rgb16, hsi16, valid, gap), (top0, rgb0, hsi0, valid0, gap0), (b_rgb, b_hsi) in zip(made, wide, buffers):
+        assert (top, valid, gap) == (top0, valid0, gap0) and rgb16 is b_rgb and hsi16 is b_hsi
+        assert np.array_equal(rgb16, rgb0)
+        assert np.array_equal(hsi16.view(np.uint16), hsi0.astype(np.float16).view(np.uint16))
+
+
+def test_a_strip_with_nowhere_to_go_is_given_up_and_the_next_made_later(settings, calibrations, belt):
+    sim, rgb, hsi = belt
+    cut = StripCutter(settings, *calibrations, max_wait_lines=256)
+    made, refused = [], []
+
+    def into(top, valid, gap):
+        if cut.seq == 3:
+            refused.append(top)
+            return None
+        return np.empty(cut.rgb_shape, np.uint8), np.empty(cut.hsi_shape, np.float32)
+
+    for f in range(len(rgb)):
+        cut.hsi(sim.position("hsi", f), hsi[f], False)
+        cut.rgb(sim.position("rgb", f), rgb[f], False)
+        made += [s[0] for s in cut.strips(into)]
+    _, every, _ = run(settings, calibrations, belt)
+    assert len(refused) == 1 and made == [s[0] for s in every if s[0] != refused[0]]
+
+
+def test_held_lines_are_one_slice_per_run_through_moves_and_growth():
+    """Lines added in chunks and trimmed from the left, as the cutter does: through the moves to the
+    array's start and growth (a chunk larger than half of it), each chunk holds its own lines and what
+    is held is one slice of the array, in order."""
+    held = HeldLines((2,), np.int64, reserve=12, most=30)
+    position, sizes = 0, [3, 4, 2, 5, 1, 6, 3, 3, 7, 2, 4, 20, 3, 5, 2, 6, 4]
+    for n in sizes:
+        held.add(position, n)[...] = np.arange(position, position + n)[:, None]
+        position += n
+        while sum(len(a) for _, a in held.chunks) - len(held.chunks[0][1]) >= 8:
+            held.chunks.popleft()                         # keep the last 8 lines or so
+        for p, a in held.chunks:
+            assert np.array_equal(a[:, 0], np.arange(p, p + len(a)))
+        first_position, first = held.chunks[0]
+        run = held.array[held.row(first):held.end]
+        assert np.array_equal(run[:, 1], np.arange(first_position, position))
+    assert 12 < len(held.array) <= 2 * (30 + 20)             # grew, for the 20 lines, to twice the most at most
