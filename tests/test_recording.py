@@ -421,6 +421,28 @@ def test_bad_recording_and_recorder_settings_stop_with_a_clear_error(tmp_path, r
     assert "restart 1" not in res.stderr
 
 
+@pytest.mark.system
+def test_record_takes_the_cameras_alone_so_a_machine_without_calibration_records_its_first_target(tmp_path, run_dir):
+    """docs/calibration.md: the first target recording is made before there is any calibration file, which the
+    register node needs (and `run --record` runs it): `sortline record` runs the sources alone."""
+    from conftest import demo_toml
+
+    cfg = tmp_path / "machine.toml"
+    cfg.write_text(demo_toml(free_port(), calibration={"spectral": "", "spatial": ""},
+                             nodes={"belt": {"params": {"scene": "target", "paced": False, "seconds": 1.5}}},
+                             graph={"name": "first-calibration", "runtime_dir": str(run_dir)}))
+    res = sortline("record", str(tmp_path / "target.mcap"), "--config", str(cfg), "--report",
+                   str(tmp_path / "run.json"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(load_json(tmp_path / "run.json")["nodes"]) == ["belt", "record"]   # no register, no valves
+    streams = read_all(tmp_path / "target.mcap")
+    assert sorted(streams) == ["hsi", "rgb", "truth"] and len(streams["rgb"]) == len(streams["hsi"]) > 40
+    res = sortline("calibrate", "spatial", str(tmp_path / "target.mcap"), "--config", str(cfg), "--out",
+                   str(tmp_path / "spatial.json"), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert load_json(tmp_path / "spatial.json")["residuals"]["matches"] >= 12, res.stdout
+
+
 def test_the_graph_rewrites_for_replay_and_recording(tmp_path, run_dir):
     from sortline.pipeline.config import ConfigError, config_toml
     from sortline.pipeline.graph import load_config
