@@ -329,10 +329,12 @@ def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
     rates = {}
     for speed in ("1", "3"):
         res = sortline("replay", str(tmp_path / "paced.mcap"), "--config", str(cfg), "--speed", speed,
-                       "--streams", "rgb", timeout=60)
+                       "--streams", "rgb", "--report", str(tmp_path / "run.json"), timeout=60)
         assert res.returncode == 0, res.stderr[-3000:]
         sink = load_json(tmp_path / "sink.json")
-        assert sink["received"] == 90 and sink["corrupt"] == 0
+        # Every message arrives, or was lost for being over 100 ms late (a busy host), and counted.
+        overruns = load_json(tmp_path / "run.json")["nodes"]["replay"]["status"]["overruns"]
+        assert sink["received"] + overruns == 90 and overruns <= 9 and sink["corrupt"] == 0
         assert res.stderr.count("recorded stream 'hsi': not replayed") == 1
         rates[speed] = sink["rate_per_s"]
     assert rates["1"] == pytest.approx(recorded_rate, rel=0.15), rates
