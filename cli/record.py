@@ -38,7 +38,8 @@ def add(sub) -> None:
                        description="Run only the source nodes of the configured graph (the cameras; the "
                        "synthetic belt in a simulated machine) with a recorder, and write their streams to FILE: "
                        "nothing downstream runs, so no calibration file is needed and no valve fires. Stop the "
-                       "line first (systemctl stop sortline.target): the cameras serve one program at a time. "
+                       "sortline service first (systemctl stop sortline.target): the cameras serve one program "
+                       "at a time. "
                        "Runs for --seconds (start-up included), or until Ctrl-C.")
     p.add_argument("file", help="the MCAP file to write (an existing one is kept: FILE.1.mcap is written)")
     common.add_config(p)

@@ -9,7 +9,9 @@ divided by the speed, and it carries that due time as its acquisition
 stamp, not the moment it left: the encoder tracks of the plan, the ejector
 and the valve-bar simulator take the stamp for the time the belt was where
 the message ends, as a live camera's, so a replay held up by a busy host
-delivers late, as a camera can, without moving the belt. A position range
+delivers late, as a camera can, without moving the belt; a message more than
+max_lag_ms late is lost (counted), as a camera loses the frames a busy host
+cannot take in time. A position range
 keeps the messages with lines in [from_ticks, to_ticks). With `loop` the
 recording starts again at its end: sequence numbers keep counting,
 positions move on by the recorded span (the belt never runs backwards) and
@@ -17,7 +19,9 @@ the first message of each stream after the wrap carries gap=True, so that
 nothing downstream splices two passes together.
 
 Arrays and header fields come back exactly as recorded, except the trace
-(which starts anew here) and the shared-memory slot. A file cut short or
+(which starts anew here) and the shared-memory slot; after a message that was
+not sent, the next of its stream carries gap=True and the sequence numbers run
+on without a hole. A file cut short or
 corrupted replays every valid message up to the damage; then the node logs
 one error naming the file, the byte offset and the reason, and ends the
 stream: the graph finishes, nothing restarts.
