@@ -3,8 +3,8 @@
 The commands sit on top of everything (runtime, nodes, models, calibration);
 a command module imports what it needs when it runs, so that building the
 parser (every node process does) stays cheap. The graph rewrites a command
-needs live with it: `--record` in run, the replay in replay, the scored belt
-run in score.
+needs live with it: `--record` in run, the sources alone in record, the replay
+in replay, the scored belt run in score.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from sortline.cli import (build_engine, calibrate, cameras, check, evaluate, export, hil, inspect,
-                                   install_service, keys, node, replay, run, score, simulate, status, train)
+                          install_service, keys, node, record, replay, run, score, simulate, status, train)
 from sortline.cli.common import config_errors, default_config
 from sortline.pipeline import logs
 from sortline.pipeline.config import ConfigError
@@ -44,7 +44,7 @@ class Version(argparse.Action):
         parser.exit()
 
 # In the order `sortline --help` lists them.
-COMMANDS = (run, replay, simulate, score, hil, calibrate, inspect, node, install_service, status, keys, check,
+COMMANDS = (run, record, replay, simulate, score, hil, calibrate, inspect, node, install_service, status, keys, check,
             cameras, train, evaluate, export, build_engine)
 
 

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import tempfile
+from pathlib import Path
 from typing import Annotated, Callable
 
 from pydantic import TypeAdapter, ValidationError
@@ -78,6 +79,9 @@ def add_run_options(p: argparse.ArgumentParser, record_help: str) -> None:
     p.add_argument("--seconds", type=seconds, default=None, help="stop after this long (default: run until stopped)")
     p.add_argument("--report", default=None, help="write each node's final metrics and status here (JSON)")
     p.add_argument("--record", metavar="FILE", default=None, help=record_help)
+    p.add_argument("--commands", metavar="FILE", default=None,
+                   help="write every valve command the ejector sent (valve, open and close position in encoder "
+                   "ticks, object id) and their timing to FILE (.npz) when the run ends")
 
 
 def supervise(settings: Settings, config_path: str, seconds: float | None, report: str | None) -> int:
@@ -113,6 +117,27 @@ def with_params(settings: Settings, node: str, **params) -> Settings:
 
 def nodes_of_kind(settings: Settings, kind: str) -> list[str]:
     return [name for name, node in settings.nodes.items() if node.kind == kind]
+
+
+def with_commands(settings: Settings, path: str) -> Settings:
+    """The graph with its ejector writing every command it sends to `path` (its samples file)."""
+    ejectors = nodes_of_kind(settings, "ejector")
+    if len(ejectors) != 1:
+        raise ConfigError([f"--commands: the graph has {len(ejectors)} ejector nodes; it takes one"])
+    return with_params(settings, ejectors[0], samples=str(Path(path).absolute()))
+
+
+def by_position(settings: Settings) -> Settings:
+    """The graph on a belt that waits for it (a recording or the synthetic belt as fast as the graph takes
+    them): every edge lossless, so that back-pressure holds the source back where a live edge would drop;
+    the plan and the ejector decide and send by belt position alone (the clock says nothing about a belt
+    that waits); the valve-bar simulator places the air by the commands' positions."""
+    for name in nodes_of_kind(settings, "eject_plan") + nodes_of_kind(settings, "ejector"):
+        settings = with_params(settings, name, timing=False)
+    for name in nodes_of_kind(settings, "valve_sim"):
+        settings = with_params(settings, name, by_position=True)
+    edges = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in settings.edges]
+    return settings.model_copy(update={"edges": edges})
 
 
 def shipped_config(profile: str) -> str:

@@ -29,9 +29,14 @@ def with_recorder(settings: Settings, path: str, node: str = "record", **params)
 
 def run(args) -> int:
     settings = common.load(args.config)
-    if args.record:
-        return common.run_rewritten(settings, lambda s: with_recorder(s, args.record), args.seconds, args.report)
-    return common.supervise(settings, args.config, args.seconds, args.report)
+    if not (args.record or args.commands):
+        return common.supervise(settings, args.config, args.seconds, args.report)
+
+    def rewrite(s):
+        s = with_recorder(s, args.record) if args.record else s
+        return common.with_commands(s, args.commands) if args.commands else s
+
+    return common.run_rewritten(settings, rewrite, args.seconds, args.report)
 
 
 def add(sub) -> None:

@@ -127,8 +127,9 @@ class Ejector(Node):
         send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "
                                      "deadline (the driver and controller must hold them that long)")
         merge_gap_mm: float = Field(5.0, ge=0, description="windows on one valve closer than this become one pulse")
-        samples: str = Field("", description="write every command's exposure, send and deadline times here (.npz) "
-                             "when the node stops, for `sortline hil`")
+        samples: str = Field("", description="write every command's exposure, send and deadline times (for "
+                             "`sortline hil`) and every command sent (valve, open and close position, object id) "
+                             "here (.npz) when the node stops")
         timing: bool = Field(True, description="false: send every window at once, by position only (scoring "
                              "decisions on a belt that waits for the pipeline; never on a machine)")
 
@@ -165,6 +166,8 @@ class Ejector(Node):
         # For `sortline hil`: per command (exposure, sent, deadline, missed, object id), per decision its trace.
         self.samples = np.zeros((1 << 20, 5)) if p.samples else None
         self.n_samples = 0
+        # What was sent, by belt position: two runs of one recording are compared by it (`sortline replay`).
+        self.sent_log = np.zeros((1 << 20, 4), np.int64) if p.samples else None
         self.traces: list | None = [] if p.samples else None
         self.stages: list[str] = []
         # Monotonic → realtime for the datagram's absolute time (the controller's clock is PTP, not ours).
@@ -259,6 +262,11 @@ class Ejector(Node):
             self._warn("driver", f"valve driver: {exc} (command for object {w[4]} lost)")
             return
         sent_ns = time.monotonic_ns()
+        if self.sent_log is not None:
+            if self.sent < len(self.sent_log):
+                self.sent_log[self.sent] = (w[2], w[0], w[3], w[4])
+            else:
+                self._warn("sent_log", f"{self.params.samples}: keeps the first {len(self.sent_log)} commands sent")
         self.sent += 1
         self._commands.inc()
         self._open_s.inc(duration / 1e9)
@@ -306,11 +314,13 @@ class Ejector(Node):
                 width = max((len(t) for t in self.traces), default=1)
                 traces = np.array([t for t in self.traces if len(t) == width], dtype=np.int64).reshape(-1, width)
                 np.savez(self.params.samples, commands=self.samples[:n], traces=traces,
-                         stages=np.array(self.stages), late=self.late, sent=self.sent)
+                         stages=np.array(self.stages), late=self.late, sent=self.sent,
+                         windows=self.sent_log[:min(self.sent, len(self.sent_log))])
 
     def status(self) -> dict:
-        out = {"sent": self.sent, "late": self.late, "pending": len(self.schedule.heap),
-               "speed_m_s": round(self.track.speed_m_s(), 3)}
+        out = {"sent": self.sent, "late": self.late, "pending": len(self.schedule.heap)}
+        if self.params.timing:   # by position alone the belt's speed is never used (a replay sets it as fast as it can)
+            out["speed_m_s"] = round(self.track.speed_m_s(), 3)
         for name, arr, n in (("lead", self.lead_ms, self.n_lead), ("decision", self.decision_ms, self.n_decision)):
             if n:
                 vals = arr[:min(n, len(arr))]

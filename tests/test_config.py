@@ -169,7 +169,7 @@ def test_help_explains_each_command():
 ON_THE_DEMO = (["run"], ["replay", "x.mcap"], ["simulate", "--seconds", "1", "--record", "x.mcap"], ["score"],
                ["hil"], ["check"], ["status"], ["export", "shipped:belt-fusion-nano.safetensors"])
 NEED_CONFIG = (["install-service"], ["node", "belt"], ["calibrate", "spectral", "--dark", "d", "--white", "w", "--out", "o"],
-               ["calibrate", "spatial", "rec.mcap", "--out", "o"], ["calibrate", "check", "rec.mcap"])
+               ["calibrate", "spatial", "rec.mcap", "--out", "o"], ["calibrate", "check", "rec.mcap"], ["record", "x.mcap"])
 
 
 def test_which_commands_take_the_demo_profile_without_config():
