@@ -39,10 +39,7 @@ def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None,
             sim["occupancy"] = occupancy
         for name in common.nodes_of_kind(s, "simulate"):   # all of them: one belt, maybe split by camera
             s = common.with_params(s, name, **sim)
-        s = common.with_params(s, kinds["valve_sim"], report=str(score_path), by_position=args.unpaced)
-        if args.unpaced:   # no clock to keep: decide and send by position
-            for name in common.nodes_of_kind(s, "ejector") + common.nodes_of_kind(s, "eject_plan"):
-                s = common.with_params(s, name, timing=False)
+        s = common.with_params(s, kinds["valve_sim"], report=str(score_path))
         if samples_path:
             for name in common.nodes_of_kind(s, "ejector"):
                 s = common.with_params(s, name, samples=str(samples_path))
@@ -50,9 +47,8 @@ def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None,
         update = {"belt": s.belt.model_copy(update={"speed_m_s": speed})}
         if priority is not None:
             update["recipe"] = s.recipe.model_copy(update={"priority": priority})
-        if args.unpaced:   # the belt waits: every edge must hold it back instead of dropping
-            update["edges"] = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in s.edges]
-        return s.model_copy(update=update)
+        s = s.model_copy(update=update)
+        return common.by_position(s) if args.unpaced else s   # the belt waits: decide and send by position
     return rewrite
 
 
