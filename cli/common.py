@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -138,6 +139,21 @@ def by_position(settings: Settings) -> Settings:
         settings = with_params(settings, name, by_position=True)
     edges = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in settings.edges]
     return settings.model_copy(update={"edges": edges})
+
+
+def run_recording(settings: Settings, rewrite, seconds: float | None, report: str | None, file: str,
+                  command: str) -> int:
+    """Run a rewritten graph that ends in its recorder (node "record"); a recording that failed on the way is
+    exit 1, said in one line with what the file holds."""
+    with tempfile.TemporaryDirectory(prefix=f"sortline-{command}-") as tmp:
+        report = report or str(Path(tmp) / "run.json")
+        rc = run_rewritten(settings, rewrite, seconds, report)
+        status = json.loads(Path(report).read_text())["nodes"]["record"]["status"] if Path(report).exists() else {}
+    if rc == 0 and "failed" in status:
+        print(f"sortline: {command}: the recording failed ({status['failed']}); {file} holds what was written "
+              f"before, {status.get('lost', 0)} messages were lost", file=sys.stderr)
+        return 1
+    return rc
 
 
 def shipped_config(profile: str) -> str:

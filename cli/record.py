@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-from pathlib import Path
-
 from sortline.cli import common
 from sortline.cli.run import with_recorder
 from sortline.pipeline.config import Settings
@@ -21,16 +16,8 @@ def sources_alone(settings: Settings) -> Settings:
 
 def record(args) -> int:
     settings = common.load(args.config)
-    with tempfile.TemporaryDirectory(prefix="sortline-record-") as tmp:
-        report = args.report or str(Path(tmp) / "run.json")
-        rc = common.run_rewritten(settings, lambda s: with_recorder(sources_alone(s), args.file), args.seconds,
-                                  report)
-        status = json.loads(Path(report).read_text())["nodes"]["record"]["status"] if Path(report).exists() else {}
-    if rc == 0 and "failed" in status:
-        print(f"sortline: record: the recording failed ({status['failed']}); {args.file} holds what was written "
-              f"before, {status.get('lost', 0)} messages were lost", file=sys.stderr)
-        return 1
-    return rc
+    return common.run_recording(settings, lambda s: with_recorder(sources_alone(s), args.file), args.seconds,
+                                args.report, args.file, "record")
 
 
 def add(sub) -> None:

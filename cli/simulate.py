@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-from pathlib import Path
-
 from sortline.cli import common
 from sortline.cli.run import with_recorder
 from sortline.pipeline.config import NodeConfig
@@ -26,15 +21,7 @@ def simulate(args) -> int:
         return with_recorder(alone, args.record)
 
     # --seconds is belt time here; the graph ends by itself when the belt has run that long.
-    with tempfile.TemporaryDirectory(prefix="sortline-simulate-") as tmp:
-        report = args.report or str(Path(tmp) / "run.json")
-        rc = common.run_rewritten(settings, rewrite, None, report)
-        recorder = json.loads(Path(report).read_text())["nodes"]["record"]["status"] if Path(report).exists() else {}
-    if rc == 0 and "failed" in recorder:
-        print(f"sortline: simulate: the recording failed ({recorder['failed']}); {args.record} holds what was "
-              f"written before, {recorder.get('lost', 0)} messages were lost", file=sys.stderr)
-        return 1
-    return rc
+    return common.run_recording(settings, rewrite, None, args.report, args.record, "simulate")
 
 
 def add(sub) -> None:

@@ -175,12 +175,34 @@ def wait_for(predicate, timeout: float = 10.0, every: float = 0.05):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+_HANDED_OUT: set[int] = set()
+PORT_SPAN = 16   # a graph's metrics use port_base + node index: a port is handed out with the ones after it
+
+
 def free_port() -> int:
+    """A port free for TCP and UDP, with the PORT_SPAN - 1 after it free for TCP, below the kernel's
+    ephemeral range (so no connection made meanwhile takes one of them), and not within PORT_SPAN of any
+    port handed out before in this process (two graphs of one test never share a port)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(500):
+        base = random.randrange(20000, 32000 - PORT_SPAN)
+        if any(abs(base - b) < PORT_SPAN for b in _HANDED_OUT):
+            continue
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)] + [socket.socket() for _ in range(PORT_SPAN)]
+        try:
+            socks[0].bind(("127.0.0.1", base))
+            for i, s in enumerate(socks[1:]):
+                s.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        _HANDED_OUT.add(base)
+        return base
+    raise RuntimeError("no free block of ports below 32000")
 
 
 def pid_of(*words: str) -> int:

@@ -145,22 +145,28 @@ def test_rgb_that_stops_coming_costs_bounded_memory_and_counts(settings, calibra
     assert cut.dropped_hsi_lines > lines // 2 and held[-1][1] == held[-5][1]   # flat, not growing
 
 
-@pytest.mark.system
-def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
-    """simulate -> register -> sink as processes, with the calibration files from the config."""
+def run_register_graph(tmp_path, run_dir, calibrations, graph: str) -> None:
+    """Run the graph (TOML text) to its end on the demo machine with these calibrations saved as its files;
+    the supervisor's report is run.json in tmp_path."""
     spectral, spatial = calibrations
     spectral.save(tmp_path / "spectral.npz")
     spatial.save(tmp_path / "spatial.json")
-    graph = (node_toml("belt", "simulate", "seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05")
-             + node_toml("register", "register")
-             + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
-             + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi")
-             + edge_toml("register.out", "sink.in"))
     cfg = write_config(tmp_path / "reg.toml", graph, run_dir, calibration={
         "spectral": str(tmp_path / "spectral.npz"), "spatial": str(tmp_path / "spatial.json")})
     result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
                       timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.system
+def test_node_over_sockets(tmp_path, run_dir, settings, calibrations):
+    """simulate -> register -> sink as processes, with the calibration files from the config."""
+    graph = (node_toml("belt", "simulate", "seed = 2, paced = false, seconds = 1.0, drop_rate = 0.05")
+             + node_toml("register", "register")
+             + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
+             + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt.hsi", "register.hsi")
+             + edge_toml("register.out", "sink.in"))
+    run_register_graph(tmp_path, run_dir, calibrations, graph)
     sink = load_json(tmp_path / "sink.json")
     # 1 s at 2 m/s is 2 m of belt: about 2133 RGB lines, 33 strips of 64 (fewer after drops and the start).
     full = 2133 / settings.model.strip_lines
@@ -214,20 +220,13 @@ def test_a_camera_far_ahead_waits_on_lossless_edges_instead_of_losing_lines(tmp_
     """One belt as two nodes, each as fast as it can go: on lossless edges the register node stops reading
     the camera that is ahead (its sender waits) long before it would give lines up; every strip comes,
     whole. (Without that, the two processes drift apart by more than max_wait_lines and lines are lost.)"""
-    spectral, spatial = calibrations
-    spectral.save(tmp_path / "spectral.npz")
-    spatial.save(tmp_path / "spatial.json")
     graph = (node_toml("belt", "simulate", 'seed = 2, paced = false, seconds = 1.5, cameras = ["rgb"]')
              + node_toml("belt-hsi", "simulate", 'seed = 2, paced = false, seconds = 1.5, cameras = ["hsi"]')
              + node_toml("register", "register", "max_wait_lines = 256")
              + node_toml("sink", "sink", f'verify = false, report = "{tmp_path / "sink.json"}"')
              + edge_toml("belt.rgb", "register.rgb") + edge_toml("belt-hsi.hsi", "register.hsi")
              + edge_toml("register.out", "sink.in"))
-    cfg = write_config(tmp_path / "reg.toml", graph, run_dir, calibration={
-        "spectral": str(tmp_path / "spectral.npz"), "spatial": str(tmp_path / "spatial.json")})
-    result = sortline("run", "--config", str(cfg), "--seconds", "60", "--report", str(tmp_path / "run.json"),
-                      timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_register_graph(tmp_path, run_dir, calibrations, graph)
     run = load_json(tmp_path / "run.json")["nodes"]
     status = run["register"]["status"]
     # The first RGB lines lie before the HSI camera's first line once the cameras' offset is applied: none of
