@@ -9,6 +9,7 @@ from importlib.resources import files
 from prometheus_client import REGISTRY
 
 import sortline.nodes.acquire.acquisition  # noqa: F401  (registers the camera metrics)
+import sortline.nodes.eject_plan  # noqa: F401  (the plan's)
 import sortline.nodes.ejector  # noqa: F401  (and the ejector's)
 import sortline.pipeline.metrics  # noqa: F401
 
@@ -31,7 +32,8 @@ def test_every_panel_queries_an_exported_metric_and_the_issue_list_is_covered():
     assert used - exported() == set()
     for name in ("sortline_lines_total", "sortline_edge_drops_total", "sortline_malformed_messages_total",
                  "sortline_camera_connected", "sortline_camera_lost_frames_total", "sortline_latency_seconds_bucket",
-                 "sortline_stage_seconds_bucket", "sortline_auth_refused_total", *EJECTOR):
+                 "sortline_stage_seconds_bucket", "sortline_auth_refused_total", "sortline_plan_spared_lanes_total",
+                 "sortline_ejector_decision_seconds_bucket", *EJECTOR):
         assert name in used, name
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dash["panels"])
