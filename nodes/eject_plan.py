@@ -12,7 +12,9 @@ enough (mean confidence) and, if it touches objects of other classes, by the
 `touching` rule: eject anyway, skip, or eject when targets make up at least
 `min_target_share` of the cluster. An ejected object's pixels give, per
 valve, the first and last line it covers: the valve windows, in encoder
-ticks at the valve bar. Long objects are decided and blown while still
+ticks at the valve bar; a valve whose air would carry off a non-target
+beside it is left out where the target loses little (the recipe's
+priority, spare_lanes). Long objects are decided and blown while still
 being seen (their front reaches the bar before their end has passed the
 camera).
 
@@ -350,6 +352,8 @@ class EjectPlan(Node):
         self.before = int(round(m.ejector.margin_before_mm * m.belt.ticks_per_mm))
         self.after = int(round(m.ejector.margin_after_mm * m.belt.ticks_per_mm))
         self.sparing = PRIORITIES[m.recipe.priority]
+        # The air margins in whole mask lines: how far past a lane's pixels its air reaches.
+        self.margin_lines = (-(-self.before // self.bar.tpl), -(-self.after // self.bar.tpl))
         self.spared = 0
         self.counts: dict[str, int] = {}
         self.windows: list[Window] = []
@@ -411,8 +415,8 @@ class EjectPlan(Node):
             earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
         cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
         spans = lane_spans(obj, self.bar)
-        keep = spare_lanes(obj, spans, self.bar, -(-self.before // self.bar.tpl), -(-self.after // self.bar.tpl),
-                           self.target_ids, self.sparing, self.params.min_confidence)
+        keep = spare_lanes(obj, spans, self.bar, *self.margin_lines, self.target_ids, self.sparing,
+                           self.params.min_confidence)
         if not keep.all():
             self.spared += int((~keep).sum())
             SPARED.labels(self.name).inc(int((~keep).sum()))

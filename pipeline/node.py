@@ -369,8 +369,8 @@ class Runner:
             for sock, edge in inp.sockets.items():
                 if edge.policy != "lossless":
                     continue
-                merge = inp.merges.get(edge.group)
-                blocked = held or (merge is not None and merge.lossless and merge.blocked(edge.replica))
+                merge = inp.merges.get(edge.group)   # on a lossless edge, a lossless merge
+                blocked = held or (merge is not None and merge.blocked(edge.replica))
                 self._poller.register(sock, 0 if blocked else zmq.POLLIN)
 
     def _expire_merges(self) -> None:
