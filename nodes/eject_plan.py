@@ -5,7 +5,10 @@ under min_area_mm2 are dropped as noise), found across mask messages as the
 belt goes by: a component that touches the bottom of what has arrived so far
 stays open and is looked at again with the next message's lines, so an
 object cut by a strip border is one object. A gap (missing lines) closes
-every open object. Objects that touch one another form a cluster.
+every open object. Objects that touch one another form a cluster. Touching
+objects of one class are one component; once complete, a component with a
+neck (narrower than half its widest point) is split there by a watershed on
+its distance transform, so that each part is judged on its own.
 
 The policy decides for each target object: eject when the model is sure
 enough (mean confidence) and, if it touches objects of other classes, by the
@@ -105,9 +108,10 @@ class ObjectFinder:
     pixels, which are then not offered again. Complete objects are returned.
     """
 
-    def __init__(self, min_area_px: int, classes: int = 256):
+    def __init__(self, min_area_px: int, classes: int = 256, split_necks: bool = False):
         self.min_area = min_area_px
         self.classes = classes
+        self.split_necks = split_necks
         # Lines of open objects kept for the next chunk: (first line, classes, confidence, planned).
         self.carry: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_line: int | None = None
@@ -175,14 +179,19 @@ class ObjectFinder:
                     open_tops.append(top)
                 if area < self.min_area:
                     continue                   # a speck (noise, a fragment of a misread object), or not yet an object
-                rr, cc = np.nonzero(labels[py:py + ph, px:px + pw] == k)
-                rr, cc = rr + top, cc + ox + px
-                # The order the objects are offered in: by class, then by the first 2 x 2 block of the
-                # mask (in raster order) that each covers, the order a labelling per class numbers them.
-                # That block is in the object's first pair of block rows: the pixels up to its end.
-                pair_end = np.searchsorted(rr, (top | 1) + 1)
-                first_block = (top >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
-                found.append((c, first_block, rr, cc, touched, is_open))
+                here = labels[py:py + ph, px:px + pw] == k
+                # An open object may still grow into its neighbour: only a complete one is split.
+                pieces = split_at_necks(here, self.min_area) if self.split_necks and not is_open else [here]
+                for piece in pieces:
+                    rr, cc = np.nonzero(piece)
+                    first = top + int(rr[0])
+                    rr, cc = rr + top, cc + ox + px
+                    # The order the objects are offered in: by class, then by the first 2 x 2 block of the
+                    # mask (in raster order) that each covers, the order a labelling per class numbers them.
+                    # That block is in the object's first pair of block rows: the pixels up to its end.
+                    pair_end = np.searchsorted(rr, (first | 1) + 1)
+                    first_block = (first >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
+                    found.append((c, first_block, rr, cc, touched, is_open))
         out = []
         scene = Scene(line0, cls, conf, [(c, rr, cc) for c, _, rr, cc, _, _ in found])
         for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
@@ -204,6 +213,53 @@ class ObjectFinder:
         return out
 
 
+def split_at_necks(mask: np.ndarray, min_area: int, neck: float = 0.5, levels: int = 12,
+                   size: int = 48) -> list[np.ndarray]:
+    """One object's pixels (a bool mask) as the objects that touch in it: [mask] when it is one.
+
+    Cores are where the distance to the edge is at least `neck` times its largest value; two cores
+    joined only through pixels narrower than that are two objects touching. A watershed on the distance
+    transform (flooding by falling distance in `levels` steps, each core growing over what it reaches)
+    gives each core the pixels on its side of the neck. It runs on the mask scaled to at most `size`
+    pixels across, which bounds its cost; the full mask's pixels take the label at their place. A part
+    under min_area, a speck's worth of a bulge, is no object of its own: then the mask stays whole."""
+    if mask.sum() < 2 * min_area:
+        return [mask]
+    h, w = mask.shape
+    f = max(1, -(-max(h, w) // size))
+    small = mask if f == 1 else cv2.resize(mask.view(np.uint8), (-(-w // f), -(-h // f)),
+                                           interpolation=cv2.INTER_AREA) > 0
+    m = np.pad(small, 1).view(np.uint8)        # a border, so the distance is to the object's edge
+    dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)
+    top = float(dist.max())
+    n, markers = cv2.connectedComponents((dist >= neck * top).view(np.uint8), connectivity=8)
+    if n <= 2:
+        return [mask]
+    kernel = np.ones((3, 3), np.uint8)
+    for level in np.linspace(neck * top, 0, levels)[1:]:
+        below = (dist >= level) if level > 0 else m.astype(bool)
+        for _ in range(2 * size):              # grow each core over the ground this level uncovers
+            grown = cv2.dilate(markers.astype(np.float32), kernel).astype(np.int32)
+            take = below & (markers == 0) & (grown > 0)
+            if not take.any():
+                break
+            markers[take] = grown[take]
+    markers = markers[1:-1, 1:-1]
+    if f > 1:
+        markers = cv2.resize(markers.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        markers[~mask] = 0
+        for _ in range(2 * f):                 # edge pixels the scaled mask left out
+            lost = mask & (markers == 0)
+            if not lost.any():
+                break
+            grown = cv2.dilate(markers.astype(np.float32), kernel).astype(np.int32)
+            markers[lost] = grown[lost]
+    pieces = [mask & (markers == i) for i in range(1, n)]
+    if any(p.sum() < min_area for p in pieces) or sum(p.sum() for p in pieces) != mask.sum():
+        return [mask]
+    return pieces
+
+
 class Policy(Section):
     min_area_mm2: float = Field(60.0, ge=0, description="smaller objects are noise")
     min_confidence: float = Field(0.6, ge=0, le=1, description="mean confidence over the target pixels")
@@ -213,6 +269,8 @@ class Policy(Section):
         "eject", description="a target touching a non-target: eject it anyway (recovery), skip it "
         "(purity), or eject when its target share is at least min_target_share")
     min_target_share: float = Field(0.5, ge=0, le=1, description="the purity/recovery knob for by_share")
+    split_touching: bool = Field(True, description="split a complete object of one class where it narrows to "
+                                 "under half its widest (objects touching), so each is judged on its own")
 
 
 def decide(obj: Obj, policy: Policy, target_ids: np.ndarray, min_area_px: float) -> str:
@@ -345,7 +403,7 @@ class EjectPlan(Node):
         self.expect("in", width=len(self.bar.valve_of_col), ticks_per_line=self.bar.tpl)
         px_mm2 = self.bar.mm_per_px * self.bar.tpl / m.belt.ticks_per_mm
         self.min_area_px = p.min_area_mm2 / px_mm2
-        self.finder = ObjectFinder(max(1, int(self.min_area_px)))
+        self.finder = ObjectFinder(max(1, int(self.min_area_px)), split_necks=p.split_touching)
         self.targets = m.recipe.targets
         self.classes: list[str] | None = None   # the masks' classes (the model's), from the first mask
         self.target_ids = np.zeros(0, np.int64)

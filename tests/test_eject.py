@@ -284,6 +284,54 @@ def test_a_lane_that_would_carry_off_a_neighbour_is_left_out_where_the_target_lo
         assert spans[0][keep].tolist() == lanes, min_conf
 
 
+def test_touching_objects_of_one_class_are_split_at_their_neck_and_judged_each_on_its_own():
+    mask = np.zeros((96, 120), np.uint8)
+    cv2.circle(mask, (30, 40), 15, 1, -1)       # two PET bottles side by side, touching
+    cv2.circle(mask, (58, 40), 14, 1, -1)
+    mask[20:40, 85:115] = 1                     # a PET flake alone: a rectangle, no neck
+    conf = np.full(mask.shape, 240, np.uint8)
+    conf[:, 44:] = 90                           # the model is unsure of the right-hand bottle (and the flake)
+    finder = ObjectFinder(min_area_px=30)
+    whole = finder.feed(0, mask, conf, lambda o: False) + finder.flush(lambda o: False)
+    finder, split = ObjectFinder(min_area_px=30, split_necks=True), []
+    for i in range(0, 96, 32):                  # in strips: the bottles cross a strip border
+        split += finder.feed(i, mask[i:i + 32], conf[i:i + 32], lambda o: False)
+    split += finder.flush(lambda o: False)
+    assert len(whole) == 2 and len(split) == 3
+    bottles = sorted((o for o in split if o.cols.max() < 80), key=lambda o: o.cols.min())
+    assert sum(o.area for o in bottles) == int((mask[:, :80] == 1).sum())
+    # Each keeps its own side of the neck (the chord between the two circles lies at x = 44).
+    assert bottles[0].cols.max() <= 47 and bottles[1].cols.min() >= 40
+    assert abs(bottles[0].area - np.pi * 15 ** 2) < 60 and abs(bottles[1].area - np.pi * 14 ** 2) < 100
+    ids, policy = np.array([1]), Policy(min_confidence=0.6)
+    assert [decide(o, policy, ids, 30) for o in bottles] == ["eject", "unsure"]
+    merged = next(o for o in whole if o.cols.max() < 80)
+    assert decide(merged, policy, ids, 30) == "eject"    # judged as one, the unsure bottle went along
+
+
+def test_a_split_leaves_objects_without_necks_whole():
+    from sortline.nodes.eject_plan import split_at_necks
+
+    rect, ellipse, ell = np.zeros((40, 200), np.uint8), np.zeros((60, 100), np.uint8), np.zeros((80, 80), np.uint8)
+    rect[10:30, 10:190] = 1
+    cv2.ellipse(ellipse, (50, 30), (40, 15), 10, 0, 360, 1, -1)
+    ell[10:70, 10:30] = 1
+    ell[50:70, 10:70] = 1
+    for m in (rect, ellipse, ell):
+        assert len(split_at_necks(m.astype(bool), 30)) == 1
+    row = np.zeros((60, 160), np.uint8)
+    for x in (30, 60, 90):
+        cv2.circle(row, (x, 30), 14, 1, -1)
+    pieces = split_at_necks(row.astype(bool), 30)
+    assert len(pieces) == 3 and all(abs(p.sum() - 613) < 40 for p in pieces)
+    big = np.zeros((400, 600), np.uint8)       # larger than the scale the split works at
+    cv2.circle(big, (150, 200), 100, 1, -1)
+    cv2.circle(big, (340, 200), 95, 1, -1)
+    pieces = split_at_necks(big.astype(bool), 300)
+    assert len(pieces) == 2 and sum(p.sum() for p in pieces) == big.sum()
+    assert abs(pieces[0].sum() - pieces[1].sum()) < 0.1 * big.sum()
+
+
 def bar_lanes(settings, mask):
     return sorted(set(BarGeometry(settings).valve_of_col[np.flatnonzero((mask == 1).any(0))].tolist()))
 
