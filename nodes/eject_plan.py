@@ -75,26 +75,30 @@ class Obj:
 
 
 class Scene:
-    """The mask lines an object was found in (the finder's buffer) and the objects of every class found
-    there with it: what lies around it, for the air."""
+    """The mask lines an object was found in (the finder's buffer): what lies around it, for the air."""
 
-    def __init__(self, line0: int, classes: np.ndarray, confidence: np.ndarray, objects: list[tuple]):
+    def __init__(self, line0: int, classes: np.ndarray, confidence: np.ndarray):
         self.line0, self.classes, self.confidence = line0, classes, confidence
-        self.objects = objects          # (class, rows, cols) in the buffer, specks left out
         self._others: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def others(self, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The objects not of a target class: a label per pixel (0 for none), each label's area in pixels
-        and the model's mean confidence over it (0..1). Made once for the buffer, from the objects the
-        finder labelled anyway."""
+        and the model's mean confidence over it (0..1). Specks count: a sliver of an object lying under
+        another is all the camera sees of it, and the air carries it off just the same. Made once for the
+        buffer, one labelling per class present."""
         if self._others is None:
             labels = np.zeros(self.classes.shape, np.int32)
-            others = [(rr, cc) for c, rr, cc in self.objects if c not in target_ids]
-            area, conf = np.zeros(len(others) + 1, np.int64), np.zeros(len(others) + 1)
-            for i, (rr, cc) in enumerate(others, 1):
-                labels[rr, cc] = i
-                area[i], conf[i] = len(rr), self.confidence[rr, cc].mean(dtype=np.float64) / 255.0
-            self._others = labels, area, conf
+            areas, n = [np.zeros(1, np.int64)], 1
+            present = np.flatnonzero(np.bincount(self.classes.ravel(), minlength=1))
+            for c in present[(present != 0) & ~np.isin(present, target_ids)]:
+                k, lab, stats, _ = cv2.connectedComponentsWithStats((self.classes == c).view(np.uint8),
+                                                                    connectivity=8)
+                labels[lab > 0] = lab[lab > 0] + (n - 1)
+                areas.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
+                n += k - 1
+            area = np.concatenate(areas)
+            conf = np.bincount(labels.ravel(), weights=self.confidence.ravel(), minlength=n)
+            self._others = labels, area, conf / np.maximum(area, 1) / 255.0
         return self._others
 
 
@@ -193,7 +197,7 @@ class ObjectFinder:
                     first_block = (first >> 1) * cls.shape[1] + (cc[:pair_end] >> 1).min()
                     found.append((c, first_block, rr, cc, touched, is_open))
         out = []
-        scene = Scene(line0, cls, conf, [(c, rr, cc) for c, _, rr, cc, _, _ in found])
+        scene = Scene(line0, cls, conf)
         for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
             done_px = planned[rr, cc]
             hist = np.zeros(max(self.classes, c + 1), np.int64)    # all its pixels are of class c
@@ -325,7 +329,7 @@ def lane_spans(obj: Obj, bar: BarGeometry) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def spare_lanes(obj: Obj, spans, bar: BarGeometry, before_lines: int, after_lines: int, target_ids: np.ndarray,
-                sparing: Sparing | None, min_confidence: float = 0.0) -> np.ndarray:
+                sparing: Sparing | None, min_confidence: float = 0.0, budget: float | None = None) -> np.ndarray:
     """Which of the object's lanes to blow (a bool per lane of `spans`).
 
     A lane's air covers its valve's columns from its first line (less the margin before) to its last (plus
@@ -333,7 +337,9 @@ def spare_lanes(obj: Obj, spans, bar: BarGeometry, before_lines: int, after_line
     the lanes would be carried off: the lanes over it are left out, those that blow most of it for the
     least of the target first, as long as the target keeps `sparing.keep` of its confidence-weighted
     pixels under air. A neighbour that cannot be spared within that costs the target nothing, nor one the
-    model is unsure of (mean confidence under `min_confidence`: as likely a misread part of the target)."""
+    model is unsure of (mean confidence under `min_confidence`: as likely a misread part of the target).
+    `budget`: the confidence-weighted pixels that may be left out, if not `1 - sparing.keep` of the lanes'
+    (an object planned in stretches as it arrives has its whole length's budget, less what was spent)."""
     v, first, last, weight = spans
     keep = np.ones(len(v), bool)
     sc = obj.scene
@@ -355,7 +361,8 @@ def spare_lanes(obj: Obj, spans, bar: BarGeometry, before_lines: int, after_line
     for i, (n, k) in enumerate(under):
         px[i, np.searchsorted(ids, n)] = k
     area = areas[ids].astype(float)
-    budget = (1 - sparing.keep) * weight.sum()
+    if budget is None:
+        budget = (1 - sparing.keep) * weight.sum()
     for n in np.argsort(-px.sum(0) / area):
         covered = px[keep, n].sum()
         if covered < sparing.spare * area[n] or sure[ids[n]] < min_confidence:
@@ -413,6 +420,7 @@ class EjectPlan(Node):
         # The air margins in whole mask lines: how far past a lane's pixels its air reaches.
         self.margin_lines = (-(-self.before // self.bar.tpl), -(-self.after // self.bar.tpl))
         self.spared = 0
+        self.spent: dict[int, float] = {}     # object id -> confidence-weighted pixels left out of its air so far
         self.counts: dict[str, int] = {}
         self.windows: list[Window] = []
         self.clipped = 0
@@ -473,9 +481,16 @@ class EjectPlan(Node):
             earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
         cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
         spans = lane_spans(obj, self.bar)
+        budget = None
+        if self.sparing is not None:
+            # The target keeps `keep` of all its pixels under air, not of each stretch planned as it arrives:
+            # a short last stretch beside a neighbour may spend what the earlier ones did not.
+            seen = obj.conf_sum[obj.cls] / 255.0
+            budget = (1 - self.sparing.keep) * seen - self.spent.get(obj.id, 0.0)
         keep = spare_lanes(obj, spans, self.bar, *self.margin_lines, self.target_ids, self.sparing,
-                           self.params.min_confidence)
+                           self.params.min_confidence, budget)
         if not keep.all():
+            self.spent[obj.id] = self.spent.get(obj.id, 0.0) + float(spans[3][~keep].sum())
             self.spared += int((~keep).sum())
             SPARED.labels(self.name).inc(int((~keep).sum()))
             spans = tuple(x[keep] for x in spans)
@@ -493,6 +508,7 @@ class EjectPlan(Node):
             return None
         described = []
         for o in objs:
+            self.spent.pop(o.id, None)          # complete: no more of it to plan
             decision = decide(o, self.params, self.target_ids, self.min_area_px)
             cls = self.classes[o.cls]
             OBJECTS.labels(self.name, cls, decision).inc()
