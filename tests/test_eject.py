@@ -336,6 +336,45 @@ def bar_lanes(settings, mask):
     return sorted(set(BarGeometry(settings).valve_of_col[np.flatnonzero((mask == 1).any(0))].tolist()))
 
 
+def test_a_sliver_beside_the_target_is_spared_too(settings):
+    # Under min_area it is no object of its own, but it may be all the camera sees of one lying under
+    # another, and the air would carry it off all the same.
+    mask = np.zeros((80, 64), np.uint8)
+    mask[10:50, 0:30] = 1            # PET, 1200 px: lane 2 holds 3 of its 30 columns
+    mask[20:22, 31:34] = 3           # 6 px of HDPE beside it (min_area here is 10 px)
+    assert spared(settings, mask, "recovery") == [0, 1, 2]
+    assert spared(settings, mask, "balanced") == [0, 1]
+
+
+def test_a_target_planned_in_stretches_may_spare_a_neighbour_beside_its_last_one(settings):
+    """A long object is planned stretch by stretch as it arrives; what it keeps under air is reckoned over
+    its whole length, so a narrow tail whose one lane would carry off a neighbour can leave it out."""
+    from sortline.nodes.eject_plan import EjectPlan
+    from sortline.nodes.streams import MaskMeta
+    from sortline.pipeline.testing import Harness
+
+    classes = np.zeros((96, 160), np.uint8)      # the demo grid: 3.75 mm cells, lane 6 = columns 20..22
+    classes[0:64, 10:20] = 1                     # PET, 640 cells over four 16-line masks
+    classes[64:70, 18:21] = 1                    # its tail: 18 cells, 6 of them under lane 6
+    classes[64:68, 21:23] = 2                    # a PP cap beside the tail, all of it under lane 6
+    lanes = {}
+    for priority in ("recovery", "balanced"):
+        m = settings.machine()
+        m = m.model_copy(update={"recipe": m.recipe.model_copy(update={"priority": priority})})
+        h = Harness(EjectPlan, m, {"timing": False}, name="plan")
+        got = []
+        for i in range(0, 96, 16):
+            for _, msg in h.send("in", {"classes": classes[i:i + 16], "confidence": np.full((16, 160), 240, np.uint8)},
+                                 position=i * 60, ticks_per_line=60, meta=MaskMeta(["background", "PET", "PP"], "m", 4, 16)):
+                got += msg.meta.windows
+        # The lanes of the tail's air: the windows that open at its first line (less the margin) at the bar.
+        lanes[priority] = sorted({w.valve_lo for w in got if w.open_pos > 63 * 60 + BarGeometry(m, 4).travel_ticks})
+    # The last stretch's own budget (a fifth of 18 cells) could not pay for its lane 6 (6 cells); the
+    # object's (a fifth of 658) can.
+    assert lanes["recovery"] == [5, 6]
+    assert lanes["balanced"] == [5]
+
+
 def test_policy_touching_and_confidence():
     finder = ObjectFinder(min_area_px=10)
     mask = np.zeros((40, 60), np.uint8)
