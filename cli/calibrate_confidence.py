@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from sortline.cli import common
 from sortline.cli.train import add_data, open_dataset, scored_overlap
 
 
@@ -23,14 +24,14 @@ def calibrate_confidence(args) -> int:
         print(f"sortline: {args.model} is for classes {net.config.classes} and {net.config.bands} bands; "
               f"the data has {val.classes} and {val.bands}", file=sys.stderr)
         return 2
-    overlap = scored_overlap(args)
-    t = calibrate(net, val, overlap)
+    overlap, stride = scored_overlap(args), common.load(args.config).model.mask_stride
+    t = calibrate(net, val, overlap, stride)
     net.config = dataclasses.replace(net.config, temperature=t)
-    result = evaluate(net, val, overlap)
+    result = evaluate(net, val, overlap, mask_stride=stride)
     extra = {k: v for k, v in meta.items() if k not in ("format", "config", "step", "hash", "optim_groups")}
     out = checkpoint.save(args.out, net, int(meta.get("step", 0)), extra={**extra, "calibrated_from": meta.get("hash", "")})
-    print(f"softmax temperature {t:.4f}, fitted on {len(val)} validation samples; their expected calibration "
-          f"error {result['ece_raw']:.4f} raw, {result['ece']:.4f} calibrated")
+    print(f"softmax temperature {t:.4f}, fitted on {len(val)} validation samples (mask stride {stride}); their "
+          f"expected calibration error {result['ece_raw']:.4f} raw, {result['ece']:.4f} calibrated")
     print(f"wrote {out}: model {checkpoint.read(out)[2]['hash']} (from {meta.get('hash', '')}); export it again for "
           "ONNX Runtime or an engine")
     return 0

@@ -50,7 +50,7 @@ def train(args) -> int:
         print(f"sortline: no validation split ({exc}); add one, or train without (--val-every 0: the last "
               "weights, no temperature)", file=sys.stderr)
         return 2
-    run(open_dataset(args, "train"), args, val, scored_overlap(args))
+    run(open_dataset(args, "train"), args, val, scored_overlap(args), common.load(args.config).model.mask_stride)
     return 0
 
 

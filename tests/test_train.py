@@ -300,7 +300,8 @@ def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     assert result["miou"] > 0.6 and result["per_class_iou"]["belt"] > 0.95
     assert "mIoU" in ev.stdout and "PET" in ev.stdout
     assert 0 < result["ece"] == result["ece_raw"] < 0.05 and result["temperature"] == 1.0
-    assert "expected calibration error (15 bins, per pixel, max softmax)" in ev.stdout
+    assert "expected calibration error (15 bins, per pixel, max softmax, mask stride 4)" in ev.stdout
+    assert result["mask_stride"] == 4
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] > 400
 

@@ -12,7 +12,10 @@ with nothing new to do.
 
 Expected calibration error (ECE), pixel-level: the pixels are put into 15
 equal-width bins of their max-softmax confidence, and ECE is the mean over
-pixels of |accuracy of the bin - mean confidence of the bin|.
+pixels of |accuracy of the bin - mean confidence of the bin|. Both the fit
+and the ECE take the mask as the infer node gives it: with
+`model.mask_stride` k, every RGB pixel gets the class and confidence of its
+k x k cell, and is right or wrong by its own label.
 """
 
 from __future__ import annotations
@@ -69,28 +72,36 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iterations: int 
     return float(log_t.detach().exp())
 
 
-def validation_pixels(net, dataset, overlap: int = 0, pixels: int = 1_000_000, seed: int = 0):
-    """Logits (N, K) and labels (N,) of up to `pixels` pixels drawn evenly from every sample's core lines."""
+def cell_logits(net, sample, overlap: int = 0, stride: int = 1) -> torch.Tensor:
+    """The logits (K, core lines / stride, W / stride) the deployed model takes its classes and confidence from:
+    on the mask's grid, `stride` RGB pixels a cell (models.net.Deployed), without the overlap lines."""
+    device = next(net.parameters()).device
+    out = net(torch.from_numpy(sample.rgb[None].astype(np.float32)).to(device),
+              torch.from_numpy(sample.hsi[None]).to(device), stride)[0]
+    cut = overlap // stride
+    return (out[:, cut:out.shape[1] - cut] if cut else out).cpu()
+
+
+def validation_pixels(net, dataset, overlap: int = 0, stride: int = 1, pixels: int = 1_000_000, seed: int = 0):
+    """Logits (N, K) and labels (N,) of up to `pixels` RGB pixels drawn evenly from every sample's core lines,
+    each pixel with the logits of its mask cell."""
     per_sample = max(1, pixels // max(len(dataset), 1))
     rng = np.random.default_rng(seed)
-    device = next(net.parameters()).device
     logits, labels = [], []
     net.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
             s = dataset[i]
-            out = net(torch.from_numpy(s.rgb[None].astype(np.float32)).to(device),
-                      torch.from_numpy(s.hsi[None]).to(device))[0]
-            truth = torch.from_numpy(s.labels.astype(np.int64))
-            if overlap:
-                out, truth = out[:, overlap:-overlap], truth[overlap:-overlap]
-            flat, truth = out.flatten(1).T.cpu(), truth.ravel()
-            take = torch.from_numpy(rng.choice(len(truth), min(per_sample, len(truth)), replace=False))
-            logits.append(flat[take])
-            labels.append(truth[take])
+            cells = cell_logits(net, s, overlap, stride)
+            truth = s.labels[overlap:s.labels.shape[0] - overlap]
+            take = rng.choice(truth.size, min(per_sample, truth.size), replace=False)
+            y, x = np.divmod(take, truth.shape[1])
+            logits.append(cells[:, y // stride, x // stride].T)
+            labels.append(torch.from_numpy(truth[y, x].astype(np.int64)))
     return torch.cat(logits), torch.cat(labels)
 
 
-def calibrate(net, dataset, overlap: int = 0) -> float:
-    """Fit the temperature of net on a (validation) data set; returns it (the caller stores it in the config)."""
-    return fit_temperature(*validation_pixels(net, dataset, overlap))
+def calibrate(net, dataset, overlap: int = 0, stride: int = 1) -> float:
+    """Fit the temperature of net on a (validation) data set, on the mask grid of `stride` the infer node
+    gives; returns it (the caller stores it in the config)."""
+    return fit_temperature(*validation_pixels(net, dataset, overlap, stride))

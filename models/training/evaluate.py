@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from sortline.models.training.calibrate import CalibrationBins, max_softmax
+from sortline.models.training.calibrate import CalibrationBins, cell_logits, max_softmax
 
 # Groups of (materials, look) whose RGB appearance is the same: where HSI must help.
 LOOK_GROUPS = {
@@ -91,10 +91,10 @@ def confusion_png(path: str | Path, confusion: np.ndarray, classes: tuple[str, .
     cv2.imwrite(str(path), img)
 
 
-def evaluate(net, dataset, overlap: int = 0, indices=None) -> dict:
+def evaluate(net, dataset, overlap: int = 0, indices=None, mask_stride: int = 1) -> dict:
     """Run the model on every sample (or those of `indices`); the confusion matrix, scores, look-group
-    accuracies and the expected calibration error of its confidence (raw softmax and at the model's
-    temperature)."""
+    accuracies (per RGB pixel) and the expected calibration error of its confidence (raw softmax and at
+    the model's temperature) on the mask grid of `mask_stride` the infer node gives, per RGB pixel."""
     classes = tuple(net.config.classes)
     k = len(classes)
     temperature = net.config.temperature
@@ -111,10 +111,15 @@ def evaluate(net, dataset, overlap: int = 0, indices=None) -> dict:
                 logits = logits[:, :, overlap:-overlap]
             pred = logits[0].argmax(0).cpu().numpy()
             truth = s.labels[overlap:-overlap] if overlap else s.labels
-            correct = pred == truth
-            raw.add(max_softmax(logits)[0].cpu().numpy(), correct)
+            cells = logits[0].cpu() if mask_stride == 1 else cell_logits(net, s, overlap, mask_stride)
+
+            def pixels(cell_values):   # every RGB pixel with its cell's class or confidence
+                return np.repeat(np.repeat(cell_values, mask_stride, 0), mask_stride, 1)
+
+            correct = pixels(cells.argmax(0).numpy()) == truth
+            raw.add(pixels(max_softmax(cells[None])[0].numpy()), correct)
             if temperature != 1.0:
-                calibrated.add(max_softmax(logits, temperature)[0].cpu().numpy(), correct)
+                calibrated.add(pixels(max_softmax(cells[None], temperature)[0].numpy()), correct)
             confusion += np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(),
                                      minlength=k * k).reshape(k, k)
             if s.looks is not None:
@@ -127,6 +132,7 @@ def evaluate(net, dataset, overlap: int = 0, indices=None) -> dict:
     result["ece_raw"] = raw.ece()
     result["ece"] = calibrated.ece() if temperature != 1.0 else result["ece_raw"]
     result["temperature"] = temperature
+    result["mask_stride"] = mask_stride
     result["confusion"] = confusion.tolist()
     result["classes"] = list(classes)
     return result

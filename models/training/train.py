@@ -174,18 +174,19 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def train(data, args, val=None, overlap: int = 0) -> Path:
+def train(data, args, val=None, overlap: int = 0, mask_stride: int = 1) -> Path:
     """Train on a data set (models.training.data's interface) with the `sortline train` options in args;
     the model's classes are the data set's. val: the validation split (scored on all but `overlap`
-    lines at each end), or None to keep the last weights and fit no temperature."""
+    lines at each end), or None to keep the last weights and fit no temperature; the temperature is
+    fitted on the mask grid the infer node will give (mask_stride)."""
     ranks = Ranks()
     try:
-        return _train(data, args, val, overlap, ranks)
+        return _train(data, args, val, overlap, mask_stride, ranks)
     finally:
         ranks.close()
 
 
-def _train(data, args, val, overlap: int, ranks: Ranks) -> Path:
+def _train(data, args, val, overlap: int, mask_stride: int, ranks: Ranks) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if ranks.main else (lambda *a: None)
@@ -272,7 +273,7 @@ def _train(data, args, val, overlap: int, ranks: Ranks) -> Path:
     extra = {"train": json.dumps(run_info), "val": json.dumps(record)}
     if val_every:
         net, _ = checkpoint.load(best)
-        t = calibrate(net, val, overlap)
+        t = calibrate(net, val, overlap, mask_stride)
         net.config = dataclasses.replace(net.config, temperature=t)
         say(f"best: step {record['best_step']}, val mIoU {record['best']:.4f}; softmax temperature {t:.3f} "
             "(fitted on the validation split)")
