@@ -102,7 +102,7 @@ def test_augmented_crops_keep_rgb_hsi_and_labels_aligned():
 
 def test_a_temperature_fitted_on_overconfident_logits_calibrates_them():
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 2.0, (200_000, 10))
+    logits = rng.normal(0, 2.0, (100_000, 10))
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     labels = (p.cumsum(1) < rng.random((len(p), 1))).sum(1)                  # drawn from the softmax: calibrated
     sharp = torch.tensor(logits * 3.0)                                          # over-confident by T = 3
