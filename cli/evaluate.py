@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sortline.cli import common
-from sortline.cli.train import add_data, open_dataset
+from sortline.cli.train import add_data, open_dataset, scored_overlap
 
 
 def evaluate(args) -> int:
@@ -25,13 +25,18 @@ def evaluate(args) -> int:
         print(f"sortline: {args.model} is for classes {net.config.classes} and {net.config.bands} bands; "
               f"the data has {data.classes} and {data.bands}", file=sys.stderr)
         return 2
-    overlap = common.load(args.config).model.overlap_lines if args.data == "synthetic" else 0
-    result = run(net, data, overlap)
+    result = run(net, data, scored_overlap(args), mask_stride=common.load(args.config).model.mask_stride)
     result.update(model=meta.get("hash", ""), variant=net.config.variant, size=net.config.size, samples=len(data))
     classes = tuple(net.config.classes)
     print(table(np.array(result["confusion"]), classes, result))
     for name, acc in result["look_accuracy"].items():
         print(f"pixel accuracy, {name}: {acc:.4f}")
+    if result["temperature"] != 1.0:
+        print(f"expected calibration error (15 bins, per pixel, max softmax, mask stride {result['mask_stride']}): "
+              f"{result['ece_raw']:.4f} raw, {result['ece']:.4f} at the model's temperature {result['temperature']:.3f}")
+    else:
+        print(f"expected calibration error (15 bins, per pixel, max softmax, mask stride {result['mask_stride']}): "
+              f"{result['ece']:.4f} (raw softmax: no fitted temperature)")
     if args.png:
         confusion_png(args.png, np.array(result["confusion"]), classes)
     if args.json:

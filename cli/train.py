@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 from sortline.cli import common
 
 
 def open_dataset(args, split: str):
-    """The data set the command line names; split is 'train' or 'held-out' (SpectralWaste: its split name)."""
+    """The data set the command line names; split is 'train', 'val' or 'held-out' (SpectralWaste: its split
+    name). Synthetic: belt seeds --seed-data, + 2000 and + 1000."""
     if args.data == "synthetic":
         from sortline.nodes.simulate.dataset import SyntheticBelt
 
         settings = common.load(args.config)
-        seed = args.seed_data if split == "train" else args.seed_data + 1000
-        count = args.strips if split == "train" else args.eval_strips
+        seed = args.seed_data + {"train": 0, "val": 2000}.get(split, 1000)
+        count = {"train": args.strips, "val": args.val_strips}.get(split, args.eval_strips)
         # Strips as the infer node gets them, or longer where training crops are longer.
         lines = settings.model.strip_lines + 2 * settings.model.overlap_lines
         if split == "train":
@@ -33,6 +36,7 @@ def add_data(p) -> None:
     p.add_argument("--bands", type=int, default=32, help="SpectralWaste: bands fed to the model")
     p.add_argument("--strips", type=int, default=600, help="synthetic: training strips (kept in the cache directory)")
     p.add_argument("--eval-strips", type=int, default=200, help="synthetic: held-out strips")
+    p.add_argument("--val-strips", type=int, default=50, help="synthetic: validation strips (belt seed + 2000)")
     p.add_argument("--seed-data", type=int, default=100, help="synthetic: belt seed of the training strips "
                    "(held-out strips use this + 1000)")
 
@@ -40,14 +44,27 @@ def add_data(p) -> None:
 def train(args) -> int:
     from sortline.models.training.train import train as run
 
-    run(open_dataset(args, "train"), args)
+    try:
+        val = open_dataset(args, "val") if args.val_every else None
+    except FileNotFoundError as exc:
+        print(f"sortline: no validation split ({exc}); add one, or train without (--val-every 0: the last "
+              "weights, no temperature)", file=sys.stderr)
+        return 2
+    run(open_dataset(args, "train"), args, val, scored_overlap(args), common.load(args.config).model.mask_stride)
     return 0
+
+
+def scored_overlap(args) -> int:
+    """Lines at each end of a synthetic strip that are context, not scored (as the infer node crops them)."""
+    return common.load(args.config).model.overlap_lines if args.data == "synthetic" else 0
 
 
 def add(sub) -> None:
     p = sub.add_parser("train", help="train a segmentation model (synthetic belt or SpectralWaste)",
-                       description="Train a model; seeded, resumable (--resume), safetensors checkpoints. "
-                       "The model's classes are the data set's. Needs the .[train] extra.")
+                       description="Train a model; seeded, resumable (--resume), safetensors checkpoints; the best "
+                       "by validation mIoU, with a fitted softmax temperature, is OUT/model.safetensors. The model's "
+                       "classes are the data set's. Data-parallel under torchrun (docs/model.md). Needs the .[train] "
+                       "extra.")
     p.add_argument("--out", required=True, help="folder for last.safetensors (resumable) and model.safetensors")
     p.add_argument("--variant", choices=("fusion", "rgb", "hsi"), default="fusion")
     p.add_argument("--size", default="tiny", help="model size from models.config.SIZES (nano, tiny, base)")
@@ -64,4 +81,9 @@ def add(sub) -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--val-every", type=int, default=250, help="score the validation split every N steps, keep "
+                   "the best model (OUT/best.safetensors) and fit its temperature; 0: no validation, the last weights")
+    p.add_argument("--patience", type=int, default=6, help="stop after N evaluations without a better val mIoU "
+                   "(0: never)")
+    p.add_argument("--no-augment", action="store_true", help="flips only: no spectral or geometric augmentation")
     p.set_defaults(func=train)

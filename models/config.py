@@ -41,6 +41,14 @@ class ModelConfig:
     hsi_input: str = "reflectance"      # or "absorbance"
     hsi_mean: float = 0.35
     hsi_std: float = 0.25
+    # Per-band shift and scale of the HSI input (after the absorbance, if any), measured on the
+    # training data by `sortline train`; empty: the single hsi_mean / hsi_std above (models trained
+    # before per-band normalisation, such as the shipped ones, keep exactly their outputs).
+    hsi_band_mean: tuple[float, ...] = ()
+    hsi_band_std: tuple[float, ...] = ()
+    # Softmax temperature of the confidence the deployed model gives (fitted on the validation
+    # split, models.training.calibrate); 1.0: the raw softmax. The classes do not depend on it.
+    temperature: float = 1.0
 
     @property
     def uses_rgb(self) -> bool:
@@ -91,6 +99,10 @@ class ModelConfig:
         if not (len(self.rgb_depths) == len(self.rgb_heads) == len(self.hsi_dims) == len(self.hsi_depths)
                 == len(self.hsi_heads) == n == len(self.hsi_merge) + 1):
             raise ValueError("every per-stage tuple needs one entry per stage (hsi_merge one fewer)")
+        if any(len(t) not in (0, self.bands) for t in (self.hsi_band_mean, self.hsi_band_std)):
+            raise ValueError(f"hsi_band_mean / hsi_band_std: one value per band ({self.bands}) or none")
+        if any(v <= 0 for v in self.hsi_band_std) or not self.temperature > 0:
+            raise ValueError("hsi_band_std and temperature must be positive")
         if self.bands % self.slices:
             raise ValueError(f"bands ({self.bands}) must split into {self.slices} equal slices")
         for dims, heads in ((self.rgb_dims, self.rgb_heads), (self.hsi_dims, self.hsi_heads)):

@@ -8,7 +8,8 @@ One class builds all three variants from a ModelConfig:
   (on the HSI grids, resized to the RGB strip at the end).
 
 SortNet takes float32, channel-last: rgb (B, H, W, 3) 0..255, hsi (B, H/r,
-W/r, bands) reflectance; scaling is part of the graph. Deployed takes what a
+W/r, bands) reflectance; scaling (per band, where the config has band
+statistics) is part of the graph. Deployed takes what a
 strip carries (uint8 RGB, float16 HSI) and converts it in the graph, on the
 device that runs it.
 """
@@ -43,6 +44,10 @@ class SortNet(nn.Module):
             self.collapse = nn.ModuleList([SliceCollapse(d) for d in c.hsi_dims])
         self.decoder = Decoder(c.hsi_dims if c.variant == "hsi" else c.rgb_dims, c.decoder_dim, len(c.classes))
         init_weights(self)
+        # Per-band normalisation: constants of the config (not weights, so not in the state dict).
+        band = c.hsi_band_mean and c.hsi_band_std
+        self.register_buffer("hsi_shift", torch.tensor(c.hsi_band_mean) if band else None, persistent=False)
+        self.register_buffer("hsi_scale", torch.tensor(c.hsi_band_std) if band else None, persistent=False)
 
     def forward(self, rgb, hsi, stride: int = 1):
         """Logits (B, K, H/stride, W/stride): per RGB pixel, or on a grid `stride` (1, 2 or 4) coarser."""
@@ -53,7 +58,10 @@ class SortNet(nn.Module):
         if c.uses_hsi:
             if c.hsi_input == "absorbance":
                 hsi = -torch.log(torch.clamp(hsi, min=1e-3))
-            hsi_maps = self.hsi((hsi - c.hsi_mean) / c.hsi_std)
+            if self.hsi_shift is None:
+                hsi_maps = self.hsi((hsi - c.hsi_mean) / c.hsi_std)
+            else:
+                hsi_maps = self.hsi((hsi - self.hsi_shift) / self.hsi_scale)
         if c.variant == "fusion":
             maps = [f(r, h) for f, r, h in zip(self.fusion, rgb_maps, hsi_maps)]
         elif c.variant == "rgb":
@@ -70,7 +78,8 @@ class Deployed(nn.Module):
     register node makes them (any dtype is taken): turned into float32 here,
     inside the graph, so that a host copies 5 bytes a pixel to a GPU, not 16.
     Outputs classes (B, core lines / stride, W / stride) int32 and confidence
-    (same shape) float32 (the winning class's softmax probability). With
+    (same shape) float32 (the winning class's softmax probability, at the
+    model's fitted temperature where it has one: calibrated). With
     stride 4 the mask is the decoder's own grid: no upsampling, and 16 times
     fewer pixels to take the argmax of and to turn into objects.
     """
@@ -86,6 +95,8 @@ class Deployed(nn.Module):
         h = int(logits.shape[2])
         if self.overlap:
             logits = logits[:, :, self.overlap:h - self.overlap]
+        if self.net.config.temperature != 1.0:   # uncalibrated models keep the graph they always had
+            logits = logits / self.net.config.temperature
         # max softmax = 1 / sum(exp(logit - max)): no full softmax over the classes
         top = logits.max(dim=1, keepdim=True).values
         conf = 1.0 / (logits - top).exp().sum(dim=1)

@@ -298,3 +298,60 @@ def test_engine_files_carry_a_header_and_junk_is_refused(tmp_path):
     junk.write_bytes(b"a serialized plan without our header")
     with pytest.raises(ModelFileError, match="not a sortline engine"):
         read_engine_header(junk)
+
+
+def test_per_band_normalisation_and_temperature_are_in_the_exported_graph(tmp_path):
+    """A trained model's band statistics and temperature ride in its config: the checkpoint keeps them, the
+    network normalises each band with them, and the export gives the softmax at that temperature."""
+    import dataclasses
+
+    from sortline.models.net import Deployed
+
+    base = make_config("nano", "fusion", classes=CLASSES)
+    rng = np.random.default_rng(0)
+    band_mean = tuple(float(v) for v in rng.uniform(1.0, 3.0, 32))
+    band_std = tuple(float(v) for v in rng.uniform(0.5, 1.5, 32))
+    config = dataclasses.replace(base, hsi_band_mean=band_mean, hsi_band_std=band_std, temperature=2.5).validate()
+    torch.manual_seed(0)
+    net = SortNet(config).eval()
+    assert not [k for k in net.state_dict() if k.startswith("hsi_s")]        # constants, not weights
+    back, _ = checkpoint.load(checkpoint.save(tmp_path / "m.safetensors", net))
+    assert back.config == config
+    rgb, hsi = inputs(lines=64, width=128)
+    with torch.no_grad():
+        expected = net.hsi((-torch.log(torch.clamp(hsi, min=1e-3)) - torch.tensor(band_mean)) / torch.tensor(band_std))
+        assert all(torch.equal(a, b) for a, b in zip(back.hsi(
+            (-torch.log(torch.clamp(hsi, min=1e-3)) - back.hsi_shift) / back.hsi_scale), expected))
+        logits = back(rgb, hsi)[:, :, 16:-16]
+        classes, conf = Deployed(back, 16).eval()(rgb, hsi)
+    assert torch.equal(classes, logits.argmax(1).to(torch.int32))             # the classes do not change
+    assert torch.allclose(conf, (logits / 2.5).softmax(1).max(1).values, atol=1e-6)
+    assert not torch.allclose(conf, logits.softmax(1).max(1).values, atol=1e-3)
+    shape = StripShape(lines=96, width=128, overlap=16, ratio=4, bands=32, stride=4)
+    path = export(back, {"hash": "t"}, shape, tmp_path / "m.onnx")
+    check = compare(back, path, shape)
+    assert check["max_abs_diff_confidence"] < 1e-5 and check["class_agreement"] == 1.0
+    with pytest.raises(ValueError, match="one value per band"):
+        dataclasses.replace(base, hsi_band_mean=(1.0,), hsi_band_std=(1.0,)).validate()
+    with pytest.raises(ValueError, match="positive"):
+        dataclasses.replace(base, temperature=0.0).validate()
+
+
+def test_the_shipped_models_give_exactly_their_shipped_outputs(tmp_path):
+    """The shipped checkpoints carry no band statistics and no temperature: loaded and exported by this code
+    they give bit for bit what the shipped ONNX files (exported before either existed) give."""
+    from sortline.cli.common import shipped_config
+    from sortline.models.backends.onnxruntime import OnnxRuntimeBackend
+    from sortline.models.contract import model_file
+    from sortline.models.training.export import example_inputs
+    from sortline.pipeline.graph import load_config
+
+    net, meta = checkpoint.load(model_file("shipped:belt-fusion-nano.safetensors"))
+    assert net.config.hsi_band_mean == () and net.config.temperature == 1.0 and net.hsi_shift is None
+    shape = StripShape.from_machine(load_config(shipped_config("demo")))
+    shipped = OnnxRuntimeBackend(model_file("shipped:belt-fusion-nano.onnx"))
+    again = OnnxRuntimeBackend(export(net, meta, shape, tmp_path / "again.onnx"))
+    for seed in range(3):
+        rgb, hsi = example_inputs(shape, seed)
+        for a, b in zip(shipped.infer(rgb, hsi), again.infer(rgb, hsi)):
+            assert np.array_equal(a, b)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
+import torch
+
 from conftest import DEMO, ROOT, sortline, start, wait_for
 from sortline.calibration.spectral import bin_bands
 from sortline.models.training.checkpoint import read
-from sortline.models.training.data import Crops, SpectralWaste
+from sortline.models.training.calibrate import CalibrationBins, fit_temperature
+from sortline.models.training.data import Augment, Crops, Sample, SpectralWaste
 from sortline.models.training.evaluate import scores
 from sortline.nodes.simulate.dataset import SyntheticBelt
 from sortline.pipeline.graph import load_config
@@ -47,6 +53,73 @@ def test_synthetic_strips_are_deterministic_and_cached(tmp_path, monkeypatch):
         c = crops.sample(draw)
         assert c.rgb.shape == (64, 128, 3) and c.hsi.shape == (16, 32, 32) and c.labels.shape == (64, 128)
         assert np.array_equal(crops.sample(draw).rgb, c.rgb)                # deterministic per draw
+
+
+class Blocks:
+    """One sample of 8 x 8-pixel blocks of label values, its RGB and every HSI band the label (x 40, x 1)."""
+
+    classes, bands, ratio = ("a", "b"), 8, 4
+
+    def __init__(self):
+        blocks = np.random.default_rng(0).integers(0, 5, (16, 48)).astype(np.uint8)
+        self.labels = np.kron(blocks, np.ones((8, 8), np.uint8))
+        self.rgb = np.repeat(self.labels[..., None] * 40, 3, -1).astype(np.uint8)
+        self.hsi = np.repeat(np.kron(blocks, np.ones((2, 2)))[..., None], 8, -1).astype(np.float32)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return Sample(self.rgb, self.hsi, self.labels)
+
+
+def test_augmented_crops_keep_rgb_hsi_and_labels_aligned():
+    ds = Blocks()
+    geometric = Crops(ds, 64, 128, seed=0, augment=Augment(illumination=(1, 1), band_gain=0, band_offset=0,
+                                                           geometric=1.0))
+    plain = Crops(ds, 64, 128, seed=0, augment=None)
+    for draw in range(6):
+        c = geometric.sample(draw)
+        assert c.rgb.shape == (64, 128, 3) and c.hsi.shape == (16, 32, 8) and c.labels.shape == (64, 128)
+        assert all(np.array_equal(getattr(geometric.sample(draw), k), getattr(c, k)) for k in ("rgb", "hsi", "labels"))
+        assert not np.array_equal(c.labels, plain.sample(draw).labels)          # scaled and turned
+        assert np.mean(np.rint(c.rgb[..., 0] / 40) == c.labels) > 0.85           # RGB and labels together
+        # Each HSI pixel is its 4 x 4 RGB pixels' mean label (bilinear, so about): aligned, not a pixel off.
+        block = c.labels.reshape(16, 4, 32, 4).mean((1, 3))
+        error = np.abs(c.hsi[..., 0] - block)[1:-1, 1:-1].mean()
+        shifted = np.abs(np.roll(c.hsi[..., 0], 1, axis=1) - block)[1:-1, 1:-1].mean()
+        assert error < 0.15 and shifted > 3 * error, (error, shifted)
+    # Spectral: the same crops (the same draws come first), one illumination on both, a gain and offset per band.
+    light = Crops(ds, 64, 128, seed=0, augment=Augment(illumination=(1.1, 1.1), band_gain=0.03, band_offset=0.005,
+                                                       geometric=0.0))
+    for draw in range(3):
+        a, b = plain.sample(draw), light.sample(draw)
+        assert np.array_equal(a.labels, b.labels)
+        assert np.array_equal(np.clip(np.rint(a.rgb * 1.1), 0, 255), b.rgb)
+        ratio = b.hsi[a.hsi > 1] / a.hsi[a.hsi > 1]
+        assert 1.1 * 0.96 < ratio.min() and ratio.max() < 1.1 * 1.04 and ratio.std() > 0.005
+
+
+def test_a_temperature_fitted_on_overconfident_logits_calibrates_them():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2.0, (100_000, 10))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = (p.cumsum(1) < rng.random((len(p), 1))).sum(1)                  # drawn from the softmax: calibrated
+    sharp = torch.tensor(logits * 3.0)                                          # over-confident by T = 3
+    t = fit_temperature(sharp, torch.tensor(labels))
+    assert 2.85 < t < 3.15, t
+
+    def ece(z):
+        prob = z.softmax(1)
+        bins = CalibrationBins()
+        bins.add(prob.max(1).values.numpy(), (prob.argmax(1).numpy() == labels))
+        return bins.ece()
+
+    before, after = ece(sharp), ece(sharp / t)
+    assert before > 0.15 and after < 0.01, (before, after)
+    bins = CalibrationBins()                                   # 90 % sure, 80 % right: ECE 0.1
+    bins.add(np.full(10, 0.9), np.arange(10) < 8)
+    assert bins.ece() == pytest.approx(0.1)
 
 
 def make_spectralwaste(root, split: str, ids: list[str], size: int = 64, seed: int = 0):
@@ -93,11 +166,22 @@ def losses(text: str) -> list[float]:
 @pytest.mark.system
 def test_training_is_seeded_resumable_and_the_loss_falls(tmp_path, env):
     common = ["train", "--variant", "rgb", "--strips", "4", "--batch", "2", "--crop-lines", "64", "--crop-width", "128",
-              "--warmup", "5", "--lr", "4e-3", "--log-every", "5", "--save-every", "10", "--steps", "40"]
+              "--warmup", "5", "--lr", "4e-3", "--log-every", "5", "--save-every", "10", "--steps", "40",
+              "--val-strips", "2", "--val-every", "10"]
     straight = sortline(*common, "--out", str(tmp_path / "a"), env=env, timeout=300)
     assert straight.returncode == 0, straight.stderr
     trace = losses(straight.stderr)
     assert len(trace) == 8 and trace[-1] < 0.85 * trace[0], trace
+    # The validation split scored every 10 steps; the best of them is kept, and is the model, calibrated.
+    scored = [(int(s), float(m)) for s, m in re.findall(r"step (\d+): val mIoU ([0-9.]+)", straight.stderr)]
+    assert [s for s, _ in scored] == [10, 20, 30, 40], straight.stderr
+    best_step, best = max(scored, key=lambda sm: (sm[1], -sm[0]))
+    a, kept = read(tmp_path / "a" / "model.safetensors"), read(tmp_path / "a" / "best.safetensors")
+    assert int(a[2]["step"]) == int(kept[2]["step"]) == best_step
+    assert float(kept[2]["val_miou"]) == pytest.approx(best, abs=1e-4)
+    assert all(torch.equal(a[1][k], kept[1][k]) for k in kept[1])             # the best weights
+    assert a[0].temperature != 1.0 and kept[0].temperature == 1.0
+    assert [h[0] for h in json.loads(a[2]["val"])["history"]] == [10, 20, 30, 40]
     # The same run killed (no clean exit) once it has written a checkpoint, then resumed.
     proc = start(*common, "--out", str(tmp_path / "b"), env=env)
     wait_for(lambda: (tmp_path / "b" / "last.safetensors").exists() or proc.poll() is not None, timeout=120, every=0.01)
@@ -107,19 +191,74 @@ def test_training_is_seeded_resumable_and_the_loss_falls(tmp_path, env):
     resumed = sortline(*common, "--out", str(tmp_path / "b"), "--resume", env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"resuming at step (10|20|30) ", resumed.stderr), resumed.stderr
-    a, b = read(tmp_path / "a" / "model.safetensors"), read(tmp_path / "b" / "model.safetensors")
+    b = read(tmp_path / "b" / "model.safetensors")
     assert a[2]["hash"] == b[2]["hash"]                                      # the same weights, bit for bit
-    assert a[2]["step"] == "40" and a[0].variant == "rgb"
+    assert a[2]["val"] == b[2]["val"] and a[0].temperature == b[0].temperature
+    assert read(tmp_path / "a" / "last.safetensors")[2]["step"] == "40" and a[0].variant == "rgb"
     # Resuming with other settings would not be the same run: refused, saying which.
     (tmp_path / "b" / "model.safetensors").unlink()
     other = sortline(*common, "--out", str(tmp_path / "b"), "--resume", "--lr", "1e-3", env=env, timeout=300)
     assert other.returncode != 0 and "'lr': (0.004, 0.001)" in other.stderr
+    # Scored every 5 steps, this run's val mIoU falls back after step 5; with --patience 3 it stops 3
+    # evaluations later, and the model is that of step 5.
+    early = sortline(*common, "--val-every", "5", "--patience", "3", "--out", str(tmp_path / "c"), env=env, timeout=300)
+    assert early.returncode == 0, early.stderr
+    scored = [(int(s), float(m)) for s, m in re.findall(r"step (\d+): val mIoU ([0-9.]+)", early.stderr)]
+    best, since, stop = -1.0, 0, None
+    for s, m in scored:
+        best, since = (m, 0) if m > best else (best, since + 1)
+        if since == 3:
+            stop = s
+            break
+    assert stop is not None and stop < 40 and scored[-1][0] == stop, scored
+    assert f"stopped early at step {stop}: 3 evaluations without a better val mIoU" in early.stderr
+    assert read(tmp_path / "c" / "model.safetensors")[2]["step"] == str(stop - 15)
+
+
+@pytest.mark.system
+def test_two_processes_under_torchrun_take_the_steps_of_one(tmp_path, env):
+    """torchrun, two CPU processes on gloo, each drawing half of every step's batch, against one process with
+    the whole batch: the same training to rounding. (The biases just before a batch norm get no gradient but
+    rounding, which Adam scales up to steps of their own: so the weights are compared as a whole, and the
+    outputs.)"""
+    from sortline.models.net import SortNet
+
+    common = ["train", "--size", "nano", "--strips", "4", "--val-strips", "2", "--batch", "4", "--crop-lines", "64",
+              "--crop-width", "128", "--steps", "6", "--warmup", "2", "--val-every", "3", "--log-every", "3"]
+    one = sortline(*common, "--out", str(tmp_path / "one"), env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sortline", *common, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("step 6: val mIoU") == 1 and two.stderr.count("wrote ") == 1   # rank 0 alone logs
+    assert losses(two.stderr) == pytest.approx(losses(one.stderr), abs=2e-3)
+    (config, a, _), (_, b, _) = read(tmp_path / "one" / "last.safetensors"), read(tmp_path / "two" / "last.safetensors")
+    torch.manual_seed(0)
+    start_weights = SortNet(config).state_dict()
+    names = [k for k in start_weights if start_weights[k].is_floating_point() and "running" not in k]
+    apart = sum(float(((a[k] - b[k]) ** 2).sum()) for k in names) ** 0.5
+    moved = sum(float(((a[k] - start_weights[k]) ** 2).sum()) for k in names) ** 0.5
+    assert apart < 0.03 * moved, (apart, moved)
+    nets = [checkpoint_net(tmp_path / d / "last.safetensors") for d in ("one", "two")]
+    x = torch.rand(1, 64, 128, 3) * 255, torch.rand(1, 16, 32, 32)
+    with torch.no_grad():
+        la, lb = (net(*x) for net in nets)
+    assert (la.argmax(1) == lb.argmax(1)).float().mean() > 0.99
+    assert (la.softmax(1) - lb.softmax(1)).abs().max() < 0.02
+
+
+def checkpoint_net(path):
+    from sortline.models.training import checkpoint
+
+    return checkpoint.load(path)[0]
 
 
 @pytest.mark.system
 def test_a_spectralwaste_model_trains_and_evaluates(tmp_path, env):
     make_spectralwaste(tmp_path / "sw", "train", ["a", "b"])
     make_spectralwaste(tmp_path / "sw", "test", ["c"], seed=1)
+    make_spectralwaste(tmp_path / "sw", "val", ["v"], seed=2)
     run = sortline("train", "--data", "spectralwaste", "--root", str(tmp_path / "sw"), "--out", str(tmp_path / "m"),
                    "--steps", "2", "--batch", "1", "--crop-lines", "128", "--crop-width", "128", env=env, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -130,6 +269,12 @@ def test_a_spectralwaste_model_trains_and_evaluates(tmp_path, env):
     result = json.loads(out.read_text())
     assert result["classes"][1] == "film" and result["samples"] == 1
     assert np.array(result["confusion"]).sum() == 256 * 256
+    assert "val mIoU" in run.stderr and read(tmp_path / "m" / "best.safetensors")[2]["step"] == "2"
+    # Without a val split the run says what to do instead.
+    (tmp_path / "sw" / "rgb" / "val" / "v.png").unlink()
+    none = sortline("train", "--data", "spectralwaste", "--root", str(tmp_path / "sw"), "--out", str(tmp_path / "n"),
+                    "--steps", "2", "--batch", "1", "--crop-lines", "128", "--crop-width", "128", env=env, timeout=300)
+    assert none.returncode == 2 and "--val-every 0" in none.stderr, none.stderr
 
 
 def test_iou_from_a_confusion_matrix():
@@ -154,5 +299,26 @@ def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     assert set(result["per_class_iou"]) == set(read(weights)[0].classes)
     assert result["miou"] > 0.6 and result["per_class_iou"]["belt"] > 0.95
     assert "mIoU" in ev.stdout and "PET" in ev.stdout
+    assert 0 < result["ece"] == result["ece_raw"] < 0.05 and result["temperature"] == 1.0
+    assert "expected calibration error (15 bins, per pixel, max softmax, mask stride 4)" in ev.stdout
+    assert result["mask_stride"] == 4
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] > 400
+
+
+@pytest.mark.system
+def test_a_shipped_model_gets_a_temperature_fitted_on_validation_strips(tmp_path, env):
+    out = tmp_path / "calibrated.safetensors"
+    run = sortline("calibrate-confidence", "shipped:belt-fusion-nano.safetensors", "--val-strips", "3", "--out",
+                   str(out), env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (config, tensors, meta), (shipped, weights, shipped_meta) = read(out), read(SHIPPED[0])
+    assert 0.5 < config.temperature < 2 and config.temperature != 1.0
+    assert config == dataclasses.replace(shipped, temperature=config.temperature)
+    assert all(torch.equal(tensors[k], weights[k]) for k in weights)           # the weights as they were
+    assert meta["hash"] != shipped_meta["hash"] and meta["calibrated_from"] == shipped_meta["hash"]
+    ece = re.search(r"expected calibration error ([0-9.]+) raw, ([0-9.]+) calibrated", run.stdout)
+    assert ece and float(ece[1]) > 0 and float(ece[2]) > 0, run.stdout
+    ev = sortline("evaluate", str(out), "--eval-strips", "2", "--json", str(tmp_path / "e.json"), env=env, timeout=300)
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert ev.returncode == 0 and result["temperature"] == config.temperature and result["ece"] != result["ece_raw"]

@@ -13,7 +13,8 @@ pairs) gets look-group accuracies from evaluation.
 - the synthetic belt (sortline.nodes.simulate.dataset): strips of the
   simulated belt, generated on demand and cached.
 
-`Crops` turns any of them into random, aligned training crops with flips.
+`Crops` turns any of them into random, aligned training crops with flips and
+the spectral and geometric augmentation of `Augment`.
 """
 
 from __future__ import annotations
@@ -85,16 +86,40 @@ class SpectralWaste:
         return Sample(rgb, bin_bands(cube, self.bands), labels).check(r, self.bands)
 
 
-class Crops:
-    """Random aligned crops of a dataset's samples with flips: deterministic per (seed, draw).
+@dataclass(frozen=True)
+class Augment:
+    """What training crops vary besides flips, and by how much (each drawn uniformly, per crop).
 
-    Crop offsets are multiples of ratio x `align` so both grids (and the
-    model's HSI patches) stay aligned.
+    Spectral, on every crop: one illumination factor on RGB and HSI alike (a lamp
+    ageing, a belt at another height), and per HSI band a gain and an offset (a
+    white reference a little off, a drifting sensor). Geometric, on a share of the
+    crops (the rest keep the cameras' own pixels): a scale (objects larger or
+    smaller, log-uniform) and a small rotation about the crop's centre, one
+    transform for both grids (RGB and HSI bilinear, labels nearest), so that an
+    HSI pixel still covers the same ratio x ratio RGB pixels.
     """
 
-    def __init__(self, dataset, lines: int, width: int, seed: int, align: int = 1):
+    illumination: tuple[float, float] = (0.85, 1.15)
+    band_gain: float = 0.03          # +- this factor per band
+    band_offset: float = 0.005       # +- this reflectance per band
+    geometric: float = 0.5           # share of crops scaled and rotated
+    scale: tuple[float, float] = (0.8, 1.25)
+    rotation_deg: float = 10.0       # +- degrees
+
+
+class Crops:
+    """Random aligned crops of a dataset's samples with flips and (unless augment is None) the
+    augmentation of `Augment`: deterministic per (seed, draw).
+
+    Crop offsets are multiples of ratio x `align` so both grids (and the
+    model's HSI patches) stay aligned. Crops without augmentation are those
+    drawn before there was any (the same draws come first).
+    """
+
+    def __init__(self, dataset, lines: int, width: int, seed: int, align: int = 1, augment: Augment | None = Augment()):
         self.ds, self.lines, self.width, self.seed = dataset, lines, width, seed
         self.step = dataset.ratio * align
+        self.augment = augment
 
     def sample(self, draw: int) -> Sample:
         rng = np.random.default_rng([self.seed, draw])
@@ -103,14 +128,55 @@ class Crops:
         r, st = self.ds.ratio, self.step
         y = int(rng.integers((h - self.lines) // st + 1)) * st
         x = int(rng.integers((w - self.width) // st + 1)) * st
-        rgb = s.rgb[y:y + self.lines, x:x + self.width]
-        hsi = s.hsi[y // r:(y + self.lines) // r, x // r:(x + self.width) // r]
-        labels = s.labels[y:y + self.lines, x:x + self.width]
-        if rng.random() < 0.5:   # across the belt
-            rgb, hsi, labels = rgb[:, ::-1], hsi[:, ::-1], labels[:, ::-1]
-        if rng.random() < 0.5:   # along the belt
-            rgb, hsi, labels = rgb[::-1], hsi[::-1], labels[::-1]
+        across, along = rng.random() < 0.5, rng.random() < 0.5
+        a = self.augment
+        if a is not None and rng.random() < a.geometric:
+            zoom = float(np.exp(rng.uniform(*np.log(a.scale))))
+            angle = float(np.deg2rad(rng.uniform(-a.rotation_deg, a.rotation_deg)))
+            rgb, hsi, labels = self._warped(s, y, x, zoom, angle, across, along)
+        else:
+            rgb = s.rgb[y:y + self.lines, x:x + self.width]
+            hsi = s.hsi[y // r:(y + self.lines) // r, x // r:(x + self.width) // r]
+            labels = s.labels[y:y + self.lines, x:x + self.width]
+            if across:   # across the belt
+                rgb, hsi, labels = rgb[:, ::-1], hsi[:, ::-1], labels[:, ::-1]
+            if along:    # along the belt
+                rgb, hsi, labels = rgb[::-1], hsi[::-1], labels[::-1]
+        if a is not None:
+            light = rng.uniform(*a.illumination)
+            gain = 1 + rng.uniform(-a.band_gain, a.band_gain, hsi.shape[-1])
+            offset = rng.uniform(-a.band_offset, a.band_offset, hsi.shape[-1])
+            rgb = np.clip(np.rint(rgb * light), 0, 255).astype(np.uint8)
+            hsi = np.maximum(hsi * (light * gain).astype(np.float32) + offset.astype(np.float32), 0)
         return Sample(rgb, hsi, labels)
+
+    def _warped(self, s: Sample, y: int, x: int, zoom: float, angle: float, across: bool, along: bool):
+        """The crop at (y, x) resampled from the whole sample: objects `zoom` times larger, turned by
+        `angle` about the crop's centre, flipped as asked; the sample mirrored where the crop leaves it."""
+        r = self.ds.ratio
+        flip = np.diag([-1.0 if across else 1.0, -1.0 if along else 1.0])
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        lin = rot @ flip / zoom    # crop pixel -> sample pixel, about the centres (x, y order, as OpenCV)
+        centre_out = np.array([(self.width - 1) / 2, (self.lines - 1) / 2])
+        shift = np.array([x, y]) + centre_out - lin @ centre_out
+        # The same transform on the HSI grid: RGB pixel centre u = r * u_hsi + (r - 1) / 2 on both sides.
+        half = np.full(2, (r - 1) / 2)
+        shift_hsi = (lin @ half + shift - half) / r
+        border = cv2.BORDER_REFLECT_101
+
+        def warp(img, offset, size, interpolation):
+            m = np.hstack([lin, offset[:, None]])
+            flags = interpolation | cv2.WARP_INVERSE_MAP
+            if img.ndim == 2 or img.shape[2] <= 4:
+                return cv2.warpAffine(img, m, size, flags=flags, borderMode=border).reshape(size[::-1] + img.shape[2:])
+            # OpenCV interpolates images of more than 4 channels on a coarse fixed-point grid: 4 at a time
+            return np.concatenate([cv2.warpAffine(np.ascontiguousarray(img[..., i:i + 4]), m, size, flags=flags,
+                                                  borderMode=border).reshape(size[::-1] + (-1,))
+                                   for i in range(0, img.shape[2], 4)], axis=-1)
+
+        size, size_hsi = (self.width, self.lines), (self.width // r, self.lines // r)
+        return (warp(s.rgb, shift, size, cv2.INTER_LINEAR), warp(s.hsi, shift_hsi, size_hsi, cv2.INTER_LINEAR),
+                warp(s.labels, shift, size, cv2.INTER_NEAREST))
 
 
 def batch(samples: list[Sample]):

@@ -9,7 +9,9 @@ On the synthetic belt each held-out strip is run whole (strip + overlap, as
 the infer node does) and scored on its core lines only. A data set that
 knows each pixel's look (the synthetic belt does) gets, for the groups that
 RGB alone cannot tell apart (clear PET/PS/PP, white HDPE/PP, black items),
-their own pixel accuracy.
+their own pixel accuracy. The confidence is scored too: its expected
+calibration error (models.training.calibrate), pixel-level, of the raw
+softmax and, for a model with a fitted temperature, of its calibrated one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from sortline.models.training.calibrate import CalibrationBins, cell_logits, max_softmax
 
 # Groups of (materials, look) whose RGB appearance is the same: where HSI must help.
 LOOK_GROUPS = {
@@ -87,20 +91,35 @@ def confusion_png(path: str | Path, confusion: np.ndarray, classes: tuple[str, .
     cv2.imwrite(str(path), img)
 
 
-def evaluate(net, dataset, overlap: int = 0) -> dict:
-    """Run the model on every sample; the confusion matrix, scores and look-group accuracies."""
+def evaluate(net, dataset, overlap: int = 0, indices=None, mask_stride: int = 1) -> dict:
+    """Run the model on every sample (or those of `indices`); the confusion matrix, scores, look-group
+    accuracies (per RGB pixel) and the expected calibration error of its confidence (raw softmax and at
+    the model's temperature) on the mask grid of `mask_stride` the infer node gives, per RGB pixel."""
     classes = tuple(net.config.classes)
     k = len(classes)
+    temperature = net.config.temperature
     confusion = np.zeros((k, k), np.int64)
     looks = {name: [0, 0] for name in LOOK_GROUPS}
+    raw, calibrated = CalibrationBins(), CalibrationBins()
+    device = next(net.parameters()).device
     with torch.no_grad():
-        for i in range(len(dataset)):
+        for i in range(len(dataset)) if indices is None else indices:
             s = dataset[i]
-            logits = net(torch.from_numpy(s.rgb[None].astype(np.float32)), torch.from_numpy(s.hsi[None]))
-            pred = logits[0].argmax(0).numpy()
-            truth = s.labels
+            logits = net(torch.from_numpy(s.rgb[None].astype(np.float32)).to(device),
+                         torch.from_numpy(s.hsi[None]).to(device))
             if overlap:
-                pred, truth = pred[overlap:-overlap], truth[overlap:-overlap]
+                logits = logits[:, :, overlap:-overlap]
+            pred = logits[0].argmax(0).cpu().numpy()
+            truth = s.labels[overlap:-overlap] if overlap else s.labels
+            cells = logits[0].cpu() if mask_stride == 1 else cell_logits(net, s, overlap, mask_stride)
+
+            def pixels(cell_values):   # every RGB pixel with its cell's class or confidence
+                return np.repeat(np.repeat(cell_values, mask_stride, 0), mask_stride, 1)
+
+            correct = pixels(cells.argmax(0).numpy()) == truth
+            raw.add(pixels(max_softmax(cells[None])[0].numpy()), correct)
+            if temperature != 1.0:
+                calibrated.add(pixels(max_softmax(cells[None], temperature)[0].numpy()), correct)
             confusion += np.bincount(truth.astype(np.int64).ravel() * k + pred.ravel(),
                                      minlength=k * k).reshape(k, k)
             if s.looks is not None:
@@ -110,6 +129,10 @@ def evaluate(net, dataset, overlap: int = 0) -> dict:
                     looks[name][1] += int(mask.sum())
     result = scores(confusion, classes)
     result["look_accuracy"] = {n: round(c / t, 4) for n, (c, t) in looks.items() if t}
+    result["ece_raw"] = raw.ece()
+    result["ece"] = calibrated.ece() if temperature != 1.0 else result["ece_raw"]
+    result["temperature"] = temperature
+    result["mask_stride"] = mask_stride
     result["confusion"] = confusion.tolist()
     result["classes"] = list(classes)
     return result
