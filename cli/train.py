@@ -1,12 +1,24 @@
-"""`sortline train`: train a segmentation model on the synthetic belt or on SpectralWaste (docs/model.md)."""
+"""`sortline train`: train a segmentation model on the synthetic belt, SpectralWaste or a data set folder
+(`sortline teach`) (docs/model.md, docs/teach-in.md)."""
 
 from __future__ import annotations
 
 from sortline.cli import common
 
 
+DATA_KINDS = ("synthetic", "spectralwaste")
+
+
 def open_dataset(args, split: str):
-    """The data set the command line names; split is 'train' or 'held-out' (SpectralWaste: its split name)."""
+    """The data set the command line names; split is 'train' or 'held-out' (SpectralWaste: its split name; a
+    data set folder: 'train', or 'val' for 'held-out' and 'val')."""
+    if args.data not in DATA_KINDS:
+        from sortline.models.training.data import Folder
+
+        try:
+            return Folder(args.data, "train" if split == "train" else "val")
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"sortline: --data {args.data}: {exc}") from None
     if args.data == "synthetic":
         from sortline.nodes.simulate.dataset import SyntheticBelt
 
@@ -26,7 +38,8 @@ def open_dataset(args, split: str):
 
 
 def add_data(p) -> None:
-    p.add_argument("--data", choices=("synthetic", "spectralwaste"), default="synthetic")
+    p.add_argument("--data", default="synthetic", metavar="{synthetic,spectralwaste,DIR}",
+                   help="the synthetic belt, SpectralWaste (--root), or a data set folder (`sortline teach build`)")
     p.add_argument("--config", default=common.shipped_config("demo"),
                    help="machine config (synthetic data: geometry, bands; default: the shipped demo profile)")
     p.add_argument("--root", default="", help="SpectralWaste: the dataset folder")
@@ -45,7 +58,7 @@ def train(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("train", help="train a segmentation model (synthetic belt or SpectralWaste)",
+    p = sub.add_parser("train", help="train a segmentation model (synthetic belt, SpectralWaste, a data set folder)",
                        description="Train a model; seeded, resumable (--resume), safetensors checkpoints. "
                        "The model's classes are the data set's. Needs the .[train] extra.")
     p.add_argument("--out", required=True, help="folder for last.safetensors (resumable) and model.safetensors")
