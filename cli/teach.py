@@ -153,7 +153,8 @@ def build(args) -> int:
             add(source, n - 1, position, rgb, hsi, (mask * cls).astype(np.uint8))
         sources.append({"name": source, "recording": str(Path(path).absolute()), "material": material,
                         "labels": "teach-in", "strips": n})
-        print(f"{path}: {material}, {n} strips", file=sys.stderr)
+        print(f"{path}: {material}, {n} strips" + ("" if n else ": no whole strip in it (does it hold both "
+              "cameras' lines? `sortline inspect` it)"), file=sys.stderr)
     write_index(root, {"classes": classes, "bands": settings.model.bands, "ratio": settings.hsi_ratio,
                        "geometry": _geometry(settings, args.lines), "val_every": args.val_every,
                        "segmentation": vars(seg), "sources": sources, "strips": strips})
