@@ -1,4 +1,5 @@
-"""`sortline train`: train a segmentation model on the synthetic belt or on SpectralWaste (docs/model.md)."""
+"""`sortline train`: train a segmentation model on the synthetic belt, SpectralWaste or a data set folder
+(`sortline teach`) (docs/model.md, docs/teach-in.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,20 @@ import sys
 from sortline.cli import common
 
 
+DATA_KINDS = ("synthetic", "spectralwaste")
+
+
 def open_dataset(args, split: str):
     """The data set the command line names; split is 'train', 'val' or 'held-out' (SpectralWaste: its split
-    name). Synthetic: belt seeds --seed-data, + 2000 and + 1000."""
+    name; synthetic: belt seeds --seed-data, + 2000 and + 1000; a data set folder: 'train', or its 'val' split
+    for 'val' and 'held-out')."""
+    if args.data not in DATA_KINDS:
+        from sortline.models.training.data import Folder
+
+        try:
+            return Folder(args.data, "train" if split == "train" else "val")
+        except ValueError as exc:
+            raise SystemExit(f"sortline: --data {args.data}: {exc}") from None
     if args.data == "synthetic":
         from sortline.nodes.simulate.dataset import SyntheticBelt
 
@@ -29,7 +41,8 @@ def open_dataset(args, split: str):
 
 
 def add_data(p) -> None:
-    p.add_argument("--data", choices=("synthetic", "spectralwaste"), default="synthetic")
+    p.add_argument("--data", default="synthetic", metavar="{synthetic,spectralwaste,DIR}",
+                   help="the synthetic belt, SpectralWaste (--root), or a data set folder (`sortline teach build`)")
     p.add_argument("--config", default=common.shipped_config("demo"),
                    help="machine config (synthetic data: geometry, bands; default: the shipped demo profile)")
     p.add_argument("--root", default="", help="SpectralWaste: the dataset folder")
@@ -60,7 +73,7 @@ def scored_overlap(args) -> int:
 
 
 def add(sub) -> None:
-    p = sub.add_parser("train", help="train a segmentation model (synthetic belt or SpectralWaste)",
+    p = sub.add_parser("train", help="train a segmentation model (synthetic belt, SpectralWaste, a data set folder)",
                        description="Train a model; seeded, resumable (--resume), safetensors checkpoints; the best "
                        "by validation mIoU, with a fitted softmax temperature, is OUT/model.safetensors. The model's "
                        "classes are the data set's. Data-parallel under torchrun (docs/model.md). Needs the .[train] "

@@ -295,6 +295,25 @@ class StripCutter:
                 out[rows] = cells.reshape(n, *self.hsi_shape[1:])
 
 
+def cutter_for(machine: Machine, max_wait_lines: int = 2048) -> StripCutter:
+    """The strip cutter of a machine, with its calibration files (`calibration.*`) loaded: what the register
+    node runs, and what `sortline teach build` replays recordings through. Any problem is a ConfigError."""
+    cams, files = machine.cameras, machine.calibration
+    for key in ("spectral", "spatial"):
+        if not getattr(files, key):
+            raise ConfigError([f"calibration.{key}: not set; the register node needs it "
+                               f"(make one with `sortline calibrate {key}`)"])
+    try:
+        spectral = SpectralReference.load(files.spectral, pixels=cams.hsi.pixels, bands=cams.hsi.bands)
+        spatial = SpatialCalibration.load(files.spatial, rgb_pixels=cams.rgb.pixels, hsi_pixels=cams.hsi.pixels)
+    except CalibrationError as exc:
+        raise ConfigError([str(exc)]) from None
+    try:
+        return StripCutter(machine, spectral, spatial, max_wait_lines)
+    except ValueError as exc:   # model bands the camera's cannot be binned into
+        raise ConfigError([f"model.bands / model.band_ranges: {exc}"]) from None
+
+
 class Register(Node):
     inputs = {"rgb": LINES, "hsi": LINES}
     outputs = {"out": STRIP}
@@ -305,20 +324,8 @@ class Register(Node):
 
     def setup(self) -> None:
         m = self.machine
-        cams, files = m.cameras, m.calibration
-        for key in ("spectral", "spatial"):
-            if not getattr(files, key):
-                raise ConfigError([f"calibration.{key}: not set; the register node needs it "
-                                   f"(make one with `sortline calibrate {key}`)"])
-        try:
-            spectral = SpectralReference.load(files.spectral, pixels=cams.hsi.pixels, bands=cams.hsi.bands)
-            spatial = SpatialCalibration.load(files.spatial, rgb_pixels=cams.rgb.pixels, hsi_pixels=cams.hsi.pixels)
-        except CalibrationError as exc:
-            raise ConfigError([str(exc)]) from None
-        try:
-            self.cutter = StripCutter(m, spectral, spatial, self.params.max_wait_lines)
-        except ValueError as exc:   # model bands the camera's cannot be binned into
-            raise ConfigError([f"model.bands / model.band_ranges: {exc}"]) from None
+        cams = m.cameras
+        self.cutter = cutter_for(m, self.params.max_wait_lines)
         self.expect("rgb", pixels=cams.rgb.pixels, channels=3, ticks_per_line=cams.rgb.ticks_per_line)
         self.expect("hsi", pixels=cams.hsi.pixels, channels=cams.hsi.bands, ticks_per_line=cams.hsi.ticks_per_line)
         self.last_rgb = None
@@ -326,7 +333,8 @@ class Register(Node):
         self.rgb_missing = metrics.DROPS.labels(f"{self.name}.rgb", "rgb_missing")
         self._warn = RateLimitedLog(self.log)
         self.log.info("strips of %d+2x%d RGB lines, HSI binned to %d bands; calibrations %s, %s",
-                      self.cutter.core, self.cutter.overlap, self.cutter.bands, files.spectral, files.spatial)
+                      self.cutter.core, self.cutter.overlap, self.cutter.bands, m.calibration.spectral,
+                      m.calibration.spatial)
 
     def holds(self, port: str) -> bool:
         """A camera far ahead of the other waits, on lossless edges (a replay, an unpaced run): there the

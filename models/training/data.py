@@ -11,7 +11,9 @@ pairs) gets look-group accuracies from evaluation.
   preprocessed layout (rgb/<split>/<id>.png, hyper/<split>/<id>.tiff
   band-first 16-bit, labels_rgb/<split>/<id>_semantic.png);
 - the synthetic belt (sortline.nodes.simulate.dataset): strips of the
-  simulated belt, generated on demand and cached.
+  simulated belt, generated on demand and cached;
+- `Folder` (here): a data set folder (`sortline teach`, docs/teach-in.md):
+  DIR/dataset.json and DIR/strips/<name>.rgb.png, .hsi.npy, .labels.png.
 
 `Crops` turns any of them into random, aligned training crops with flips and
 the spectral and geometric augmentation of `Augment`.
@@ -19,6 +21,7 @@ the spectral and geometric augmentation of `Augment`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +87,92 @@ class SpectralWaste:
         rgb = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB), (w * r, h * r), interpolation=cv2.INTER_LINEAR)
         labels = cv2.resize(labels.astype(np.uint8), (w * r, h * r), interpolation=cv2.INTER_NEAREST)
         return Sample(rgb, bin_bands(cube, self.bands), labels).check(r, self.bands)
+
+
+DATASET_FILE = "dataset.json"
+DATASET_FORMAT = "sortline-dataset-1"
+SPLITS = ("train", "val", "all")
+
+
+def val_split(index: int, every: int) -> str:
+    """The split of a source's strip number `index`: every `every`-th strip is held out for validation
+    (whole strips, so no pixel of a validation strip is trained on)."""
+    return "val" if every and index % every == every - 1 else "train"
+
+
+def strip_paths(root: str | Path, name: str) -> dict[str, Path]:
+    base = Path(root) / "strips"
+    return {k: base / f"{name}.{k}.{ext}" for k, ext in (("rgb", "png"), ("hsi", "npy"), ("labels", "png"))}
+
+
+def write_strip(root: str | Path, name: str, rgb: np.ndarray, hsi: np.ndarray, labels: np.ndarray) -> None:
+    """One strip of a data set folder: RGB as PNG, HSI reflectance as float16 .npy, class indices as an
+    8-bit single-channel PNG."""
+    paths = strip_paths(root, name)
+    paths["rgb"].parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(paths["rgb"]), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{paths['rgb']}: could not write")
+    np.save(paths["hsi"], hsi.astype(np.float16))
+    write_labels(paths["labels"], labels)
+
+
+def write_labels(path: str | Path, labels: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), labels.astype(np.uint8)):
+        raise OSError(f"{path}: could not write")
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if labels is None or labels.ndim != 2:
+        raise FileNotFoundError(f"{path}: missing, or not a single-channel label image")
+    return labels
+
+
+def read_index(root: str | Path) -> dict:
+    """A data set folder's dataset.json (classes, bands, ratio, geometry, sources, strips and their split)."""
+    path = Path(root) / DATASET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: not a data set folder (no {DATASET_FILE}; make one with `sortline teach "
+                                "build`)")
+    index = json.loads(path.read_text())
+    if index.get("format") != DATASET_FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r}, not {DATASET_FORMAT!r}")
+    return index
+
+
+def write_index(root: str | Path, index: dict) -> None:
+    path = Path(root) / DATASET_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"format": DATASET_FORMAT, **index}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+class Folder:
+    """A data set folder (`sortline teach build`): its strips of one split ("train", "val" or "all"),
+    in the order dataset.json lists them."""
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
+        self.root, self.split = Path(root), split
+        index = read_index(root)
+        self.index = index
+        self.classes, self.bands, self.ratio = tuple(index["classes"]), int(index["bands"]), int(index["ratio"])
+        self.names = [s["name"] for s in index["strips"] if split == "all" or s["split"] == split]
+        if not self.names:
+            raise FileNotFoundError(f"{root}: no {split} strips")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Sample:
+        paths = strip_paths(self.root, self.names[i])
+        rgb = cv2.imread(str(paths["rgb"]), cv2.IMREAD_COLOR)
+        if rgb is None:
+            raise FileNotFoundError(f"{paths['rgb']}: missing or unreadable")
+        hsi = np.load(paths["hsi"]).astype(np.float32)
+        return Sample(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB), hsi, read_labels(paths["labels"])).check(
+            self.ratio, self.bands)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from sortline.nodes.simulate.belt import BeltMotion
 from sortline.nodes.simulate.cameras import HSICamera, Misregistration, Noise, RGBCamera
-from sortline.nodes.simulate.materials import CLASSES, ENDMEMBER_LOOK, PALETTE
+from sortline.nodes.simulate.materials import CLASSES, DEFAULT_MIX, ENDMEMBER_LOOK, PALETTE
 from sortline.nodes.simulate.scene import Scene
 from sortline.nodes.streams import LINES, TRUTH, CameraMeta, TruthMeta, TruthObject
 from sortline.pipeline.config import Machine, Section
@@ -147,6 +147,10 @@ class Simulate(Node):
             "belt", description="belt: objects; target: calibration boards; white/dark: spectral references")
         occupancy: float = Field(0.3, ge=0, le=0.9, description="fraction of the belt covered by objects")
         mix: dict[str, float] = Field(default_factory=dict, description="class → weight; empty: the default mix")
+        materials: list[str] = Field(default_factory=list, description="only objects of these classes (weighed as "
+                                     "in the mix), e.g. [\"PP\"] for a teach-in run of one material; from the "
+                                     "environment: PP or PET,PP; empty: every class of the mix. An empty belt: "
+                                     "occupancy = 0")
         cluster: float = Field(0.3, ge=0, le=1, description="chance an object touches the one before it")
         speed_m_s: float = Field(0.0, ge=0, le=10, description="0: the belt's nominal speed")
         drift: float = Field(0.02, ge=0, le=0.5, description="slow speed drift, relative amplitude")
@@ -168,13 +172,26 @@ class Simulate(Node):
                 raise ValueError(f"each camera once: {cameras}")
             return cameras
 
-        @field_validator("mix")
+        @field_validator("materials", mode="before")
         @classmethod
-        def _known_classes(cls, mix):
-            unknown = set(mix) - set(CLASSES[1:])
+        def _listed(cls, materials):
+            # An environment override (SORTLINE_NODES__BELT__PARAMS__MATERIALS=PET,PP) arrives as one string.
+            return [m.strip() for m in materials.split(",") if m.strip()] if isinstance(materials, str) else materials
+
+        @field_validator("mix", "materials")
+        @classmethod
+        def _known_classes(cls, names):
+            unknown = set(names) - set(CLASSES[1:])
             if unknown:
                 raise ValueError(f"unknown classes {sorted(unknown)}; known: {', '.join(CLASSES[1:])}")
-            return mix
+            return names
+
+        def belt_mix(self) -> dict[str, float] | None:
+            """The class weights of the belt: the mix, narrowed to `materials` where they are given."""
+            if not self.materials:
+                return self.mix or None
+            mix = self.mix or DEFAULT_MIX
+            return {m: mix.get(m) or 1.0 for m in self.materials}
 
     def setup(self) -> None:
         p = self.params
@@ -184,7 +201,7 @@ class Simulate(Node):
             # Not an error: a recorder connects every port of every source (`--record`).
             self.log.warning("cameras = %s: nothing comes out of port %s (the truth goes with the RGB camera); "
                              "the node that plays it has to feed its edges", p.cameras, ", ".join(unplayed))
-        self.sim = Simulation(self.machine, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.mix or None,
+        self.sim = Simulation(self.machine, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.belt_mix(),
                               cluster=p.cluster, speed_m_s=p.speed_m_s, drift=p.drift, jitter=p.jitter,
                               misregistration=Misregistration(**p.misregistration.model_dump()),
                               cameras=tuple(p.cameras))
@@ -201,8 +218,9 @@ class Simulate(Node):
         self.t0 = 0
         self.meta = {"rgb": CameraMeta("rgb", f"SIM-RGB-{p.seed}", "RGB8", 8),
                      "hsi": CameraMeta("hsi", f"SIM-HSI-{p.seed}", "Mono12", 12)}
-        self.log.info("%s scene, seed %d, %.2f m/s; playing %s (rgb %s lines/frame, hsi %s lines/frame), truth %s",
-                      p.scene, p.seed, p.speed_m_s or self.machine.belt.speed_m_s, " and ".join(self.cameras),
+        self.log.info("%s scene (%s), seed %d, %.2f m/s; playing %s (rgb %s lines/frame, hsi %s lines/frame), truth %s",
+                      p.scene, "empty belt" if not p.occupancy else ", ".join(p.materials) or "mixed", p.seed,
+                      p.speed_m_s or self.machine.belt.speed_m_s, " and ".join(self.cameras),
                       cams.rgb.lines_per_frame, cams.hsi.lines_per_frame, "on" if self.want_truth else "off")
 
     def _span(self, stream: str) -> tuple[int, int]:
