@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from sortline.cli import (build_engine, calibrate, cameras, check, evaluate, export, hil, inspect,
-                          install_service, keys, node, record, replay, run, score, simulate, status, train)
+                          install_service, keys, node, recipe, record, replay, run, score, simulate, status, train)
 from sortline.cli.common import config_errors, default_config
 from sortline.pipeline import logs
 from sortline.pipeline.config import ConfigError
@@ -44,8 +44,8 @@ class Version(argparse.Action):
         parser.exit()
 
 # In the order `sortline --help` lists them.
-COMMANDS = (run, record, replay, simulate, score, hil, calibrate, inspect, node, install_service, status, keys, check,
-            cameras, train, evaluate, export, build_engine)
+COMMANDS = (run, record, replay, simulate, score, hil, calibrate, inspect, node, install_service, status, recipe, keys,
+            check, cameras, train, evaluate, export, build_engine)
 
 
 def build_parser() -> argparse.ArgumentParser:
