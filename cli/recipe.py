@@ -68,6 +68,8 @@ def recipe(args) -> int:
         since = "from the start" if reply["change"] == 0 else f"since belt position {reply['at_tick']} (change {reply['change']})"
         print(f"targets {', '.join(r['targets'])}, priority {r['priority']}, {since}; the belt is at "
               f"{reply['position']}; the model's classes: {', '.join(reply['classes'] or ['(not known yet)'])}")
+    elif reply["record"] is None:
+        print("the recipe is that already: nothing changed")
     else:
         rec = reply["record"]
         print(f"recipe change {rec['change']}: targets {', '.join(rec['new']['targets'])}, priority "

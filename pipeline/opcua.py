@@ -325,7 +325,7 @@ class PlcServer:
 
     # What clients do.
 
-    def _change(self, targets, priority) -> dict:
+    def _change(self, targets, priority) -> dict | None:
         """A client's recipe change, through the supervisor; RecipeError (also left in Recipe.LastError)."""
         try:
             record = self.sup.change_recipe(targets, priority, CALLER.get() or "opcua")
@@ -364,7 +364,9 @@ class PlcServer:
         except RecipeError:
             return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
         await self._update()
-        return [ua.Variant(record["at_tick"], V.Int64)]
+        current = self.sup.book.current   # without a record: the recipe was that already
+        at_tick = record["at_tick"] if record else (0 if current.n == 0 else current.at_tick)
+        return [ua.Variant(at_tick, V.Int64)]
 
     def _acknowledger(self, name: str):
         async def acknowledge(parent):

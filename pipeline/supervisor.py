@@ -251,15 +251,15 @@ class Supervisor:
             return None
         return [name for name in known[0] if all(name in k for k in known[1:])]
 
-    def change_recipe(self, targets: list[str] | None, priority: str | None, source: str) -> dict:
+    def change_recipe(self, targets: list[str] | None, priority: str | None, source: str) -> dict | None:
         """Check a change, give it its belt position, write it to the audit log and publish it: the audit
-        record, or RecipeError saying why not. Called from this thread and the OPC UA server's."""
+        record (None: the recipe is that already), or RecipeError saying why not. Called from this thread and
+        the OPC UA server's."""
         with self._recipe_lock:
             old = self.book.current
             recipe = make_recipe(targets, priority, old.recipe, self.classes())
-            if recipe == old.recipe:
-                raise RecipeError(f"the recipe is already targets {', '.join(recipe.targets)}, priority "
-                                  f"{recipe.priority}: nothing to change")
+            if recipe == old.recipe:   # a PLC that writes its recipe again after a restart: nothing to do
+                return None
             entry = Entry(old.n + 1, self._effective_tick(), recipe)
             try:
                 record = audit(self.settings.graph.name, source, old, entry, self._belt[1])
