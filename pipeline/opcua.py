@@ -140,6 +140,10 @@ class PlcServer:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
+        except OSError as exc:   # the port taken, the address not this host's
+            self._error = self._error or [f"opcua.endpoint = {self.cfg.endpoint!r}: cannot listen there "
+                                          f"({exc.strerror or exc})"]
+            self._ready.set()
         except Exception as exc:   # the server's own failure must not take the supervisor down
             log.error("the OPC UA server stopped: %r", exc, exc_info=True)
             self._error = self._error or [f"opcua: the server failed: {exc!r}"]
@@ -152,7 +156,10 @@ class PlcServer:
             self._ready.set()
             return
         self.server = server
+        quiet = logging.getLogger("asyncua.server.server")
+        quiet.setLevel(logging.CRITICAL)   # a port taken is one line of ours (_run), not asyncua's traceback
         async with server:
+            quiet.setLevel(logging.WARNING)
             await self._address_space(server)
             self._ready.set()
             log.info("OPC UA server at %s (namespace %s, security %s)", self.cfg.endpoint, self.uri, self.cfg.security)
