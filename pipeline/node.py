@@ -49,6 +49,7 @@ POLL_MS = 100
 CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
 FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything
 LOG_EVERY_S = 10.0
+RECIPE_CHECK_S = 0.1   # recipe changes are looked for this often (the supervisor's lead is 0.5 s more than it needs)
 EX_SOFTWARE = 70  # sysexits.h: a worker thread of the node failed; the supervisor (or systemd) restarts it
 
 Outputs = Iterable[tuple[str, Message]] | None
@@ -246,6 +247,7 @@ class Runner:
         self._inputs: dict[str, Input] = {}
         self._recipes: zmq.Socket | None = None   # the supervisor's recipe changes (pipeline.recipes)
         self._position = 0   # the newest belt position (ticks) this node has handled: where the belt is
+        self._recipes_next = 0.0
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:
@@ -345,8 +347,7 @@ class Runner:
             if not out.wait_for_consumers(CONNECT_WAIT_S):
                 self.log.warning("output %r: no consumer connected after %.0f s; sending anyway", port, CONNECT_WAIT_S)
         while not self.stop_requested and not node.finished:
-            if self._recipes.poll(0):
-                self._read_recipes()
+            self._check_recipes()
             t_step = time.monotonic_ns()
             self._send(node.step(), t_step)
             self._heartbeat()
@@ -359,16 +360,13 @@ class Runner:
             for sock in inp.sockets:
                 self._poller.register(sock, zmq.POLLIN)
                 self._port_of[sock] = port
-        self._poller.register(self._recipes, zmq.POLLIN)
         quiet_since = None
         while not self.node.finished:
             self._hold_back()
             events = self._poller.poll(self._poll_ms())
             for sock, _ in events:
-                if sock is self._recipes:
-                    self._read_recipes()
-                else:
-                    self._handle(sock)
+                self._handle(sock)
+            self._check_recipes()
             self._expire_merges()
             self._heartbeat()
             self._check_health()
@@ -430,6 +428,15 @@ class Runner:
             metrics.MALFORMED.labels(self.name, "eos").inc()
             self._warn("eos", f"refused an end of stream on {edge.name}: {why}")
         return ok
+
+    def _check_recipes(self) -> None:
+        """Not on every message (a poll costs some 10 us): every RECIPE_CHECK_S, well within the lead a change
+        is given (pipeline.supervisor)."""
+        now = time.monotonic()
+        if now < self._recipes_next:
+            return
+        self._recipes_next = now + RECIPE_CHECK_S
+        self._read_recipes()
 
     def _read_recipes(self) -> None:
         while True:
