@@ -43,8 +43,10 @@ def belt_run(kinds: dict[str, str], args, speed: float, occupancy: float | None,
         if samples_path:
             for name in common.nodes_of_kind(s, "ejector"):
                 s = common.with_params(s, name, samples=str(samples_path))
-        # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow.
-        update = {"belt": s.belt.model_copy(update={"speed_m_s": speed})}
+        # The machine runs at this speed: the nominal figures (budget, first speed estimate) follow. A scored
+        # run is no machine for a PLC to watch: no OPC UA server (its port may be the running machine's).
+        update = {"belt": s.belt.model_copy(update={"speed_m_s": speed}),
+                  "opcua": s.opcua.model_copy(update={"enabled": False})}
         if priority is not None:
             update["recipe"] = s.recipe.model_copy(update={"priority": priority})
         s = s.model_copy(update=update)

@@ -25,7 +25,9 @@ Class names come with the masks (MaskMeta.classes: the model's own list) and
 the targets from the machine's recipe; a target the masks' classes do not
 have stops the node (78). An object's id is the belt position and column of
 its first pixel: the same while it grows across strips, unique within a run,
-and after a restart of this node too.
+and after a restart of this node too. The recipe can change at run time: an
+object is judged, whole, by the recipe in force at its first line
+(pipeline.recipes).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pydantic import Field
 
 from sortline.nodes.belt.bar import BarGeometry
 from sortline.nodes.belt.encoder import EncoderTrack
-from sortline.nodes.streams import EJECT, LINES, MASK, EjectMeta, ObjectReport, Window
+from sortline.nodes.streams import EJECT, LINES, MASK, EjectMeta, ObjectReport, Window, object_position
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.node import Node
 
@@ -79,14 +81,16 @@ class Scene:
 
     def __init__(self, line0: int, classes: np.ndarray, confidence: np.ndarray):
         self.line0, self.classes, self.confidence = line0, classes, confidence
-        self._others: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._others: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def others(self, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The objects not of a target class: a label per pixel (0 for none), each label's area in pixels
         and the model's mean confidence over it (0..1). Specks count: a sliver of an object lying under
         another is all the camera sees of it, and the air carries it off just the same. Made once for the
-        buffer, one labelling per class present."""
-        if self._others is None:
+        buffer and targets (objects of one buffer may start under two recipes), one labelling per class
+        present."""
+        key = tuple(target_ids.tolist())
+        if key not in self._others:
             labels = np.zeros(self.classes.shape, np.int32)
             areas, n = [np.zeros(1, np.int64)], 1
             present = np.flatnonzero(np.bincount(self.classes.ravel(), minlength=1))
@@ -98,8 +102,8 @@ class Scene:
                 n += k - 1
             area = np.concatenate(areas)
             conf = np.bincount(labels.ravel(), weights=self.confidence.ravel(), minlength=n)
-            self._others = labels, area, conf / np.maximum(area, 1) / 255.0
-        return self._others
+            self._others[key] = labels, area, conf / np.maximum(area, 1) / 255.0
+        return self._others[key]
 
 
 class ObjectFinder:
@@ -411,12 +415,10 @@ class EjectPlan(Node):
         px_mm2 = self.bar.mm_per_px * self.bar.tpl / m.belt.ticks_per_mm
         self.min_area_px = p.min_area_mm2 / px_mm2
         self.finder = ObjectFinder(max(1, int(self.min_area_px)), split_necks=p.split_touching)
-        self.targets = m.recipe.targets
         self.classes: list[str] | None = None   # the masks' classes (the model's), from the first mask
-        self.target_ids = np.zeros(0, np.int64)
+        self.rules: dict[int, tuple[np.ndarray, Sparing | None]] = {}   # per recipe change: target ids, sparing
         self.before = int(round(m.ejector.margin_before_mm * m.belt.ticks_per_mm))
         self.after = int(round(m.ejector.margin_after_mm * m.belt.ticks_per_mm))
-        self.sparing = PRIORITIES[m.recipe.priority]
         # The air margins in whole mask lines: how far past a lane's pixels its air reaches.
         self.margin_lines = (-(-self.before // self.bar.tpl), -(-self.after // self.bar.tpl))
         self.spared = 0
@@ -429,7 +431,7 @@ class EjectPlan(Node):
         self.command_ns = (m.valve_bar.open_ms + m.ejector.driver_latency_ms + p.command_lead_ms) * 1e6
         self.track = EncoderTrack(m.belt.ticks_per_mm, m.belt.speed_m_s)
         self.log.info("ejecting %s; %d valves at %.1f mm pitch, %.0f mm downstream",
-                      ", ".join(self.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
+                      ", ".join(m.recipe.targets), self.bar.count, self.bar.pitch, self.bar.travel_ticks / self.bar.tpm)
 
     def _learn_classes(self, classes: list[str]) -> None:
         """The masks' class list: fixed for the run (metric labels come from it, so it stays bounded)."""
@@ -438,13 +440,30 @@ class EjectPlan(Node):
         if self.classes is not None:
             raise ValueError(f"mask classes {classes}, the masks so far had {self.classes}: a model with other "
                              "classes needs this node restarted")
-        missing = [t for t in self.targets if t not in classes[1:]]
+        missing = [t for t in self.recipes.targets_ever() if t not in classes[1:]]
         if missing:
             raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the model's classes "
                                f"({', '.join(classes[1:])}); the masks cannot be sorted for it"])
         self.classes = list(classes)
-        self.target_ids = np.array([classes.index(t) for t in self.targets])
+        self.rules = {}
         self.finder.classes = len(classes)
+
+    def recipe_classes(self):
+        return None if self.classes is None else self.classes[1:]
+
+    def on_recipe(self, recipe, at_tick):
+        missing = [t for t in recipe.targets if self.classes is not None and t not in self.classes[1:]]
+        if missing:   # the supervisor checks a change against the classes this node reports: a bug if seen
+            self.log.error("recipe targets %s not among the masks' classes: objects of them are not ejected",
+                           ", ".join(missing))
+
+    def _rules(self, obj: Obj) -> tuple[np.ndarray, Sparing | None]:
+        """The target ids and the sparing of the recipe in force at the object's first line."""
+        entry = self.recipes.at(object_position(obj.id, len(self.bar.valve_of_col), self.bar.tpl))
+        if entry.n not in self.rules:
+            ids = [self.classes.index(t) for t in entry.recipe.targets if t in self.classes]
+            self.rules[entry.n] = (np.array(ids, np.int64), PRIORITIES[entry.recipe.priority])
+        return self.rules[entry.n]
 
     def process(self, port, msg):
         if port == "encoder":
@@ -471,7 +490,8 @@ class EjectPlan(Node):
 
     def _plan(self, obj: Obj) -> bool:
         """Valve windows for an object's fresh pixels if it is to be ejected (open objects too)."""
-        if decide(obj, self.params, self.target_ids, self.min_area_px) != "eject":
+        target_ids, sparing = self._rules(obj)
+        if decide(obj, self.params, target_ids, self.min_area_px) != "eject":
             return False
         # Air cannot arrive at the bar before the belt there has moved on by the time a command needs
         # (valve opening, driver, sending ahead): the front of an object decided late is not blown, the
@@ -482,12 +502,12 @@ class EjectPlan(Node):
         cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
         spans = lane_spans(obj, self.bar)
         budget = None
-        if self.sparing is not None:
+        if sparing is not None:
             # The target keeps `keep` of all its pixels under air, not of each stretch planned as it arrives:
             # a short last stretch beside a neighbour may spend what the earlier ones did not.
             seen = obj.conf_sum[obj.cls] / 255.0
-            budget = (1 - self.sparing.keep) * seen - self.spent.get(obj.id, 0.0)
-        keep = spare_lanes(obj, spans, self.bar, *self.margin_lines, self.target_ids, self.sparing,
+            budget = (1 - sparing.keep) * seen - self.spent.get(obj.id, 0.0)
+        keep = spare_lanes(obj, spans, self.bar, *self.margin_lines, target_ids, sparing,
                            self.params.min_confidence, budget)
         if not keep.all():
             self.spent[obj.id] = self.spent.get(obj.id, 0.0) + float(spans[3][~keep].sum())
@@ -509,7 +529,7 @@ class EjectPlan(Node):
         described = []
         for o in objs:
             self.spent.pop(o.id, None)          # complete: no more of it to plan
-            decision = decide(o, self.params, self.target_ids, self.min_area_px)
+            decision = decide(o, self.params, self._rules(o)[0], self.min_area_px)
             cls = self.classes[o.cls]
             OBJECTS.labels(self.name, cls, decision).inc()
             self.counts[decision] = self.counts.get(decision, 0) + 1

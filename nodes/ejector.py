@@ -18,9 +18,10 @@ multiply-add. It is a thread of its own so that messages arriving on the
 node's sockets never delay a command.
 
 Ejections are counted per object (its id, unique within a run), by class:
-`sortline_ejections_total{cls}`. Only the recipe's targets can be ejected,
-so a window for any other class is refused and counted, and the metric has
-at most one series per target.
+`sortline_ejections_total{cls}`. Only the recipe's targets can be ejected
+(those of the recipe in force at the object's first line, when the recipe
+changes at run time), so a window for any other class is refused and
+counted, and the metric has at most one series per class a recipe targets.
 
 Latency, from the acquisition of the camera lines a plan was decided on (the
 first entry of its trace): to the plan arriving here, the decision latency
@@ -45,7 +46,7 @@ from sortline.nodes.belt.bar import BarGeometry
 from sortline.nodes.belt.datagram import Command, next_seq, read_key
 from sortline.nodes.belt.drivers import DRIVERS
 from sortline.nodes.belt.encoder import EncoderTrack
-from sortline.nodes.streams import EJECT, LINES
+from sortline.nodes.streams import EJECT, LINES, object_position
 from sortline.pipeline import metrics
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.metrics import LATENCY_BUCKETS
@@ -158,6 +159,9 @@ class Ejector(Node):
         self.recent = deque(maxlen=4096)        # object ids a command went out for (ejections are counted once)
         self.recent_set: set[int] = set()
         self.ejections = {cls: EJECTIONS.labels(self.name, cls) for cls in m.recipe.targets}
+        # The plan's object ids give each object's first mask line: the recipe it is judged by.
+        self.mask_width = m.cameras.rgb.pixels // m.model.mask_stride
+        self.mask_tpl = m.cameras.rgb.ticks_per_line * m.model.mask_stride
         self.not_target = metrics.MALFORMED.labels(self.name, "window_class")
         self.overflow = metrics.DROPS.labels(f"{self.name}.in", "pending_full")
         self.lead_ms = np.zeros(4096)
@@ -221,12 +225,18 @@ class Ejector(Node):
         self.wake.set()
         return None
 
+    def on_recipe(self, recipe, at_tick):
+        for cls in recipe.targets:   # a series for each class a recipe of the run targets
+            if cls not in self.ejections:
+                self.ejections[cls] = EJECTIONS.labels(self.name, cls)
+
     def _target(self, w) -> bool:
-        if w.cls in self.ejections:
+        targets = self.recipe_at(object_position(w.object_id, self.mask_width, self.mask_tpl)).targets
+        if w.cls in targets:
             return True
         self.not_target.inc()
         self._warn("window_class", f"refused a window for object {w.object_id} of class {w.cls!r}: not a target "
-                   f"(recipe.targets: {', '.join(self.ejections)})")
+                   f"(recipe.targets: {', '.join(targets)})")
         return False
 
     def _send_loop(self) -> None:

@@ -94,6 +94,15 @@ class Infer(Node):
         self.strips += 1
         return [("out", out)]
 
+    def recipe_classes(self):
+        return self.classes[1:]   # a recipe change naming another class is refused (the supervisor asks)
+
+    def on_recipe(self, recipe, at_tick):
+        missing = [t for t in recipe.targets if t not in self.classes[1:]]
+        if missing:   # the supervisor checks a change against the classes this node reports: a bug if seen
+            self.log.error("recipe targets %s not among the classes of model %s", ", ".join(missing),
+                           self.backend.model_hash)
+
     def teardown(self) -> None:
         if hasattr(self, "backend"):
             self.backend.close()

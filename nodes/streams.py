@@ -86,6 +86,12 @@ class Window(msgspec.Struct, array_like=True, frozen=True):
     confidence: Annotated[float, msgspec.Meta(ge=0, le=1)]   # the model's mean over the object's pixels
 
 
+def object_position(object_id: int, width: int, ticks_per_line: int) -> int:
+    """The belt position (ticks) of an object's first mask line, from its id (the eject plan's: first mask
+    line x mask width + column): the position whose recipe judges the object (pipeline.recipes)."""
+    return object_id // width * ticks_per_line
+
+
 class ObjectReport(msgspec.Struct):
     """An object the plan has finished with, and what it decided."""
 

@@ -17,6 +17,10 @@ by area), missed targets (no air at all), air use (valve-open seconds), and
 what arrived late or malformed; and, from the truth's object list, recovery
 per look (clear, white, coloured, black: carbon-black items are nearly
 invisible in the NIR) and the other objects the air carried off, by class.
+
+An object is a target when the recipe in force at its first belt position
+targets its class (the recipe can change at run time, pipeline.recipes), and
+the report scores each recipe's stretch of belt on its own (`recipes`).
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ class ValveSim(Node):
         self.open_ns, self.close_ns = m.valve_bar.open_ms * 1e6, m.valve_bar.close_ms * 1e6
         self.targets = m.recipe.targets
         self.classes: list[str] | None = None   # the belt's classes, from the first truth message
-        self.target_ids: set[int] = set()
         self.commanded: set[int] = set()        # object ids (u32) the datagrams named
         self.lock = threading.Lock()
         self.air: list[list[tuple[float, float]]] = [[] for _ in range(self.bar.count)]  # RGB-frame positions
@@ -79,6 +82,7 @@ class ValveSim(Node):
         self.pending: deque[tuple[int, np.ndarray, np.ndarray]] = deque()   # truth chunks not yet scored
         self.objects: dict[int, list] = {}                             # id -> [cls, pixels, hit pixels]
         self.looks: dict[int, str] = {}                                # id -> look (from the truth's object list)
+        self.first: dict[int, int] = {}                                # id -> its first belt position (ticks)
         try:
             self.key = read_key(m.ejector.key) if m.ejector.key else None
         except ValueError as exc:
@@ -175,13 +179,44 @@ class ValveSim(Node):
                 raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the belt's classes "
                                    f"({', '.join(msg.meta.classes[1:])}): nothing to score them against"])
             self.classes = list(msg.meta.classes)
-            self.target_ids = {self.classes.index(t) for t in self.targets}
         elif msg.meta.classes != self.classes:
             raise ValueError(f"truth classes {msg.meta.classes}, the truth so far had {self.classes}")
         self.pending.append((h.position, msg.arrays["labels"].copy(), msg.arrays["instances"].copy()))
         for o in msg.meta.objects:
             self.looks[o.id] = o.look
+            self.first[o.id] = o.p0
         return None
+
+    def recipe_classes(self):
+        return None if self.classes is None else self.classes[1:]
+
+    def _judged(self) -> list[tuple[int, list, bool, int]]:
+        """Each object scored so far: id, [class, pixels, hit pixels], whether the recipe in force at its
+        first belt position targets its class, and that recipe's change number."""
+        targets: dict[int, set[int]] = {}
+        out = []
+        for oid, r in self.objects.items():
+            entry = self.recipes.at(self.first.get(oid, 0))
+            if entry.n not in targets:
+                targets[entry.n] = {self.classes.index(t) for t in entry.recipe.targets if t in self.classes}
+            out.append((oid, r, r[0] in targets[entry.n], entry.n))
+        return out
+
+    def _by_recipe(self, judged) -> list[dict]:
+        """Recovery and purity of each recipe's stretch of belt (the objects that start in it)."""
+        frac, out = self.params.hit_fraction, []
+        for e in self.recipes.entries:
+            mine = [(oid, r, t) for oid, r, t, n in judged if n == e.n]
+            hit = [(r, t) for _, r, t in mine if r[2] >= frac * r[1]]
+            targets = sum(t for _, _, t in mine)
+            hit_targets = sum(t for _, t in hit)
+            starts = [self.first[oid] for oid, _, _ in mine if oid in self.first]
+            out.append({"change": e.n, "at_tick": None if e.n == 0 else e.at_tick, "targets_classes": e.recipe.targets,
+                        "priority": e.recipe.priority, "objects": len(mine), "targets": targets, "hit": len(hit),
+                        "hit_targets": hit_targets, "recovery": hit_targets / targets if targets else None,
+                        "purity": hit_targets / len(hit) if hit else None,
+                        "first_tick": min(starts, default=None), "last_tick": max(starts, default=None)})
+        return out
 
     def end_of_stream(self):
         if self.params.by_position:
@@ -239,23 +274,24 @@ class ValveSim(Node):
 
     def score(self) -> dict:
         frac = self.params.hit_fraction
-        targets = [r for r in self.objects.values() if r[0] in self.target_ids]
+        judged = self._judged()
+        targets = [r for _, r, is_target, _ in judged if is_target]
         # Recovery per look: carbon-black items have almost no NIR signature (on real sorters as here),
         # so the share of black targets bounds what an NIR-based model can recover.
         by_look: dict[str, list[int]] = {}
-        for oid, r in self.objects.items():
-            if r[0] in self.target_ids:
+        for oid, r, is_target, _ in judged:
+            if is_target:
                 tally = by_look.setdefault(self.looks.get(oid, "unknown"), [0, 0])
                 tally[0] += 1
                 tally[1] += r[2] >= frac * r[1]
         visible = [t for look, t in by_look.items() if look != "black"]
         n_visible = sum(t[0] for t in visible)
-        hit = [r for r in self.objects.values() if r[2] >= frac * r[1]]
-        hit_targets = [r for r in hit if r[0] in self.target_ids]
+        hit = [(r, is_target) for _, r, is_target, _ in judged if r[2] >= frac * r[1]]
+        hit_targets = [r for r, is_target in hit if is_target]
         # What dilutes the ejected fraction: the other objects the air carried off, by class.
         others: dict[str, int] = {}
-        for r in hit:
-            if r[0] not in self.target_ids:
+        for r, is_target in hit:
+            if not is_target:
                 others[self.classes[r[0]]] = others.get(self.classes[r[0]], 0) + 1
         area_hit = sum(r[2] for r in self.objects.values())
         area_hit_targets = sum(r[2] for r in targets)
@@ -272,6 +308,7 @@ class ValveSim(Node):
             "commands": self.commands, "late_arrivals": self.late_arrivals, "bad_datagrams": sum(self.bad.values()),
             "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.targets,
             "commanded_objects": len(self.commanded), "kernel_drops": self.kernel_drops,
+            "recipes": self._by_recipe(judged),
         }
 
     def status(self) -> dict:
@@ -287,6 +324,11 @@ class ValveSim(Node):
         self.sock.close()
         if self.params.report:
             tmp = f"{self.params.report}.tmp"
+            # With each object scored, so that any stretch of belt can be scored from the report (a recipe's first
+            # seconds, say): id, first belt position, class, hit, and whether its recipe targeted it.
+            frac = self.params.hit_fraction
+            objects = [[oid, self.first.get(oid), self.classes[r[0]], bool(r[2] >= frac * r[1]), is_target]
+                       for oid, r, is_target, _ in self._judged()]
             with open(tmp, "w") as fh:
-                json.dump(self.score(), fh, indent=2)
+                json.dump({**self.score(), "objects_scored": objects}, fh, indent=2)
             os.replace(tmp, self.params.report)

@@ -328,6 +328,32 @@ class Clock(Section):
                                    "(linuxptp): only then is latency across a tcp edge reported")
 
 
+class OpcUa(Section):
+    """The OPC UA server towards the line's PLC, run by the supervisor (docs/plc.md)."""
+
+    enabled: bool = Field(False, description="serve the machine's state, counters, alarms and recipe over OPC UA")
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840/sortline", pattern=r"^opc\.tcp://[^/:]+:\d{1,5}(/.*)?$",
+                          description="where the server listens (opc.tcp://HOST:PORT/PATH; 0.0.0.0: every interface)")
+    security: Literal["sign_encrypt", "none"] = Field(
+        "sign_encrypt", description="sign_encrypt: Basic256Sha256 Sign&Encrypt only, clients with a trusted "
+        "certificate only, no anonymous session; none: no security, anonymous sessions (a demo on one host)")
+    certificate: str = Field("", description="the server's certificate (DER), from `sortline keys NAME --opcua`")
+    private_key: str = Field("", description="the server's private key (PEM)")
+    trusted: str = Field("", description="directory of the client certificates (DER or PEM) allowed to connect")
+    drops_alarm_per_s: float = Field(1.0, ge=0, description="the Drops alarm is active while the graph drops more "
+                                     "messages a second than this")
+    valve_silent_s: float = Field(2.0, gt=0, le=600, description="the ValveControllerSilent alarm: no valve "
+                                  "command went out for this long while objects were decided for ejection")
+
+    @model_validator(mode="after")
+    def _certificates_given(self):
+        if self.enabled and self.security == "sign_encrypt" and not (self.certificate and self.private_key
+                                                                      and self.trusted):
+            raise ValueError("opcua.security = 'sign_encrypt' needs opcua.certificate, opcua.private_key and "
+                             "opcua.trusted (make them with `sortline keys NAME --opcua`)")
+        return self
+
+
 class SupervisorSettings(Section):
     restart_backoff_s: float = Field(0.2, gt=0, le=60)
     restart_backoff_max_s: float = Field(10.0, gt=0, le=600)
@@ -346,6 +372,7 @@ class Settings(BaseSettings, Machine):
     security: Security = Security()
     clock: Clock = Clock()
     supervisor: SupervisorSettings = SupervisorSettings()
+    opcua: OpcUa = OpcUa()
     nodes: dict[str, NodeConfig]
     edges: list[EdgeConfig] = []
 
@@ -409,7 +436,8 @@ def _beside(path: Path, v: str) -> str:
 
 # Where a file names other files: (table, key) pairs, and each edge's server_key.
 _PATH_KEYS = (("calibration", "spectral"), ("calibration", "spatial"), ("model", "path"), ("ejector", "key"),
-              ("security", "key"), ("security", "authorized"))
+              ("security", "key"), ("security", "authorized"),
+              ("opcua", "certificate"), ("opcua", "private_key"), ("opcua", "trusted"))
 
 
 def _beside_keys(path: Path, keys):

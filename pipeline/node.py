@@ -8,8 +8,10 @@ own parameters and the machine (the config's `Machine` half: belt, cameras,
 valve bar, model, ...), never the graph. Everything else is done here, the
 same way for every node: sockets, decoding and counting malformed input,
 checking each message against its port's payload, the trace entry, metrics,
-heartbeats, end of stream, and SIGTERM/SIGINT (stop taking data, finish
-what is queued for up to DRAIN_S, exit cleanly).
+heartbeats, end of stream, recipes changed at run time (pipeline.recipes:
+the runner hands each change to the node's `on_recipe`, and the node judges
+each object by `recipe_at` its first belt position), and SIGTERM/SIGINT
+(stop taking data, finish what is queued for up to DRAIN_S, exit cleanly).
 
 Input arrays are views into the producer's memory and are valid only until
 the step returns: a node copies what it keeps.
@@ -31,11 +33,12 @@ import msgspec
 import zmq
 
 from sortline.pipeline import clock, metrics, registry
-from sortline.pipeline.config import EX_CONFIG, ConfigError, Machine, Section, Settings, config_toml
+from sortline.pipeline.config import EX_CONFIG, ConfigError, Machine, Recipe, Section, Settings, config_toml
 from sortline.pipeline.graph import cpus_of, inputs_of, node_params, outputs_of, prepare_runtime_dir, replica_of
 from sortline.pipeline.messages import Message, MessageError
 from sortline.pipeline.notify import Notifier, status_line
 from sortline.pipeline.ports import Payload
+from sortline.pipeline.recipes import RecipeBook, read_history
 from sortline.pipeline.security import Curve
 from sortline.pipeline.slots import remove_dead_segments
 from sortline.pipeline.transport import Input, Output, SlotReaders
@@ -46,6 +49,7 @@ POLL_MS = 100
 CONNECT_WAIT_S = 2.0  # a source waits this long for its consumers to connect
 FINISH_WAIT_S = 60.0  # a finished node waits this long for its consumers to read everything
 LOG_EVERY_S = 10.0
+RECIPE_CHECK_S = 0.1   # recipe changes are looked for this often (the supervisor's lead is 0.5 s more than it needs)
 EX_SOFTWARE = 70  # sysexits.h: a worker thread of the node failed; the supervisor (or systemd) restarts it
 
 Outputs = Iterable[tuple[str, Message]] | None
@@ -86,6 +90,7 @@ class Node:
         self.log = logging.getLogger(f"sortline.{name}")
         self.finished = False
         self.failure = ""   # why a worker thread died: the node is unhealthy and stops
+        self.recipes = RecipeBook(machine.recipe)   # the run's recipes by belt position (the runner adds changes)
         self._runner: Runner | None = None
 
     # What a node implements.
@@ -117,6 +122,19 @@ class Node:
     def status(self) -> dict:
         """A few figures for the heartbeat (and the supervisor's status line)."""
         return {}
+
+    def recipe_classes(self) -> list[str] | None:
+        """The class names this node judges by (its model's, its masks', its belt's); None: it judges none, or
+        does not know them yet. The supervisor refuses a recipe that names a class one of them lacks."""
+        return None
+
+    def on_recipe(self, recipe: Recipe, at_tick: int) -> None:
+        """A recipe change, in force from belt position `at_tick` (encoder ticks) on, which is ahead of any data
+        the node has: get ready for it (counters, say). Objects are judged by recipe_at(their first position)."""
+
+    def recipe_at(self, tick: int) -> Recipe:
+        """The recipe in force at belt position `tick`: the configured one until a change takes effect."""
+        return self.recipes.at(tick).recipe
 
     # What a node may call.
 
@@ -227,6 +245,9 @@ class Runner:
         self._last_beat: tuple[float, dict] = (time.monotonic(), {})
         self._ready = False  # setup() has succeeded
         self._inputs: dict[str, Input] = {}
+        self._recipes: zmq.Socket | None = None   # the supervisor's recipe changes (pipeline.recipes)
+        self._position = 0   # the newest belt position (ticks) this node has handled: where the belt is
+        self._recipes_next = 0.0
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:
@@ -267,7 +288,13 @@ class Runner:
                 metrics.serve(self.settings.metrics.bind, self._metrics_port)
             self._hb, self._hb_next = hb, 0.0
             self._stage = metrics.STAGE_SECONDS.labels(self.name)
+            # Subscribed before the history is read: a change published in between comes by the socket.
+            self._recipes = ctx.socket(zmq.SUB)
+            self._recipes.setsockopt(zmq.LINGER, 0)
+            self._recipes.setsockopt(zmq.SUBSCRIBE, b"")
+            self._recipes.connect(f"ipc://{run_dir}/recipes.sock")
             node.setup()
+            self._take_recipes(read_history(run_dir))
             self._ready = True
             metrics.UP.labels(self.name).set(1)
             self._notify.ready(f"running (pid {os.getpid()})")  # systemd starts the units ordered after it
@@ -307,6 +334,8 @@ class Runner:
                 readers.close()
                 if hb is not None:
                     hb.close()
+                if self._recipes is not None:
+                    self._recipes.close()
                 if curve is not None:
                     curve.close()  # its thread holds a socket: before ctx.term()
                 ctx.term()
@@ -318,6 +347,7 @@ class Runner:
             if not out.wait_for_consumers(CONNECT_WAIT_S):
                 self.log.warning("output %r: no consumer connected after %.0f s; sending anyway", port, CONNECT_WAIT_S)
         while not self.stop_requested and not node.finished:
+            self._check_recipes()
             t_step = time.monotonic_ns()
             self._send(node.step(), t_step)
             self._heartbeat()
@@ -336,6 +366,7 @@ class Runner:
             events = self._poller.poll(self._poll_ms())
             for sock, _ in events:
                 self._handle(sock)
+            self._check_recipes()
             self._expire_merges()
             self._heartbeat()
             self._check_health()
@@ -398,6 +429,42 @@ class Runner:
             self._warn("eos", f"refused an end of stream on {edge.name}: {why}")
         return ok
 
+    def _check_recipes(self) -> None:
+        """Not on every message (a poll costs some 10 us): every RECIPE_CHECK_S, well within the lead a change
+        is given (pipeline.supervisor)."""
+        now = time.monotonic()
+        if now < self._recipes_next:
+            return
+        self._recipes_next = now + RECIPE_CHECK_S
+        self._read_recipes()
+
+    def _read_recipes(self) -> None:
+        while True:
+            try:
+                raw = self._recipes.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                entries = RecipeBook.load(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                self._warn("recipe", f"ignored a recipe message that is not a recipe history: {exc!r}")
+                continue
+            self._take_recipes(entries)
+
+    def _take_recipes(self, entries) -> None:
+        """The supervisor's history (each change comes again every second): the changes not seen yet."""
+        for entry in entries:
+            try:
+                if not self.node.recipes.add(entry):
+                    continue
+            except ValueError as exc:
+                self._warn("recipe", f"ignored a recipe change: {exc}")
+                continue
+            r = entry.recipe
+            self.log.info("recipe change %d: targets %s, priority %s, from belt position %d on", entry.n,
+                          ", ".join(r.targets), r.priority, entry.at_tick)
+            self.node.on_recipe(r, entry.at_tick)
+
     def _check_health(self) -> None:
         if self.node.failure:
             raise _Unhealthy(self.node.failure)
@@ -459,6 +526,7 @@ class Runner:
                 out.abandon_unsent()  # slots it took before failing
             msg.release()
             return
+        self._position = max(self._position, msg.header.position)
         if not msg.intact():
             metrics.DROPS.labels(edge, "overwritten").inc()
             self._warn("overwritten", f"dropped a message on {edge}: its slot was overwritten while in use")
@@ -472,6 +540,7 @@ class Runner:
     def _send(self, outs: Outputs, t_in: int) -> None:
         for port, msg in outs or ():
             if msg is not None:
+                self._position = max(self._position, msg.header.position)
                 self.node.out[port].send(msg, msg.t_in_ns or t_in, self.name)
 
     def _heartbeat(self, force: bool = False) -> None:
@@ -491,7 +560,9 @@ class Runner:
             self._notify.alive(status_line(snapshot, before, now - then, status))
         if self._hb is None:
             return
-        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": snapshot, "status": status}
+        beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": snapshot, "status": status,
+                "position": self._position, "recipe": self.node.recipes.current.n,
+                "classes": self.node.recipe_classes()}
         try:
             self._hb.send(_encode_beat(beat), flags=zmq.NOBLOCK)
         except zmq.Again:

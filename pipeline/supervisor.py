@@ -11,6 +11,15 @@ configuration error (that would only be a crash loop), and stops them in
 data-flow order so that each node can finish what its producer sent.
 Heartbeats carry each node's metrics; the supervisor prints them as a status
 table.
+
+It also owns the run's recipe (pipeline.recipes): `sortline recipe` asks it
+for a change on `control.sock` in the runtime directory, the OPC UA server
+(pipeline.opcua, run in a thread of this process when `opcua.enabled`) calls
+`change_recipe` directly; either way the change is checked against the
+classes the nodes know, given a belt position ahead of the scan line, written
+to the audit log, and published to every node on `recipes.sock`. The server
+serves what `MachineView` makes of the heartbeats: nothing of it runs in a
+node, so none of it can slow the data.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +41,18 @@ import msgspec
 import zmq
 
 from sortline.pipeline import metrics
-from sortline.pipeline.config import EX_CONFIG, Settings
+from sortline.pipeline.config import EX_CONFIG, ConfigError, Settings
 from sortline.pipeline.graph import prepare_runtime_dir, replica_of, source_nodes, topo_order
+from sortline.pipeline.machine_state import MachineView
+from sortline.pipeline.recipes import Entry, RecipeBook, RecipeError, audit, make_recipe, write_history
 
 log = logging.getLogger("sortline.supervisor")
 
 STOP_WAIT_S = 2.0  # a node gets this long after SIGTERM before SIGKILL
 COUNTED = ("_total", "_count", "_sum")  # samples that add up across a node's processes
 STABLE_S = 10.0  # a node that ran this long has its backoff reset
+RECIPE_MARGIN_S = 0.5   # a recipe change takes effect this far ahead of where the belt may be by then
+REPUBLISH_S = 1.0       # the recipe history goes out again this often (a message missed is made good)
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Child:
     beat: dict = field(default_factory=dict)
     prev_beat: dict = field(default_factory=dict)
     retired: dict = field(default_factory=dict)   # counters of the node's earlier processes, as last reported
+    last_error: str = ""   # how its last process ended, when it did not finish
 
     def totals(self) -> dict[str, float]:
         """The node's counters over all its processes (a restarted node's counters start again at 0)."""
@@ -79,6 +95,13 @@ class Supervisor:
         self.children = {name: Child(name, i) for i, name in enumerate(self.order)}
         self._stop = False
         self.exit_code = 0
+        self.book = RecipeBook(settings.recipe)
+        self.phase = "starting"   # starting | up | stopping: for the machine's state
+        self.view: dict = {}      # what MachineView made of the last heartbeats (the OPC UA server reads it)
+        self._machine = MachineView(settings, set(source_nodes(settings)))
+        self._recipe_lock = threading.Lock()   # changes come from this thread and from the OPC UA server's
+        self._belt: tuple[float, int, float] = (time.monotonic(), 0, 0.0)   # when, where, ticks/s measured
+        self._plc = None
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
@@ -110,9 +133,21 @@ class Supervisor:
         beats.setsockopt(zmq.LINGER, 0)
         self.heartbeat_addr = f"ipc://{self.run_dir}/supervisor.sock"
         beats.bind(self.heartbeat_addr)
+        write_history(self.run_dir, self.book)
+        self._publisher = ctx.socket(zmq.PUB)
+        self._publisher.setsockopt(zmq.LINGER, 0)
+        self._publisher.bind(f"ipc://{self.run_dir}/recipes.sock")
+        control = ctx.socket(zmq.REP)
+        control.setsockopt(zmq.LINGER, 0)
+        control.bind(f"ipc://{self.run_dir}/control.sock")
+        poller = zmq.Poller()
+        poller.register(beats, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        next_publish = 0.0
         deadline = None if self.seconds is None else time.monotonic() + self.seconds
         next_status = time.monotonic() + self.settings.supervisor.status_every_s
         try:
+            self._start_plc()
             # Every node that only sends what it receives at once, then, once they are all set up, the
             # sources: so that a live source never sends into the void.
             sources = set(source_nodes(self.settings))
@@ -123,11 +158,20 @@ class Supervisor:
                 self._watch()
                 if self._stop:  # a configuration fault: do not start the rest
                     break
+            self.phase = "up"
             while not self._stop:
-                if beats.poll(100):
+                events = dict(poller.poll(100))
+                if beats in events:
                     self._read_beats(beats)
+                if control in events:
+                    self._answer(control)
                 self._watch()
                 now = time.monotonic()
+                self.view = self._machine.update(self.phase, self.children, self._belt[1])
+                if now >= next_publish:
+                    with self._recipe_lock:
+                        self._publisher.send(self.book.dump())
+                    next_publish = now + REPUBLISH_S
                 if deadline is not None and now >= deadline:
                     break
                 if all(c.state in ("finished", "failed") for c in self.children.values()):
@@ -136,11 +180,17 @@ class Supervisor:
                     self.print_status()
                     next_status = now + self.settings.supervisor.status_every_s
         finally:
+            self.phase = "stopping"
+            self.view = self._machine.update(self.phase, self.children, self._belt[1])
             self._stop_all(beats)
+            if self._plc is not None:
+                self._plc.stop()
             self.print_status(final=True)
             if self.report:
                 self.write_report(self.report)
             beats.close()
+            control.close()
+            self._publisher.close()
             ctx.term()
             self._clean_run_dir()
         return self.exit_code
@@ -177,6 +227,99 @@ class Supervisor:
             if child.proc is not None and beat.get("pid") == child.proc.pid:
                 child.prev_beat, child.beat = child.beat, {**beat, "mono": time.monotonic()}
                 child.last_beat = time.monotonic()
+                self._follow_belt(beat.get("position"))
+
+    def _follow_belt(self, position) -> None:
+        """Where the belt is (the newest position any node has handled) and how fast it goes."""
+        if not isinstance(position, int):
+            return
+        t, known, rate = self._belt
+        now = time.monotonic()
+        if position > known:
+            if known and now - t > 0.2:
+                rate = (position - known) / (now - t)
+            if not known or now - t > 0.2:
+                self._belt = (now, position, rate)
+
+    # Recipes at run time (pipeline.recipes).
+
+    def classes(self) -> list[str] | None:
+        """The classes every node that judges by class knows (None: none has said yet)."""
+        known = [c.beat["classes"] for c in self.children.values()
+                 if c.state == "running" and isinstance(c.beat.get("classes"), list)]
+        if not known:
+            return None
+        return [name for name in known[0] if all(name in k for k in known[1:])]
+
+    def change_recipe(self, targets: list[str] | None, priority: str | None, source: str) -> dict | None:
+        """Check a change, give it its belt position, write it to the audit log and publish it: the audit
+        record (None: the recipe is that already), or RecipeError saying why not. Called from this thread and
+        the OPC UA server's."""
+        with self._recipe_lock:
+            old = self.book.current
+            recipe = make_recipe(targets, priority, old.recipe, self.classes())
+            if recipe == old.recipe:   # a PLC that writes its recipe again after a restart: nothing to do
+                return None
+            entry = Entry(old.n + 1, self._effective_tick(), recipe)
+            try:
+                record = audit(self.settings.graph.name, source, old, entry, self._belt[1])
+            except OSError as exc:   # a change nobody could trace is not made
+                raise RecipeError(f"the audit log {exc.filename}: {exc.strerror}; the recipe stays as it is") from None
+            self.book.add(entry)
+            write_history(self.run_dir, self.book)   # before it is published: a node starting now reads it
+            self._publisher.send(self.book.dump())
+        log.info("recipe change %d from %s: targets %s, priority %s, from belt position %d on (the belt is at %d)",
+                 entry.n, source, ", ".join(recipe.targets), recipe.priority, entry.at_tick, self._belt[1])
+        return record
+
+    def _effective_tick(self) -> int:
+        """A belt position no node has data for yet, nor will have before the change reaches it: where the
+        belt is by the newest heartbeat, plus what it may travel in a heartbeat period (how old that news
+        may be) and a margin for the change's way to the nodes, at the faster of the nominal and the
+        measured speed."""
+        s = self.settings
+        nominal = s.belt.speed_m_s * 1000.0 * s.belt.ticks_per_mm
+        t, position, measured = self._belt
+        ahead_s = (time.monotonic() - t) + s.supervisor.heartbeat_s + RECIPE_MARGIN_S
+        tick = position + math.ceil(max(nominal, measured) * ahead_s)
+        return max(tick, self.book.current.at_tick + 1)
+
+    def _answer(self, control: zmq.Socket) -> None:
+        """One request of `sortline recipe` (show, set): a JSON object in, one out."""
+        try:
+            request = json.loads(control.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+        except ValueError:
+            control.send_json({"ok": False, "error": "not a JSON request"})
+            return
+        current = self.book.current
+        if not isinstance(request, dict) or request.get("op") not in ("show", "set"):
+            reply = {"ok": False, "error": "expected {\"op\": \"show\"} or {\"op\": \"set\", ...}"}
+        elif request["op"] == "show":
+            reply = {"ok": True, "recipe": current.recipe.model_dump(), "change": current.n,
+                     "at_tick": current.at_tick, "position": self._belt[1], "classes": self.classes()}
+        else:
+            try:
+                source = str(request.get("source") or "cli")[:200]
+                reply = {"ok": True, "record": self.change_recipe(request.get("targets"), request.get("priority"),
+                                                                  source)}
+            except RecipeError as exc:
+                reply = {"ok": False, "error": str(exc)}
+        control.send_json(reply)
+
+    def _start_plc(self) -> None:
+        if not self.settings.opcua.enabled:
+            return
+        try:
+            from sortline.pipeline.opcua import PlcServer   # asyncua, the plc extra: only where it is asked for
+        except ImportError as exc:
+            raise ConfigError([f"opcua.enabled: the OPC UA server needs asyncua ({exc}): pip install "
+                               "'sortline[plc]', or set opcua.enabled = false"]) from None
+
+        self.view = self._machine.update(self.phase, self.children, 0)
+        self._plc = PlcServer(self)
+        self._plc.start()
 
     def _watch(self) -> None:
         cfg = self.settings.supervisor
@@ -192,6 +335,7 @@ class Supervisor:
             if rc is None:
                 if child.last_beat and now - child.last_beat > cfg.heartbeat_timeout_s:
                     log.error("%s sent no heartbeat for %.1f s: killing it", child.name, now - child.last_beat)
+                    child.last_error = f"no heartbeat for {now - child.last_beat:.1f} s: killed"
                     child.proc.kill()
                     child.proc.wait()
                     rc = -signal.SIGKILL
@@ -202,6 +346,7 @@ class Supervisor:
                 log.info("%s finished", child.name)
             elif rc == EX_CONFIG:
                 child.state = "failed"
+                child.last_error = "configuration error (exit 78)"
                 log.error("%s cannot start: configuration error (see above); not restarting it", child.name)
                 self.exit_code = EX_CONFIG
                 self._stop = True
@@ -212,6 +357,7 @@ class Supervisor:
                     child.backoff = 0.0
                 child.backoff = min(max(child.backoff * 2, cfg.restart_backoff_s), cfg.restart_backoff_max_s)
                 child.state, child.restart_at = "waiting", now + child.backoff
+                child.last_error = f"died ({how})"
                 log.error("%s died (%s); restart %d in %.1f s", child.name, how, child.restarts, child.backoff)
                 self._remove_segments(child.name, child.proc.pid)
                 child.retire()
@@ -241,7 +387,7 @@ class Supervisor:
         self._read_beats(beats)
 
     def _clean_run_dir(self) -> None:
-        for pattern in ("*.slots", "*.sock", "*.finished"):
+        for pattern in ("*.slots", "*.sock", "*.finished", "recipes.json"):
             for path in self.run_dir.glob(pattern):
                 path.unlink(missing_ok=True)
 

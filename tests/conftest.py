@@ -31,6 +31,7 @@ def demo_config() -> dict:
     data = tomllib.loads(DEMO.read_text())
     data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
     data["ejector"]["key"] = str(DEMO.parent / data["ejector"]["key"])
+    data["opcua"] = {"enabled": False}   # a test that wants the PLC's server asks for it, on a port of its own
     return data
 
 

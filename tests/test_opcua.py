@@ -1,0 +1,287 @@
+"""The PLC's side: the OPC UA server of a running graph, recipes changed at run time, the audit log.
+
+The graphs here are the demo profile's with the belt's truth for the model's masks (as in test_status), on a
+belt that waits for the graph (the unpaced rewrite of `sortline score`): what is measured is that a change
+of recipe takes effect at its belt position for every node, not the model, and a busy two-core machine
+cannot stretch the belt under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+asyncua = pytest.importorskip("asyncua")
+from asyncua import Client, ua  # noqa: E402
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256  # noqa: E402
+
+from conftest import ROOT, chain, demo_toml, free_port, sortline, start, stop, write_config  # noqa: E402
+from sortline.cli.common import by_position  # noqa: E402
+from sortline.pipeline.config import config_toml, read_config  # noqa: E402
+
+SPEED_TICKS = 2.0 * 1000 * 16   # the demo belt: 2 m/s, 16 ticks/mm
+WINDOW = int(10 * SPEED_TICKS)   # the 10 s of belt after a change that are scored
+BELT_S = 16   # the change at 1 s, its 10 s window, and room for the lead of a fast unpaced belt
+
+
+def waiting_belt(tmp_path: Path, run_dir: Path, name: str, **sections) -> tuple[Path, Path]:
+    """The demo graph (truth for masks) on a belt of BELT_S seconds that waits for it; its valve-bar score."""
+    score = tmp_path / "score.json"
+    text = demo_toml(free_port(), oracle=True, graph={"name": name, "runtime_dir": str(run_dir)},
+                     supervisor={"heartbeat_s": 0.2, "status_every_s": 5},
+                     nodes={"belt": {"params": {"seconds": BELT_S, "paced": False}},
+                            "valve_sim": {"params": {"report": str(score)}}}, **sections)
+    first = tmp_path / "first.toml"
+    first.write_text(text)
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(config_toml(by_position(read_config(first))))
+    return cfg, score
+
+
+def env(tmp_path: Path) -> dict:
+    return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def audit_log(tmp_path: Path, graph: str) -> list[dict]:
+    path = tmp_path / "state" / "sortline" / f"recipes-{graph}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def after_change(score: dict, at_tick: int, cls: str) -> tuple[int, int]:
+    """Objects of `cls` that start within WINDOW ticks from at_tick: how many, how many the air carried off."""
+    mine = [o for o in score["objects_scored"] if o[1] is not None and at_tick <= o[1] < at_tick + WINDOW
+            and o[2] == cls]
+    return len(mine), sum(o[3] for o in mine)
+
+
+async def connect(url: str, timeout: float = 60.0, **security) -> Client:
+    deadline = time.monotonic() + timeout
+    while True:
+        client = Client(url, timeout=10)
+        if security:
+            client.application_uri = security["uri"]   # as its certificate says (sortline keys --uri)
+            await client.set_security(SecurityPolicyBasic256Sha256, security["cert"], security["key"],
+                                      server_certificate=security.get("server"))
+            if security.get("identity", True):
+                await client.load_client_certificate(security["cert"])
+                await client.load_private_key(security["key"])
+        try:
+            await client.connect()
+            return client
+        except (OSError, asyncio.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+
+
+def node(client: Client, ns: int, sid: str):
+    return client.get_node(ua.NodeId(sid, ns))
+
+
+async def wait_value(client, ns, sid, predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await node(client, ns, sid).read_value()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{sid} = {value!r} after {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.system
+def test_a_plc_reads_the_running_demo_graph_and_changes_its_recipe_from_pet_to_pp(tmp_path, run_dir):
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/sortline"
+    cfg, score_path = waiting_belt(tmp_path, run_dir, "plc",
+                                   opcua={"enabled": True, "security": "none", "endpoint": url})
+    sup = start("run", "--config", str(cfg), env=env(tmp_path))
+
+    async def plc() -> dict:
+        client = await connect(url)
+        try:
+            ns = await client.get_namespace_index("urn:sortline:plc")
+            seen = {}
+            # Running, every node alive, objects counted by class (the plan's sortline_objects_total).
+            seen["state"] = await wait_value(client, ns, "Sortline.State", lambda v: v == "running")
+            await wait_value(client, ns, "Sortline.Position", lambda v: v >= SPEED_TICKS)
+            seen["alive"] = {n: await node(client, ns, f"Sortline.Nodes.{n}.Alive").read_value()
+                             for n in ("belt", "register", "infer", "plan", "ejector", "valve_sim")}
+            seen["classes"] = await node(client, ns, "Sortline.Recipe.Classes").read_value()
+            counted = await node(client, ns, "Sortline.Counters.ObjectsSeen").get_children()
+            seen["objects"] = {(await c.read_browse_name()).Name: await c.read_value() for c in counted}
+            seen["late"] = await node(client, ns, "Sortline.Counters.LateCommands").read_value()
+            seen["severity"] = await node(client, ns, "Sortline.Alarms.CameraLost.Severity").read_value()
+            targets = node(client, ns, "Sortline.Recipe.Targets")
+            seen["before"] = await targets.read_value()
+            # A class the model does not know: a Bad status, the reason beside it, nothing changed.
+            with pytest.raises(ua.UaStatusCodeError) as refused:
+                await targets.write_value(ua.DataValue(ua.Variant(["glass"], ua.VariantType.String)))
+            seen["refused"] = refused.value.code
+            seen["why"] = await node(client, ns, "Sortline.Recipe.LastError").read_value()
+            seen["position"] = await node(client, ns, "Sortline.Position").read_value()
+            await targets.write_value(ua.DataValue(ua.Variant(["PP"], ua.VariantType.String)))
+            seen["at_tick"] = await wait_value(client, ns, "Sortline.Recipe.EffectiveTick", lambda v: v > 0)
+            seen["after"] = await targets.read_value()
+            return seen
+        finally:
+            await client.disconnect()
+
+    try:
+        seen = asyncio.run(plc())
+        out, err = sup.communicate(timeout=240)   # the belt ends, and with it the graph
+        rc = sup.returncode
+    finally:
+        if sup.poll() is None:
+            stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert "OPC UA at " + url + ": no security, anonymous clients" in err   # the demo says so, once
+    assert err.count("no security, anonymous") == 1
+    assert seen["state"] == "running" and all(seen["alive"].values()), seen
+    assert "PP" in seen["classes"] and "PET" in seen["classes"]
+    assert sum(seen["objects"].values()) > 0 and seen["late"] == 0 and seen["severity"] == 800, seen
+    assert seen["before"] == ["PET"] and seen["after"] == ["PP"]
+    assert seen["refused"] == ua.StatusCodes.BadInvalidArgument
+    assert "glass not among the model's classes" in seen["why"]
+    # The change holds from a position ahead of where the belt was when it was written.
+    assert seen["at_tick"] > seen["position"]
+
+    score = json.loads(score_path.read_text())
+    pet_then = score["recipes"][0]
+    pp = score["recipes"][1]
+    assert pet_then["targets_classes"] == ["PET"] and pp["targets_classes"] == ["PP"], score["recipes"]
+    assert pp["at_tick"] == seen["at_tick"]
+    # Every object is judged by the recipe in force at its first position: PP ejected from there on.
+    n_pp, hit_pp = after_change(score, seen["at_tick"], "PP")
+    n_pet, hit_pet = after_change(score, seen["at_tick"], "PET")
+    assert score["recipes"][1]["last_tick"] >= seen["at_tick"] + WINDOW, "the belt ended within the 10 s"
+    assert n_pp >= 10 and hit_pp / n_pp >= 0.85, (n_pp, hit_pp)
+    assert n_pet >= 10 and hit_pet / n_pet <= 0.2, (n_pet, hit_pet)   # PET no longer blown, but for neighbours
+    # ... and PET before it.
+    before = [o for o in score["objects_scored"] if o[1] is not None and o[1] < seen["at_tick"] and o[2] == "PET"]
+    assert before and all(o[4] for o in before) and sum(o[3] for o in before) / len(before) >= 0.85
+    # The audit log holds the change (and not the refused one).
+    (record,) = audit_log(tmp_path, "plc")
+    assert record["source"].startswith("opcua anonymous from 127.0.0.1:"), record
+    assert record["old"] == {"targets": ["PET"], "priority": "balanced"}
+    assert record["new"] == {"targets": ["PP"], "priority": "balanced"}
+    assert record["at_tick"] == seen["at_tick"] and record["position_now"] < record["at_tick"]
+
+
+@pytest.mark.system
+def test_sortline_recipe_set_changes_the_running_graphs_recipe_the_same_way(tmp_path, run_dir):
+    cfg, score_path = waiting_belt(tmp_path, run_dir, "cli")
+    res = sortline("recipe", "show", "--config", str(cfg), env=env(tmp_path), timeout=60)
+    assert res.returncode == 3 and "graph cli is not running" in res.stderr, res.stderr
+    sup = start("run", "--config", str(cfg), env=env(tmp_path))
+    try:
+        deadline = time.monotonic() + 90
+        while True:   # until the nodes know their classes and the belt has run 1 s
+            shown = sortline("recipe", "show", "--config", str(cfg), "--json", env=env(tmp_path), timeout=60)
+            if shown.returncode == 0:
+                state = json.loads(shown.stdout)
+                if state["classes"] and state["position"] >= SPEED_TICKS:
+                    break
+            assert time.monotonic() < deadline, shown.stdout + shown.stderr
+            time.sleep(0.3)
+        bad = sortline("recipe", "set", "--config", str(cfg), "--targets", "PP,glass", env=env(tmp_path), timeout=60)
+        changed = sortline("recipe", "set", "--config", str(cfg), "--targets", "PP", "--priority", "recovery",
+                           env=env(tmp_path), timeout=60)
+        shown = sortline("recipe", "show", "--config", str(cfg), env=env(tmp_path), timeout=60)
+        out, err = sup.communicate(timeout=240)
+        rc = sup.returncode
+    finally:
+        if sup.poll() is None:
+            stop(sup, timeout=30)
+    assert bad.returncode == 1 and "glass not among the model's classes" in bad.stderr, bad.stderr
+    assert changed.returncode == 0, changed.stderr
+    assert "recipe change 1: targets PP, priority recovery (was PET, balanced)" in changed.stdout
+    assert shown.stdout.startswith("targets PP, priority recovery, since belt position"), shown.stdout
+    assert rc == 0, err[-3000:]
+    (record,) = audit_log(tmp_path, "cli")
+    assert record["source"].startswith("cli ") and "@" in record["source"]
+    at = record["at_tick"]
+    assert record["new"] == {"targets": ["PP"], "priority": "recovery"} and at > record["position_now"]
+    score = json.loads(score_path.read_text())
+    assert score["recipes"][1]["at_tick"] == at and score["recipes"][1]["targets_classes"] == ["PP"]
+    n_pp, hit_pp = after_change(score, at, "PP")
+    assert n_pp >= 10 and hit_pp / n_pp >= 0.85, (n_pp, hit_pp)
+    # Every node took the change (the runner logs it once per node).
+    for name in ("infer", "plan", "ejector", "valve_sim"):
+        assert f"sortline.{name} INFO recipe change 1: targets PP, priority recovery, from belt position {at} on" in err
+
+
+def make_certificate(out: Path, name: str, client: bool) -> tuple[Path, Path]:
+    args = ["keys", name, "--opcua", "--out", str(out)] + (["--client"] if client else [])
+    res = sortline(*args, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return out / f"{name}.der", out / f"{name}.pem"
+
+
+@pytest.mark.system
+def test_with_certificates_required_only_a_client_with_a_trusted_certificate_gets_in(tmp_path, run_dir):
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    server_cert, server_key = make_certificate(tmp_path / "server", "sortline", client=False)
+    plc_cert, plc_key = make_certificate(tmp_path / "plc", "plc", client=True)
+    other_cert, other_key = make_certificate(tmp_path / "other", "intruder", client=True)
+    (trusted / "plc.der").write_bytes(plc_cert.read_bytes())
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/sortline"
+    cfg = write_config(tmp_path / "c.toml", chain("lines = 4, pixels = 64, bands = 3"), run_dir,
+                       extra=f'\n[opcua]\nenabled = true\nendpoint = "{url}"\nsecurity = "sign_encrypt"\n'
+                             f'certificate = "{server_cert}"\nprivate_key = "{server_key}"\ntrusted = "{trusted}"\n')
+    sup = start("run", "--config", str(cfg))
+
+    async def clients() -> dict:
+        results = {}
+        trusted_client = await connect(url, cert=str(plc_cert), key=str(plc_key), server=str(server_cert),
+                                       uri="urn:sortline:plc")
+        try:
+            ns = await trusted_client.get_namespace_index("urn:sortline:test")
+            results["state"] = await wait_value(trusted_client, ns, "Sortline.State", lambda v: v == "running")
+        finally:
+            await trusted_client.disconnect()
+        for name, kwargs in (("plain", {}),   # no certificate, no security
+                             ("untrusted", {"cert": str(other_cert), "key": str(other_key), "server": str(server_cert),
+                                            "uri": "urn:sortline:intruder"}),
+                             ("anonymous", {"cert": str(plc_cert), "key": str(plc_key), "server": str(server_cert),
+                                            "uri": "urn:sortline:plc", "identity": False})):   # a trusted channel, an anonymous session
+            try:
+                client = await connect(url, timeout=0, **kwargs)
+            except Exception as exc:   # refused: whatever the stack calls it
+                results[name] = type(exc).__name__
+            else:
+                await client.disconnect()
+                results[name] = "connected"
+        return results
+
+    try:
+        results = asyncio.run(clients())
+    finally:
+        rc, _, err = stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert results["state"] == "running", results
+    assert results["untrusted"] == "BadCertificateUntrusted", results
+    assert results["anonymous"] == "BadIdentityTokenRejected", results
+    assert results["plain"] != "connected", results    # no endpoint without security to talk to
+    assert "no security" not in err
+
+
+@pytest.mark.system
+def test_sign_encrypt_without_its_certificate_stops_start_up_with_one_line(tmp_path, run_dir):
+    cfg = write_config(tmp_path / "c.toml", chain(), run_dir,
+                       extra=f'\n[opcua]\nenabled = true\nendpoint = "opc.tcp://127.0.0.1:{free_port()}/s"\n'
+                             f'certificate = "{tmp_path}/none.der"\nprivate_key = "{tmp_path}/none.pem"\n'
+                             f'trusted = "{tmp_path}"\n')
+    res = subprocess.run([sys.executable, "-m", "sortline", "run", "--config", str(cfg), "--seconds", "5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 78, res.stderr[-2000:]
+    assert f"opcua.certificate = '{tmp_path}/none.der': not found" in res.stderr
