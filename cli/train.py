@@ -16,12 +16,14 @@ def open_dataset(args, split: str):
     name; synthetic: belt seeds --seed-data, + 2000 and + 1000; a data set folder: 'train', or its 'val' split
     for 'val' and 'held-out')."""
     if args.data not in DATA_KINDS:
-        from sortline.models.training.data import Folder
+        from sortline.models.training.data import Folder, Pasted
 
         try:
-            return Folder(args.data, "train" if split == "train" else "val")
+            folder = Folder(args.data, "train" if split == "train" else "val")
         except ValueError as exc:
             raise SystemExit(f"sortline: --data {args.data}: {exc}") from None
+        paste = getattr(args, "paste", 0)
+        return Pasted(folder, args.seed, paste) if split == "train" and paste else folder
     if args.data == "synthetic":
         from sortline.nodes.simulate.dataset import SyntheticBelt
 
@@ -50,6 +52,8 @@ def add_data(p) -> None:
     p.add_argument("--strips", type=int, default=600, help="synthetic: training strips (kept in the cache directory)")
     p.add_argument("--eval-strips", type=int, default=200, help="synthetic: held-out strips")
     p.add_argument("--val-strips", type=int, default=50, help="synthetic: validation strips (belt seed + 2000)")
+    p.add_argument("--paste", type=int, default=2, help="a data set folder: objects of this many strips of other "
+                   "recordings pasted onto each training strip's empty belt (0: none; docs/teach-in.md)")
     p.add_argument("--seed-data", type=int, default=100, help="synthetic: belt seed of the training strips "
                    "(held-out strips use this + 1000)")
 

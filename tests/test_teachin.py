@@ -211,3 +211,26 @@ def test_train_on_the_folder(built, tmp_path):
     assert result["samples"] == len(Folder(built, "val")) and 0 <= result["miou"] <= 1
     res = sortline("train", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--steps", "1", timeout=60)
     assert res.returncode != 0 and "not a data set folder" in res.stderr
+
+
+def test_objects_of_other_runs_are_pasted_onto_the_belt_on_both_grids(built):
+    from sortline.models.training.data import Pasted
+
+    folder = Folder(built, "train")
+    pasted = Pasted(folder, seed=0, donors=2)
+    r = folder.ratio
+    mixed = 0
+    for i in range(0, len(folder), max(1, len(folder) // 12)):
+        s, own, again = pasted[i], folder[i], pasted[i]
+        assert np.array_equal(s.labels, again.labels) and np.array_equal(s.hsi, again.hsi)   # fixed per strip
+        h, w = s.labels.shape
+        cells = lambda lab: lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0   # noqa: E731
+        changed = (s.labels != own.labels) | (s.rgb != own.rgb).any(-1)
+        changed_cells = changed.reshape(h // r, r, w // r, r).any(axis=(1, 3))
+        # Pasted by whole HSI cells: where the RGB grid took a donor's pixels, the HSI cell is the donor's too.
+        assert np.array_equal(changed_cells, (s.hsi != own.hsi).any(-1) | changed_cells)
+        assert not (changed_cells & ((s.hsi == own.hsi).all(-1)) & cells(s.labels)).any()
+        # The belt stays a belt: at most 55 % of its cells hold objects, unless the run itself held more.
+        assert cells(s.labels).mean() <= max(0.55, cells(own.labels).mean()) + 1e-9
+        mixed += len(set(np.unique(s.labels)) - {0}) > len(set(np.unique(own.labels)) - {0})
+    assert mixed >= 3                          # strips that now hold another run's material beside their own

@@ -175,6 +175,57 @@ class Folder:
             self.ratio, self.bands)
 
 
+class Pasted:
+    """A data set folder's strips with objects of other recordings pasted onto their empty belt.
+
+    Teach-in records one material at a time, so every object in a strip is of one class: a model can
+    learn the strip instead of the object, and never sees two materials side by side. Each strip here
+    gets the objects of `donors` strips of other recordings, shifted by whole HSI cells, pasted cell by
+    cell (RGB, HSI and labels alike, so both grids stay aligned), over its belt and its own objects; the
+    donors and shifts are fixed per strip (seeded), so training stays reproducible. Pieces of objects
+    are added only while at most `occupancy` of the strip's HSI cells hold objects."""
+
+    def __init__(self, folder: Folder, seed: int = 0, donors: int = 2, occupancy: float = 0.55):
+        self.ds, self.seed, self.donors, self.occupancy = folder, seed, donors, occupancy
+        self.classes, self.bands, self.ratio = folder.classes, folder.bands, folder.ratio
+        source = {s["name"]: s["source"] for s in folder.index["strips"]}
+        self.source = np.array([source[n] for n in folder.names])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Sample:
+        s = self.ds[i]
+        rng = np.random.default_rng([self.seed, 7, i])
+        others = np.flatnonzero(self.source != self.source[i])
+        if len(others) == 0:
+            return s
+        rgb, hsi, labels = s.rgb.copy(), s.hsi.copy(), s.labels.copy()
+        r = self.ratio
+        h, w = labels.shape
+        for j in rng.choice(others, size=min(self.donors, len(others)), replace=False):
+            d = self.ds[int(j)]
+            if d.labels.shape != labels.shape:
+                continue
+            dy, dx = int(rng.integers(h // r)) * r, int(rng.integers(w // r)) * r
+            d_rgb, d_hsi = np.roll(d.rgb, (dy, dx), (0, 1)), np.roll(d.hsi, (dy // r, dx // r), (0, 1))
+            d_lab = np.roll(d.labels, (dy, dx), (0, 1))
+            cells = lambda lab: lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0   # noqa: E731
+            # Whole pieces of the donor's objects, in a random order, while the belt stays as full as a
+            # belt is (`occupancy`); a piece may lie over the strip's own objects, as objects lie on each
+            # other on a belt.
+            n, pieces = cv2.connectedComponents(cells(d_lab).view(np.uint8), connectivity=8)
+            take, full = np.zeros((h // r, w // r), bool), cells(labels)
+            for k in rng.permutation(np.arange(1, n)):
+                piece = pieces == k
+                if (full | piece).sum() <= self.occupancy * full.size:
+                    take |= piece
+                    full |= piece
+            fine = np.repeat(np.repeat(take, r, 0), r, 1)
+            rgb[fine], labels[fine], hsi[take] = d_rgb[fine], d_lab[fine], d_hsi[take]
+        return Sample(rgb, hsi, labels).check(r, self.bands)
+
+
 @dataclass(frozen=True)
 class Augment:
     """What training crops vary besides flips, and by how much (each drawn uniformly, per crop).
