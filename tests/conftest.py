@@ -31,6 +31,8 @@ def demo_config() -> dict:
     data = tomllib.loads(DEMO.read_text())
     data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
     data["ejector"]["key"] = str(DEMO.parent / data["ejector"]["key"])
+    # The live view on a port the system picks: graphs of tests (and of other checkouts) never share one.
+    data["nodes"]["live_view"]["params"]["bind"] = "127.0.0.1:0"
     return data
 
 

@@ -229,3 +229,35 @@ def send_and_watch(client, outs, m, classes, cores, masks):
             break
     return got[log_time], log_time
 
+
+
+@pytest.mark.system
+def test_the_demo_graph_serves_its_live_view_to_a_foxglove_client(tmp_path, run_dir):
+    """The shipped demo graph (the belt's truth for masks, to spare the CPU) as it runs: the client sees the belt,
+    its mask and the objects decided on it, 600 mm of belt on the 320 x 320 grid, and the machine's state."""
+    port = free_port()
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(demo_toml(free_port(), oracle=True, graph={"name": "live", "runtime_dir": str(run_dir)},
+                             nodes={"live_view": {"params": {"bind": f"127.0.0.1:{port}", "hz": 10}},
+                                    "belt": {"params": {"seed": 2}}}))
+    sup = start("run", "--config", str(cfg), "--seconds", "30")
+    seen: dict[str, object] = {}
+    try:
+        with foxglove_client(port, timeout=60) as client:
+            for topic, log_time, message in client.messages(timeout=60):
+                seen[topic] = message
+                state = seen.get("/live/state")
+                if (len(seen) == 4 and state["belt"] == "running" and state["objects"] and state["belt_speed_m_s"]
+                        and seen["/live/annotations"].points):
+                    break
+    finally:
+        rc, _, err = stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    rgb, mask = picture(seen["/live/rgb"]), picture(seen["/live/mask"])
+    assert rgb.shape == mask.shape == (320, 320, 3) and rgb.std() > 10   # the belt and what lies on it
+    state = seen["/live/state"]
+    legend = {bytes.fromhex(c[1:]) for c in state["legend"].values()}
+    assert {bytes(p) for p in np.unique(mask.reshape(-1, 3), axis=0)} <= legend | {b"\0\0\0"}
+    assert state["recipe"] == {"targets": ["PET"], "priority": "balanced"} and state["profile"] == "demo"
+    assert 1.5 < state["belt_speed_m_s"] < 2.5 and state["inputs"]["strip"]["messages"] > 0
+    assert all(d in ("eject", "not_target", "small", "unsure", "touching") for c in state["objects"].values() for d in c)
