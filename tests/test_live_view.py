@@ -23,7 +23,7 @@ import zmq
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from websockets.sync.client import connect
 
-from conftest import demo_toml, free_port, start, stop, write_config
+from conftest import ROOT, demo_toml, free_port, start, stop, write_config
 from sortline.nodes.streams import EjectMeta, ObjectReport, Window
 from sortline.pipeline.graph import load_config, outputs_of
 from sortline.pipeline.transport import Output
@@ -261,3 +261,35 @@ def test_the_demo_graph_serves_its_live_view_to_a_foxglove_client(tmp_path, run_
     assert state["recipe"] == {"targets": ["PET"], "priority": "balanced"} and state["profile"] == "demo"
     assert 1.5 < state["belt_speed_m_s"] < 2.5 and state["inputs"]["strip"]["messages"] > 0
     assert all(d in ("eject", "not_target", "small", "unsure", "touching") for c in state["objects"].values() for d in c)
+
+
+def test_the_shipped_foxglove_layout_shows_the_channels_the_live_view_and_the_recorder_publish():
+    layout = json.loads((ROOT / "docs" / "foxglove" / "sortline-layout.json").read_text())
+
+    def panels(content):
+        if content["type"] == "panel":
+            yield content
+        for item in content.get("items", []) + content.get("tabs", []):
+            yield from panels(item["content"])
+
+    shown = list(panels(layout["content"]))
+    images = {p["config"]["imageMode"]["imageTopic"]: p["config"]["imageMode"].get("annotations", {})
+              for p in shown if p["panelType"] == "Image"}
+    assert images == {"/live/rgb": {"/live/annotations": {"visible": True}},
+                      "/live/mask": {"/live/annotations": {"visible": True}}, "/rgb/image": {}, "/hsi/image": {}}
+    assert {p["config"].get("topicPath") for p in shown if p["panelType"] == "RawMessages"} == {"/live/state"}
+
+
+@pytest.mark.system
+def test_a_live_view_whose_port_is_taken_stops_start_up_with_one_line(tmp_path, run_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "c.toml", GRAPH.format(port=port), run_dir)
+        node = start("node", "live", "--config", str(cfg))
+        _, err = node.communicate(timeout=60)
+    assert node.returncode == 78, err[-3000:]
+    assert f"nodes.live.params.bind = '127.0.0.1:{port}': " in err and "Address already in use" in err
