@@ -548,11 +548,13 @@ def test_a_recorder_killed_mid_run_leaves_a_file_that_replays_and_its_restart_wr
 
 def read_frames_of(path: Path) -> list[int]:
     """Sequence numbers of the rgb frames in a file without its end, read with the mcap library."""
-    seqs = []
+    seqs, frames = [], set()
     with open(path, "rb") as fh:
         try:
             for record in StreamReader(fh).records:
-                if isinstance(record, McapMessage):
+                if isinstance(record, Channel) and record.message_encoding == "x-sortline-frame-v1":
+                    frames.add(record.id)   # not the pictures' channel
+                if isinstance(record, McapMessage) and record.channel_id in frames:
                     seqs.append(decode(record.data)[0]["seq"])
         except Exception:  # the cut: everything before it has been read
             pass
