@@ -11,6 +11,8 @@ would find in real frames (little).
   pipeline/mcap_writer.py with lz4 chunks of 1 MiB), fed messages as fast as
   it takes them, from the first message until the file is finished and fsynced.
 - record, no compression: the same with `compression = "none"`.
+- record, no pictures: the default recorder with `image_hz = 0`, i.e. without its
+  image channels for Foxglove (/rgb/image, /hsi/image): what those cost.
 - mcap library: the same frames, encoded beforehand, written by the mcap
   library's own Writer (lz4, 1 MiB chunks) in one thread, then fsynced: what
   the recorder would manage with it (why it has its own writer).
@@ -81,10 +83,12 @@ def messages(streams, pairs: int):
             yield Message(header, {"lines": frames[name][i % VARIANTS]})
 
 
-def run_record(settings, streams, pairs: int, path: Path, compression: str = "lz4") -> tuple[float, int]:
+def run_record(settings, streams, pairs: int, path: Path, compression: str = "lz4",
+               image_hz: float = 2.0) -> tuple[float, int]:
     from sortline.nodes.record import Recorder
 
-    node = Recorder("record", Recorder.Params(path=str(path), overwrite=True, compression=compression), settings)
+    node = Recorder("record", Recorder.Params(path=str(path), overwrite=True, compression=compression,
+                                              image_hz=image_hz), settings)
     node.setup()
     t0 = time.perf_counter()
     for msg in messages(streams, pairs):
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)  # the recorder's stall warnings are expected here: it is fed flat out
 
     work = Path(tempfile.mkdtemp(prefix="sortline-bench-", dir=args.dir))
-    rec, rec_none, library, plain, replay, stalls = [], [], [], [], [], []
+    rec, rec_none, rec_bare, library, plain, replay, stalls = [], [], [], [], [], [], []
     try:
         for _ in range(runs):
             mb_s, n_stalls = run_record(settings, streams, pairs, work / "rec.mcap")
@@ -176,6 +180,7 @@ def main(argv=None) -> int:
             size = (work / "rec.mcap").stat().st_size
             plain.append(run_plain(streams, pairs, work / "plain.bin"))
             rec_none.append(run_record(settings, streams, pairs, work / "none.mcap", "none")[0])
+            rec_bare.append(run_record(settings, streams, pairs, work / "bare.mcap", image_hz=0)[0])
             library.append(run_mcap_library(streams, pairs, work / "library.mcap"))
             plain_size = (work / "plain.bin").stat().st_size
     finally:
@@ -186,6 +191,7 @@ def main(argv=None) -> int:
     figures = {
         "record_mb_s": statistics.median(rec),
         "record_none_mb_s": statistics.median(rec_none),
+        "record_no_images_mb_s": statistics.median(rec_bare),
         "mcap_library_mb_s": statistics.median(library),
         "plain_write_mb_s": statistics.median(plain),
         "replay_mb_s": statistics.median(replay),
@@ -196,6 +202,7 @@ def main(argv=None) -> int:
         "runs": runs,
     }
     figures["record_vs_plain_write"] = figures["record_mb_s"] / figures["plain_write_mb_s"]
+    figures["record_images_vs_none"] = figures["record_mb_s"] / figures["record_no_images_mb_s"]
     figures["record_margin"] = figures["record_mb_s"] / demo_rate
     figures["replay_margin"] = figures["replay_mb_s"] / demo_rate
 
@@ -206,6 +213,8 @@ def main(argv=None) -> int:
           f"{figures['record_margin']:.1f}x the demo rate, {figures['record_stalls']} stalls, "
           f"file {figures['size_ratio']:.2f} of the raw size")
     print(f"  record, no compression                     {figures['record_none_mb_s']:8.0f} MB/s")
+    print(f"  record, no image channels (image_hz = 0)   {figures['record_no_images_mb_s']:8.0f} MB/s  "
+          f"with them {figures['record_images_vs_none']:.2f}x as fast")
     print(f"  mcap library's Writer (lz4, one thread)    {figures['mcap_library_mb_s']:8.0f} MB/s")
     print(f"  plain write (same bytes, fsync)            {figures['plain_write_mb_s']:8.0f} MB/s")
     print(f"  record_vs_plain_write                      {figures['record_vs_plain_write']:8.2f}")

@@ -16,35 +16,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from sortline.nodes.views import hsi_bands, stretch
 from sortline.pipeline import recording
 
-FALSE_COLOUR_NM = (1600.0, 1300.0, 1100.0)  # shown as R, G, B
 SCALE_W = 90
 GAP_W = 6
 TITLE_H = 18  # a strip above the panels naming them
 SCALE_STEPS_MM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-
-
-def hsi_bands(bands: int, wavelength_nm) -> list[int]:
-    """Band indices shown as red, green, blue."""
-    if wavelength_nm:
-        lo, hi = wavelength_nm
-        if lo <= min(FALSE_COLOUR_NM) and max(FALSE_COLOUR_NM) <= hi:
-            return [round((nm - lo) / (hi - lo) * (bands - 1)) for nm in FALSE_COLOUR_NM]
-    return [round(bands * f) for f in (0.75, 0.5, 0.25)]
-
-
-def stretch(planes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Each band to 0..255 between its 1st and 99th percentile over the valid rows."""
-    out = np.zeros(planes.shape, dtype=np.uint8)
-    for b in range(planes.shape[-1]):
-        band = planes[..., b].astype(np.float32)
-        sample = band[valid]
-        if sample.size == 0:
-            continue
-        lo, hi = np.percentile(sample, [1, 99])
-        out[..., b] = np.clip((band - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
-    return out
 
 
 def render(path: str, start_ticks: int, length_mm: float) -> tuple[np.ndarray, dict]:

@@ -9,6 +9,13 @@ and says so (a log line, `sortline_record_stalls_total` and the seconds
 waited). Nothing is dropped here; on a `latest` edge the transport counts
 what it dropped before the recorder saw it.
 
+Beside the frames, each camera stream gets an image channel for people
+(`/rgb/image`, `/hsi/image`: Foxglove's foxglove.RawImage, protobuf): pictures
+on a grid at most `image_px` wide that tile the belt, `image_hz` of them per
+second of belt at the nominal speed, RGB as it is (rgb8), other cameras in false
+colour. They cost a strided copy of a sixteenth or less of each frame, and an
+encoding `image_hz` times a second; replay and every frame reader skip them.
+
 The file is self-describing: the machine configuration the graph ran with
 (and calibration files, when listed) are attachments, a metadata record
 holds version, profile and start time, and at the end a second one holds
@@ -30,9 +37,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 
+from sortline.nodes import views
+from sortline.nodes.foxglove_messages import ENCODING, RawImage, raw_image, schema_of
 from sortline.pipeline import recording
 from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.mcap_writer import McapWriter
@@ -50,6 +60,7 @@ QUEUED = Gauge("sortline_record_queue_bytes", "Bytes waiting for the writer thre
 STALLS = Counter("sortline_record_stalls", "Times the writer fell behind and the input was held back", ["node"])
 STALL_SECONDS = Counter("sortline_record_stall_seconds", "Time the input was held back by the writer", ["node"])
 LOST = Counter("sortline_record_lost", "Messages not recorded: the file could not be written", ["node"])
+IMAGES = Counter("sortline_record_images", "Pictures recorded on the image channels (Foxglove)", ["node", "stream"])
 FAILED = Gauge("sortline_record_failed", "1 once the recording file could not be written", ["node"])
 
 
@@ -70,6 +81,45 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
+class Pictures:
+    """The image channel of one camera stream: its lines on a coarse grid, in tiles of belt."""
+
+    def __init__(self, stream: str, lines, ticks_per_line: int, machine, params):
+        self.topic = f"/{stream}/image"
+        self.step = views.grid_step(lines.shape[1], params.image_px)
+        tile_mm = machine.belt.speed_m_s * 1000.0 / params.image_hz
+        self.tiles = views.Tiles(max(1, round(tile_mm * machine.belt.ticks_per_mm / ticks_per_line / self.step)))
+        self.rgb = lines.dtype == np.uint8 and lines.shape[2] == 3
+        if not self.rgb:   # three bands in false colour; the wavelengths are known for a machine camera
+            cam = getattr(machine.cameras, stream, None)
+            bands = views.hsi_bands(lines.shape[2], cam.wavelength_nm if cam else None)
+            self.bands = [min(b, lines.shape[2] - 1) for b in bands]
+        self.ticks_per_line = ticks_per_line
+        self.seq = 0
+        self.log_time = 0
+
+    def add(self, header, lines, log_time: int) -> list[tuple[int, int, bytes]]:
+        """The pictures this message completes, as (seq, log time, encoded); a gap ends the one begun."""
+        if header.ticks_per_line != self.ticks_per_line or header.position % self.ticks_per_line:
+            return []   # not on the stream's grid of lines: no place in a picture
+        out = self.flush() if header.gap else []
+        self.log_time = log_time
+        first_line = header.position // self.ticks_per_line
+        grid = views.on_grid(lines, first_line, self.step)
+        if not self.rgb:
+            grid = grid[..., self.bands]   # three bands of the lines on the grid: the one copy
+        return out + [self.encode(tile) for tile in self.tiles.add(grid, -(-first_line // self.step))]
+
+    def flush(self) -> list[tuple[int, int, bytes]]:
+        tile = self.tiles.flush()
+        return [] if tile is None else [self.encode(tile)]
+
+    def encode(self, tile) -> tuple[int, int, bytes]:
+        """Stamped with the log time of the last message in it: when the picture was complete."""
+        self.seq += 1
+        return self.seq, self.log_time, raw_image(tile if self.rgb else views.stretch(tile), self.log_time)
+
+
 class Recorder(Node):
     inputs = {"in": ANY}
 
@@ -82,6 +132,10 @@ class Recorder(Node):
         flush_s: float = Field(1.0, gt=0, description="close a chunk at least this often (what a power cut loses)")
         queue_mb: float = Field(64.0, gt=0, description="frames waiting for the disk before the input is held back")
         calibration: list[str] = Field([], description="more calibration files to attach (the config's are always)")
+        image_hz: float = Field(2.0, ge=0, le=50, description="pictures per second of belt (at the nominal speed) "
+                                "on each camera stream's image channel, for Foxglove; 0: no image channels")
+        image_px: int = Field(320, ge=8, le=8192, description="the pictures' width at most: every Nth line and "
+                              "column of the camera")
 
     def setup(self) -> None:
         p = self.params
@@ -102,6 +156,8 @@ class Recorder(Node):
         self.path = path
         self.channels: dict[str, int] = {}  # the writer thread's
         self.stats: dict[str, recording.StreamStats] = {}
+        self.pictures: dict[str, Pictures | None] = {}   # per stream: its image channel (None: it has none)
+        self.images = 0
         self.limit = int(p.queue_mb * 2**20)
         self.queue: deque = deque()
         self.spare: list[bytearray] = []  # frame buffers the writer is done with
@@ -142,6 +198,8 @@ class Recorder(Node):
                                  chunk_size=int(p.chunk_mb * 2**20), compression=p.compression)
         self.schema = self.writer.register_schema(recording.SCHEMA_NAME, recording.SCHEMA_ENCODING,
                                                   recording.SCHEMA_TEXT.encode())
+        name, data = schema_of(RawImage)
+        self.image_schema = self.writer.register_schema(name, ENCODING, data) if p.image_hz else 0
         now = time.time_ns()
         self.writer.add_metadata(recording.META_RUN, {
             "sortline_version": sortline_version(), "profile": self.machine.profile,
@@ -177,10 +235,29 @@ class Recorder(Node):
             if 0 <= age < PLAUSIBLE_AGE_NS:
                 log_time = arrival - age
         self.stats.setdefault(h.stream, recording.StreamStats()).add(h, len(frame), log_time)
-        self._put((h.stream, log_time, arrival, h.seq, frame))
+        self._put((h.stream, log_time, arrival, h.seq, frame, False))
         RECORDED.labels(self.name, h.stream).inc()
         RECORDED_BYTES.labels(self.name, h.stream).inc(len(frame))
+        pictures = self._pictures_of(h, msg.arrays)
+        if pictures is not None:
+            self._put_images(pictures, pictures.add(h, msg.arrays["lines"], log_time), arrival)
         return None
+
+    def _pictures_of(self, header, arrays) -> Pictures | None:
+        """The image channel of a camera stream (one whose message is (lines, pixels, channels) lines)."""
+        if header.stream not in self.pictures:
+            lines = arrays.get("lines")
+            camera = (self.params.image_hz > 0 and lines is not None and lines.ndim == 3 and len(arrays) == 1
+                      and lines.dtype in (np.uint8, np.uint16) and header.ticks_per_line > 0)
+            self.pictures[header.stream] = (Pictures(header.stream, lines, header.ticks_per_line, self.machine,
+                                                     self.params) if camera else None)
+        return self.pictures[header.stream]
+
+    def _put_images(self, pictures: Pictures, images: list[tuple[int, int, bytes]], arrival: int) -> None:
+        for seq, log_time, data in images:
+            self._put((pictures.topic, log_time, arrival, seq, data, True))
+            self.images += 1
+            IMAGES.labels(self.name, pictures.topic).inc()
 
     def _buffer(self, nbytes: int) -> bytearray:
         """A frame buffer, reused: a fresh one costs a page fault per 4 KiB (in the
@@ -193,7 +270,7 @@ class Recorder(Node):
         return bytearray(-(-nbytes // SPARE_ROUND) * SPARE_ROUND)
 
     def _put(self, item) -> None:
-        n = len(item[-1])
+        n = len(item[4])
         with self.cond:
             if self.queued + n > self.limit and self.queue:
                 t0 = time.monotonic()
@@ -230,13 +307,13 @@ class Recorder(Node):
                     if item is None and self.closing:
                         return
                 if item is not None:
-                    stream, log_time, arrival, seq, frame = item
-                    channel = self._channel(stream)
+                    topic, log_time, arrival, seq, frame, image = item
+                    channel = self._channel(topic, image)
                     self.writer.add_message(channel, log_time=log_time, data=frame, publish_time=arrival,
                                             sequence=seq & 0xFFFFFFFF)  # copies the frame
                     with self.cond:
                         self.queued -= len(frame)
-                        if len(self.spare) < SPARE_MAX:
+                        if not image and len(self.spare) < SPARE_MAX:
                             self.spare.append(frame.obj)
                         self._queued.set(self.queued)
                         self.cond.notify_all()
@@ -253,11 +330,12 @@ class Recorder(Node):
                 self._fail(exc)
                 self.cond.notify_all()
 
-    def _channel(self, stream: str) -> int:
-        channel = self.channels.get(stream)
+    def _channel(self, topic: str, image: bool) -> int:
+        channel = self.channels.get(topic)
         if channel is None:
-            channel = self.channels[stream] = self.writer.register_channel(
-                stream, recording.MESSAGE_ENCODING, self.schema, {"stream": stream})
+            channel = self.channels[topic] = (
+                self.writer.register_channel(topic, ENCODING, self.image_schema) if image else
+                self.writer.register_channel(topic, recording.MESSAGE_ENCODING, self.schema, {"stream": topic}))
         return channel
 
     def end_of_stream(self):
@@ -267,7 +345,7 @@ class Recorder(Node):
     def _summary_line(self) -> str:
         n = sum(s.messages for s in self.stats.values())
         mb = sum(s.bytes for s in self.stats.values()) / 1e6
-        return (f"{n} messages, {mb:.1f} MB in {len(self.stats)} streams, {self.stalls} stalls "
+        return (f"{n} messages, {mb:.1f} MB in {len(self.stats)} streams, {self.images} pictures, {self.stalls} stalls "
                 f"({self.stall_s:.1f} s held back)")
 
     def teardown(self) -> None:
@@ -275,6 +353,9 @@ class Recorder(Node):
             if getattr(self, "write_error", None) is not None:
                 self.log.error("%s: nothing recorded (%s); %d messages lost", self.path, self.write_error, self.lost)
             return
+        if self.write_error is None:   # the pictures begun, as far as they go
+            for pictures in filter(None, self.pictures.values()):
+                self._put_images(pictures, pictures.flush(), time.time_ns())
         with self.cond:
             self.closing = True
             self.cond.notify_all()
@@ -302,7 +383,8 @@ class Recorder(Node):
     def status(self) -> dict:
         out = {"messages": sum(s.messages for s in self.stats.values()),
                "mb": round(sum(s.bytes for s in self.stats.values()) / 1e6, 1),
-               "queue_mb": round(self.queued / 2**20, 1), "stalls": self.stalls, "lost": self.lost}
+               "queue_mb": round(self.queued / 2**20, 1), "images": self.images, "stalls": self.stalls,
+               "lost": self.lost}
         if self.write_error is not None:
             out["failed"] = str(self.write_error)
         return out

@@ -11,6 +11,10 @@ readers without sortline. Each MCAP message is one frame:
     bytes 4+H..     the data section: each array's raw bytes (C order,
                     little-endian), back to back in the header's order
 
+Beside the frames, a recording may hold pictures for people (the recorder's image
+channels, `/rgb/image`, in Foxglove's protobuf schemas): readers of frames skip every
+channel whose message encoding is not MESSAGE_ENCODING.
+
 Reading goes record by record (mcap's StreamReader), never through the
 summary, so that a file cut short (power loss, a killed recorder) still
 yields every message before the damage; the damage itself is reported as
@@ -181,7 +185,7 @@ class Frame:
 
 
 def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
-    """Every sortline frame of a recording, in file order.
+    """Every sortline frame of a recording, in file order (messages of other channels are skipped).
 
     Raises Damage where the file stops being readable (after yielding all
     that came before). A file without its end (no footer) is damage too: it
@@ -190,6 +194,7 @@ def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
     path = str(path)
     size = Path(path).stat().st_size
     channels: dict[int, str] = {}
+    others: set[int] = set()   # channels of something else than frames (pictures for people)
     count = 0
     with open(path, "rb") as fh:
         reader = StreamReader(fh, validate_crcs=True, record_size_limit=MAX_RECORD_BYTES)
@@ -208,8 +213,13 @@ def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
                 raise Damage(path, valid_to, size, reason, count) from None
             valid_to = fh.tell()
             if isinstance(record, Channel):
-                channels[record.id] = record.topic
+                if record.message_encoding == MESSAGE_ENCODING:
+                    channels[record.id] = record.topic
+                else:
+                    others.add(record.id)
             elif isinstance(record, Message):
+                if record.channel_id in others:
+                    continue
                 stream = channels.get(record.channel_id)
                 if stream is None:
                     raise Damage(path, valid_to, size, f"a message on unknown channel {record.channel_id}", count)

@@ -32,6 +32,8 @@ def demo_config() -> dict:
     data["calibration"] = {k: str(DEMO.parent / v) for k, v in data["calibration"].items()}
     data["ejector"]["key"] = str(DEMO.parent / data["ejector"]["key"])
     data["opcua"] = {"enabled": False}   # a test that wants the PLC's server asks for it, on a port of its own
+    # The live view on a port the system picks: graphs of tests (and of other checkouts) never share one.
+    data["nodes"]["live_view"]["params"]["bind"] = "127.0.0.1:0"
     return data
 
 

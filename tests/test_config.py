@@ -254,10 +254,10 @@ def test_the_production_twin_is_the_production_machine_with_a_simulated_belt_and
         assert getattr(twin, section) == getattr(prod, section), section
     assert {n: c.kind for n, c in prod.nodes.items()} == {
         "acquire-rgb": "acquire", "acquire-hsi": "acquire", "register": "register", "infer": "infer",
-        "plan": "eject_plan", "ejector": "ejector"}
+        "plan": "eject_plan", "ejector": "ejector", "live_view": "live_view"}
     assert {n: c.kind for n, c in twin.nodes.items()} == {
         "register": "register", "infer": "infer", "plan": "eject_plan", "ejector": "ejector",
-        "belt": "simulate", "belt-hsi": "simulate", "valve_sim": "valve_sim"}
+        "live_view": "live_view", "belt": "simulate", "belt-hsi": "simulate", "valve_sim": "valve_sim"}
     kept = {(e.src, e.dst) for e in prod.edges if not e.src.startswith("acquire")}
     assert kept <= {(e.src, e.dst) for e in twin.edges}
     assert {e.dst for e in twin.edges if e.src.startswith("belt")} == {

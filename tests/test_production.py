@@ -17,7 +17,8 @@ def test_the_production_twin_sorts_end_to_end(tmp_path, run_dir):
     cfg = tmp_path / "twin.toml"
     cfg.write_text(f'extends = "{ROOT / "configs/production-twin.toml"}"\n'
                    f'[graph]\nname = "ptwin"\nruntime_dir = "{run_dir}"\n'
-                   f'[ejector]\naddress = "127.0.0.1:{free_port()}"\n')
+                   f'[ejector]\naddress = "127.0.0.1:{free_port()}"\n'
+                   '[nodes.live_view.params]\nbind = "127.0.0.1:0"\n')
     res = sortline("score", "--config", str(cfg), "--unpaced", "--seconds", "1", "--json", str(tmp_path / "s.json"),
                    timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from mcap.reader import make_reader
 from mcap.data_stream import ReadDataStream
-from mcap.records import Chunk, MessageIndex
+from mcap.records import Channel, Chunk, MessageIndex
 from mcap.records import Message as McapMessage
 from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.writer import CompressionType, Writer
@@ -63,11 +63,12 @@ def decode(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def read_all(path: Path) -> dict[str, list[tuple[dict, dict]]]:
-    """Per stream, in file order: (header, arrays) of every message."""
+    """Per stream, in file order: (header, arrays) of every frame (the image channels left out)."""
     out: dict[str, list] = {}
     with open(path, "rb") as fh:
         for schema, channel, message in make_reader(fh).iter_messages(log_time_order=False):
-            out.setdefault(channel.topic, []).append(decode(message.data))
+            if channel.message_encoding == "x-sortline-frame-v1":
+                out.setdefault(channel.topic, []).append(decode(message.data))
     return out
 
 
@@ -117,11 +118,15 @@ def test_a_recording_holds_every_message_and_reads_with_the_mcap_library_alone(r
     with open(path, "rb") as fh:
         reader = make_reader(fh)
         summary = reader.get_summary()
-        assert summary.statistics.message_count == 2 * N
+        frames = {c.id for c in summary.channels.values() if c.message_encoding == "x-sortline-frame-v1"}
+        assert {c.topic for c in summary.channels.values() if c.id in frames} == {"rgb", "hsi"}
+        assert {c.topic: c.message_encoding for c in summary.channels.values() if c.id not in frames} == {
+            "/rgb/image": "protobuf", "/hsi/image": "protobuf"}   # pictures for Foxglove beside the frames
+        assert {(s.name, s.encoding) for s in summary.schemas.values()} == {("sortline.Frame", "text/markdown"),
+                                                                            ("foxglove.RawImage", "protobuf")}
         assert summary.statistics.chunk_count > 4  # 0.25 MiB chunks
-        assert {c.message_encoding for c in summary.channels.values()} == {"x-sortline-frame-v1"}
-        assert {(s.name, s.encoding) for s in summary.schemas.values()} == {("sortline.Frame", "text/markdown")}
-        assert sorted(summary.statistics.channel_message_counts.values()) == [N, N]
+        counts = summary.statistics.channel_message_counts
+        assert sorted(n for c, n in counts.items() if c in frames) == [N, N]
         # In log-time order through the chunk indexes, one topic through the message indexes, CRCs checked.
         fh.seek(0)
         ordered = make_reader(fh, validate_crcs=True).iter_messages(topics=["hsi"])
@@ -140,6 +145,35 @@ def test_a_recording_holds_every_message_and_reads_with_the_mcap_library_alone(r
     sink = load_json(tmp / "sink.json")
     assert sink["received"] == 2 * N and sink["corrupt"] == 0
     assert load_json(tmp / "run.json")["nodes"]["record"]["status"]["messages"] == 2 * N
+
+
+@pytest.mark.system
+def test_a_recordings_image_channels_decode_as_foxglove_raw_images_with_the_mcap_librarys_own_decoder(recorded):
+    """What Foxglove shows of a recording: /rgb/image and /hsi/image, foxglove.RawImage in protobuf, decoded by
+    mcap-protobuf-support from the schema the file carries (no sortline, no generated classes). The RGB pictures
+    are the camera's lines, every one of them here (64 pixels wide: under image_px), tiling the belt in order."""
+    from mcap_protobuf.decoder import DecoderFactory
+
+    tmp, _, _ = recorded
+    pictures: dict[str, list] = {}
+    with open(tmp / "a.mcap", "rb") as fh:
+        reader = make_reader(fh, decoder_factories=[DecoderFactory()])
+        for schema, channel, message, image in reader.iter_decoded_messages(topics=["/rgb/image", "/hsi/image"],
+                                                                            log_time_order=False):
+            assert schema.name == "foxglove.RawImage" and type(image).DESCRIPTOR.full_name == "foxglove.RawImage"
+            assert image.encoding == "rgb8" and image.step == 3 * image.width
+            assert len(image.data) == image.height * image.step and image.frame_id == "belt"
+            assert image.timestamp.ToNanoseconds() == message.log_time
+            pictures.setdefault(channel.topic, []).append(
+                np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3))
+    rgb = pictures["/rgb/image"]
+    # A picture is half a second of belt at the demo's 2 m/s (image_hz = 2): 1000 mm / 0.9375 mm per line.
+    assert [p.shape[0] for p in rgb] == [1067, 1067, 8 * N - 2134] and {p.shape[1] for p in rgb} == {64}
+    lines = np.concatenate([pattern((8, 64, 3), "uint8", seq) for seq in range(N)])
+    assert np.array_equal(np.concatenate(rgb), lines)
+    hsi = pictures["/hsi/image"]
+    assert sum(p.shape[0] for p in hsi) == 2 * N and {p.shape[1] for p in hsi} == {16}   # false colour, 16 px
+    assert all(p.std() > 0 for p in hsi)
 
 
 def check_message_indexes(fh, summary) -> None:
@@ -241,12 +275,14 @@ def test_replay_of_all_three_streams_with_meta_is_bit_for_bit(tmp_path, run_dir)
 
 
 def chunk_ends(path: Path) -> list[tuple[int, int, int]]:
-    """(byte offset where each chunk ends, messages in it, its data's length), read with the mcap library."""
-    ends = []
+    """(byte offset where each chunk ends, frames in it, its data's length), read with the mcap library."""
+    ends, frames = [], set()
     with open(path, "rb") as fh:
         for record in StreamReader(fh, emit_chunks=True).records:
+            if isinstance(record, Channel) and record.message_encoding == "x-sortline-frame-v1":
+                frames.add(record.id)   # the frames' channels: pictures are not replayed
             if isinstance(record, Chunk):
-                count = sum(isinstance(r, McapMessage) for r in breakup_chunk(record))
+                count = sum(isinstance(r, McapMessage) and r.channel_id in frames for r in breakup_chunk(record))
                 ends.append((fh.tell(), count, len(record.data)))
     return ends
 
@@ -512,11 +548,13 @@ def test_a_recorder_killed_mid_run_leaves_a_file_that_replays_and_its_restart_wr
 
 def read_frames_of(path: Path) -> list[int]:
     """Sequence numbers of the rgb frames in a file without its end, read with the mcap library."""
-    seqs = []
+    seqs, frames = [], set()
     with open(path, "rb") as fh:
         try:
             for record in StreamReader(fh).records:
-                if isinstance(record, McapMessage):
+                if isinstance(record, Channel) and record.message_encoding == "x-sortline-frame-v1":
+                    frames.add(record.id)   # not the pictures' channel
+                if isinstance(record, McapMessage) and record.channel_id in frames:
                     seqs.append(decode(record.data)[0]["seq"])
         except Exception:  # the cut: everything before it has been read
             pass

@@ -45,14 +45,16 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
 
     assert after("belt") == ["sortline@ejector.service", "sortline@plan.service", "sortline@register.service",
                             "sortline@valve_sim.service"]
-    assert after("register") == ["sortline@infer.service"] and after("infer") == ["sortline@plan.service"]
+    assert after("register") == ["sortline@infer.service", "sortline@live_view.service"]
+    assert after("infer") == ["sortline@live_view.service", "sortline@plan.service"]
     assert after("valve_sim") == []
     # The ejector, and only it, fires valves: real-time priority, on the CPUs given.
     realtime = (units / "sortline@ejector.service.d/realtime.conf").read_text()
     assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
     assert sorted(p.parent.name for p in units.glob("*/realtime.conf")) == ["sortline@ejector.service.d"]
     wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
-    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "plan", "register", "valve_sim")]
+    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "live_view", "plan", "register",
+                                                     "valve_sim")]
     assert os.readlink(units / "sortline.target.wants/sortline@infer.service") == "../sortline@.service"
     assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
 
