@@ -155,6 +155,9 @@ def test_a_foxglove_client_sees_the_strips_masks_and_decisions_it_was_sent(tmp_p
     node = start("node", "live", "--config", str(cfg))
     try:
         with foxglove_client(port) as client:
+            # The server comes up in the node's setup, its inputs after it: a bounded edge drops what is sent
+            # before they are there (a loaded machine leaves time for that between the two).
+            assert all(out.wait_for_consumers(30) for out in outs.values())
             shown, log_time = send_and_watch(client, outs, m, classes, cores, masks)
     finally:
         rc, _, err = stop(node)
