@@ -72,10 +72,15 @@ params = {{ {sink} }}
 """ + edge("camera.out", "relay.in", addresses[0]) + edge("relay.out", "sink.in", addresses[1])
 
 
-def demo_toml(udp_port: int, oracle: bool = False, **sections) -> str:
+def demo_toml(udp_port: int, oracle: bool = False, live_view: bool = False, **sections) -> str:
     """The demo profile with its whole graph, the valve bar on `udp_port`, `sections` merged in (see merged);
-    with `oracle`, the belt's truth stands in for the model's masks (perfect segmentation)."""
-    data = merged(demo_config(), {"ejector": {"address": f"127.0.0.1:{udp_port}"}, **sections})
+    with `oracle`, the belt's truth stands in for the model's masks (perfect segmentation). The live view is
+    left out unless asked for: it has tests of its own, and a process less starts sooner on a busy machine."""
+    data = demo_config()
+    if not live_view:
+        del data["nodes"]["live_view"]
+        data["edges"] = [e for e in data["edges"] if not e["to"].startswith("live_view.")]
+    data = merged(data, {"ejector": {"address": f"127.0.0.1:{udp_port}"}, **sections})
     if oracle:
         data["nodes"]["infer"] = {"kind": "oracle"}
         for edge in data["edges"]:

@@ -299,7 +299,13 @@ def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     assert set(result["per_class_iou"]) == set(read(weights)[0].classes)
     assert result["miou"] > 0.6 and result["per_class_iou"]["belt"] > 0.95
     assert "mIoU" in ev.stdout and "PET" in ev.stdout
-    assert 0 < result["ece"] == result["ece_raw"] < 0.05 and result["temperature"] == 1.0
+    # The shipped nano carries a fitted temperature (its confidence calibrated), the tiny none.
+    temperature = read(weights)[0].temperature
+    assert result["temperature"] == pytest.approx(temperature) and 0 < result["ece"] < 0.05
+    if temperature == 1.0:
+        assert result["ece"] == result["ece_raw"]
+    else:
+        assert result["ece"] < result["ece_raw"] and temperature == pytest.approx(1.1945, abs=1e-3)
     assert "expected calibration error (15 bins, per pixel, max softmax, mask stride 4)" in ev.stdout
     assert result["mask_stride"] == 4
     img = cv2.imread(str(png))
