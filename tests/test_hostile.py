@@ -259,7 +259,7 @@ def demo_run(tmp_path, run_dir, name: str, seconds: float, record: str | None = 
         nodes["belt"]["params"].update(paced=False, seconds=seconds)
         nodes["valve_sim"]["params"]["by_position"] = True
         nodes.update(plan={"params": {"timing": False}}, ejector={"params": {"timing": False}})
-        edges = demo_config()["edges"]
+        edges = [e for e in demo_config()["edges"] if not e["to"].startswith("live_view.")]   # as demo_toml's
         sections["edges"] = [{**e, "policy": "lossless", "pattern": "pushpull"} for e in edges]
     cfg.write_text(demo_toml(free_port(), graph={"name": name, "runtime_dir": str(run_dir)}, metrics={"port_base": port},
                              nodes=nodes, **sections))
