@@ -97,7 +97,8 @@ class Scene:
             for c in present[(present != 0) & ~np.isin(present, target_ids)]:
                 k, lab, stats, _ = cv2.connectedComponentsWithStats((self.classes == c).view(np.uint8),
                                                                     connectivity=8)
-                labels[lab > 0] = lab[lab > 0] + (n - 1)
+                on = lab > 0
+                labels[on] = lab[on] + (n - 1)
                 areas.append(stats[1:, cv2.CC_STAT_AREA].astype(np.int64))
                 n += k - 1
             area = np.concatenate(areas)

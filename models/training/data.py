@@ -203,6 +203,10 @@ class Pasted:
         rgb, hsi, labels = s.rgb.copy(), s.hsi.copy(), s.labels.copy()
         r = self.ratio
         h, w = labels.shape
+
+        def cells(lab):   # HSI cells holding any object pixel
+            return lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0
+
         for j in rng.choice(others, size=min(self.donors, len(others)), replace=False):
             d = self.ds[int(j)]
             if d.labels.shape != labels.shape:
@@ -210,7 +214,6 @@ class Pasted:
             dy, dx = int(rng.integers(h // r)) * r, int(rng.integers(w // r)) * r
             d_rgb, d_hsi = np.roll(d.rgb, (dy, dx), (0, 1)), np.roll(d.hsi, (dy // r, dx // r), (0, 1))
             d_lab = np.roll(d.labels, (dy, dx), (0, 1))
-            cells = lambda lab: lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0   # noqa: E731
             # Whole pieces of the donor's objects, in a random order, while the belt stays as full as a
             # belt is (`occupancy`); a piece may lie over the strip's own objects, as objects lie on each
             # other on a belt.
