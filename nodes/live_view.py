@@ -135,8 +135,6 @@ class LiveView(Node):
 
     def process(self, port, msg):
         now = time.monotonic()
-        self.received[port] += 1
-        self.last_in[port] = now
         with self.lock:
             if port == "strip":
                 self._strip(msg, now)
@@ -144,6 +142,9 @@ class LiveView(Node):
                 self._mask(msg)
             else:
                 self._plan(msg)
+            # Counted once drawn, under the lock: a state published says what the pictures beside it hold.
+            self.received[port] += 1
+            self.last_in[port] = now
         return None
 
     def _strip(self, msg, now: float) -> None:

@@ -193,9 +193,13 @@ def test_a_foxglove_client_sees_the_strips_masks_and_decisions_it_was_sent(tmp_p
 
 
 def send_and_watch(client, outs, m, classes, cores, masks):
-    """Twelve strips, their masks, one plan; what the client was shown once the view had them all."""
+    """Twelve strips, then their masks and one plan; what the client was shown once the view had them all.
+
+    The masks go once the view has drawn every strip: the view keeps a mask only for belt it has seen (in a
+    graph the mask of a strip comes after it, through inference), and two edges give no order between them."""
     rng = np.random.default_rng(4)
     lines, core = m.strip_lines + 2 * m.overlap_lines, m.strip_lines
+    strip_cells = []
     for k in range(12):
         first_line = 1000 + k * core   # the strip's first core line; its overlap starts 16 lines before
         rgb = rng.integers(0, 256, (lines, 640, 3), dtype=np.uint8)
@@ -207,7 +211,9 @@ def send_and_watch(client, outs, m, classes, cores, masks):
         msg.arrays["hsi"][...] = 0
         outs["strips"].send(msg, time.monotonic_ns(), "strips")
         cores.append(rgb[m.overlap_lines:m.overlap_lines + core])
-        cells = rng.integers(0, 4, (core // 4, 160), dtype=np.uint8)
+        strip_cells.append((first_line, rng.integers(0, 4, (core // 4, 160), dtype=np.uint8)))
+    watch(client, {"strip": 12})
+    for k, (first_line, cells) in enumerate(strip_cells):
         msg = outs["masks"].new({"classes": (cells.shape, np.uint8), "confidence": (cells.shape, np.uint8)},
                                 stream="mask", seq=k, position=first_line * 15, ticks_per_line=60,
                                 meta={"classes": classes, "model": "test", "stride": 4, "valid_lines": core // 4})
@@ -224,14 +230,18 @@ def send_and_watch(client, outs, m, classes, cores, masks):
                             meta=msgspec.to_builtins(EjectMeta([air], [obj])))
     outs["plans"].send(msg, time.monotonic_ns(), "plans")
 
+    return watch(client, {"strip": 12, "mask": 12, "plan": 1})
+
+
+def watch(client, counts: dict[str, int]):
+    """The first publication (all four topics at one log time) whose state counts `counts` messages in."""
     got: dict[int, dict] = {}
     for topic, log_time, message in client.messages():
         got.setdefault(log_time, {})[topic] = message
         state = got[log_time].get("/live/state")
-        if state and state["inputs"]["strip"]["messages"] == 12 and state["inputs"]["mask"]["messages"] == 12 \
-                and state["inputs"]["plan"]["messages"] == 1 and len(got[log_time]) == 4:
-            break
-    return got[log_time], log_time
+        if state and len(got[log_time]) == 4 and all(
+                state["inputs"][port]["messages"] == n for port, n in counts.items()):
+            return got[log_time], log_time
 
 
 
