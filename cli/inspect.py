@@ -68,6 +68,8 @@ def describe(info) -> str:
             span = max(s.end_position for s in placed) - min(s.first_position for s in placed)
             total += f", belt {span / ticks_per_mm / 1000:.2f} m"
         out.append(total)
+    for topic, n in sorted(info.pictures.items()):
+        out.append(f"  pictures {topic}: {n} messages (for Foxglove; replay and training skip them)")
     for name, data in sorted(info.attachments.items()):
         out.append(f"  attachment {name}: {len(data)} bytes")
     return "\n".join(out)
@@ -76,7 +78,7 @@ def describe(info) -> str:
 def add(sub) -> None:
     p = sub.add_parser("inspect", help="print what a recording holds; draw a stretch of belt",
                        description="Print a recording's streams (messages, lines, duration, belt length, "
-                       "gaps) and attachments; with --png, save a picture of a stretch of belt: RGB, a "
+                       "gaps), picture channels and attachments; with --png, save a picture of a stretch of belt: RGB, a "
                        "false-colour HSI view and the labels. Exit code 2: the file is damaged.")
     p.add_argument("file", help="the recording (MCAP)")
     p.add_argument("--verify", action="store_true",

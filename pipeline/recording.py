@@ -189,7 +189,8 @@ def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
 
     Raises Damage where the file stops being readable (after yielding all
     that came before). A file without its end (no footer) is damage too: it
-    was cut. `on_record` sees every other record (attachments, metadata).
+    was cut. `on_record` sees every other record (attachments, metadata, and the channels
+    and messages of pictures).
     """
     path = str(path)
     size = Path(path).stat().st_size
@@ -217,8 +218,12 @@ def frames(path: str | Path, on_record=None) -> Iterator[Frame]:
                     channels[record.id] = record.topic
                 else:
                     others.add(record.id)
+                    if on_record is not None:
+                        on_record(record)
             elif isinstance(record, Message):
                 if record.channel_id in others:
+                    if on_record is not None:
+                        on_record(record)
                     continue
                 stream = channels.get(record.channel_id)
                 if stream is None:
@@ -254,6 +259,7 @@ class Contents:
     metadata: dict[str, dict[str, str]]
     from_summary: bool
     damage: Damage | None = None
+    pictures: dict[str, int] = field(default_factory=dict)   # topic of each picture channel -> its messages
 
     def config(self) -> dict:
         import tomllib
@@ -279,7 +285,10 @@ def contents(path: str | Path, verify: bool = False) -> Contents:
                 attachments = {a.name: a.data for a in reader.iter_attachments()}
                 streams = {name: StreamStats.from_dict(d)
                            for name, d in json.loads(metadata[META_STREAMS]["json"]).items()}
-                return Contents(path, size, streams, attachments, metadata, from_summary=True)
+                counts = summary.statistics.channel_message_counts if summary.statistics else {}
+                pictures = {c.topic: counts.get(c.id, 0) for c in summary.channels.values()
+                            if c.message_encoding != MESSAGE_ENCODING}
+                return Contents(path, size, streams, attachments, metadata, from_summary=True, pictures=pictures)
     except Exception:  # no usable summary: a scan tells what is there
         pass
     return scan(path)
@@ -288,12 +297,18 @@ def contents(path: str | Path, verify: bool = False) -> Contents:
 def scan(path: str | Path) -> Contents:
     path = str(path)
     attachments, metadata, streams = {}, {}, {}
+    topics, pictures = {}, {}
 
     def other(record):
         if isinstance(record, Attachment):
             attachments[record.name] = record.data
         elif isinstance(record, Metadata):
             metadata[record.name] = dict(record.metadata)
+        elif isinstance(record, Channel):
+            topics[record.id] = record.topic
+            pictures.setdefault(record.topic, 0)
+        elif isinstance(record, Message):
+            pictures[topics[record.channel_id]] += 1
 
     damage = None
     try:
@@ -306,4 +321,4 @@ def scan(path: str | Path) -> Contents:
     except Damage as exc:
         damage = exc
     return Contents(path, Path(path).stat().st_size, streams, attachments, metadata, from_summary=False,
-                    damage=damage)
+                    damage=damage, pictures=pictures)

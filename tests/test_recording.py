@@ -174,6 +174,12 @@ def test_a_recordings_image_channels_decode_as_foxglove_raw_images_with_the_mcap
     hsi = pictures["/hsi/image"]
     assert sum(p.shape[0] for p in hsi) == 2 * N and {p.shape[1] for p in hsi} == {16}   # false colour, 16 px
     assert all(p.std() > 0 for p in hsi)
+    # `sortline inspect` lists the picture channels, from the summary and from a scan of every message alike.
+    for how in ([], ["--verify"]):
+        res = sortline("inspect", *how, str(tmp / "a.mcap"), timeout=60)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"pictures /rgb/image: {len(rgb)} messages" in res.stdout
+        assert f"pictures /hsi/image: {len(hsi)} messages" in res.stdout
 
 
 def check_message_indexes(fh, summary) -> None:
