@@ -276,6 +276,7 @@ def test_a_camera_that_stops_costs_bounded_memory_and_is_counted(tmp_path, run_d
         register = port + 1                       # data-flow order: belt, register, ...
         wait_for(lambda: metric(scrape(register), "sortline_edge_drops_total", reason="rgb_missing") > 0, timeout=30)
         pid = pid_of("node", "register", str(cfg))
+        time.sleep(1)                             # the held stretch fills as the first drops come: measure after
         first = rss_mb(pid)
         time.sleep(2)                             # at 2 m/s, 10.7 MB/s of HSI once piled up here
         grown = rss_mb(pid) - first
@@ -284,7 +285,7 @@ def test_a_camera_that_stops_costs_bounded_memory_and_is_counted(tmp_path, run_d
         rc, _, err = stop(sup, timeout=60)
     assert rc == 0, err[-3000:]
     assert grown < 10, grown
-    assert dropped > 800                           # HSI lines given up (533 a second), counted
+    assert dropped > 1300                          # HSI lines given up (533 a second), counted
     assert 1 <= err.count("no RGB lines for") <= 2, err[-3000:]
     assert load_json(tmp_path / "rgbstop-run.json")["nodes"]["register"]["restarts"] == 0
 
