@@ -127,6 +127,11 @@ class StripCutter:
         self.no_hsi: list[tuple[float, float]] = []
         self.seq = 0
         self.dropped_lines = 0                  # RGB lines without HSI, given up
+        # The RGB lines from the first HSI line's position to the first the HSI can cover: no HSI camera
+        # saw them, however the two started, since their scan lines lie `along` apart. Not lost data: the
+        # belt there was never seen by both. Counted apart from the drops.
+        self.lead_in: tuple[float, float] | None = None
+        self.lead_in_lines = 0
         self.dropped_hsi_lines = 0              # HSI lines without RGB (the RGB camera late or stopped), given up
 
     # Input.
@@ -140,6 +145,8 @@ class StripCutter:
         self.rgb_end = position + len(lines) * self.tpl_r
 
     def hsi(self, position: int, raw: np.ndarray, gap: bool) -> None:
+        if self.lead_in is None:
+            self.lead_in = (position, position + self.along.max() + self.tpl_h)
         if self.hsi_end is None or gap or position != self.hsi_end:
             # RGB lines whose HSI (with the line after, to interpolate) is missing cannot be registered.
             lo = -np.inf if self.hsi_end is None else int(np.floor(self.hsi_end + self.along.min() - self.tpl_h))
@@ -189,7 +196,11 @@ class StripCutter:
                 skip = int(np.ceil((hi - self.next_core) / self.tpl_r))
                 if self.rgb_end < self.next_core + skip * self.tpl_r:
                     return None
-                self.dropped_lines += skip
+                a, b = self.lead_in
+                lead = max(0, int(np.ceil((min(b, self.next_core + skip * self.tpl_r) - max(a, self.next_core))
+                                          / self.tpl_r)))
+                self.lead_in_lines += lead
+                self.dropped_lines += skip - lead
                 self._resume_at(self.next_core + skip * self.tpl_r)
                 return self._one(into) if self.next_core is not None else None
         top = self.next_core - self.overlap * self.tpl_r
@@ -353,7 +364,7 @@ class Register(Node):
 
     def process(self, port, msg):
         h, lines = msg.header, msg.arrays["lines"]
-        before, before_hsi = self.cutter.dropped_lines, self.cutter.dropped_hsi_lines
+        before, before_hsi, lead_in = self.cutter.dropped_lines, self.cutter.dropped_hsi_lines, self.cutter.lead_in_lines
         if port == "rgb":
             self.cutter.rgb(h.position, lines, h.gap)
             self.last_rgb = msg
@@ -373,6 +384,10 @@ class Register(Node):
 
         for _ in cut.strips(into):
             pass
+        if self.cutter.lead_in_lines > lead_in:
+            self.log.info("the first %d RGB lines have no HSI: the cameras' scan lines lie %.0f mm apart, so no HSI "
+                          "line saw that belt (not sorted; not a drop)", self.cutter.lead_in_lines - lead_in,
+                          cut.along.mean() / self.machine.belt.ticks_per_mm)
         if self.cutter.dropped_lines > before:
             self.given_up.inc(self.cutter.dropped_lines - before)
             self._warn("hsi_missing", f"no HSI lines for {self.cutter.dropped_lines - before} RGB lines: gave them "
@@ -385,4 +400,4 @@ class Register(Node):
 
     def status(self) -> dict:
         return {"strips": self.cutter.seq, "hsi_missing_lines": self.cutter.dropped_lines,
-                "rgb_missing_lines": self.cutter.dropped_hsi_lines}
+                "rgb_missing_lines": self.cutter.dropped_hsi_lines, "lead_in_lines": self.cutter.lead_in_lines}

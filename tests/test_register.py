@@ -98,8 +98,19 @@ def test_strips_carry_both_grids_over_the_same_belt(settings, calibrations, belt
     # Consecutive cores, no line twice, none missing after the first registrable one.
     covered = cores(settings, strips)
     assert np.array_equal(np.diff(covered), np.full(len(covered) - 1, tpl))
-    # Lines before the HSI camera had seen that belt (it looks 51.7 mm upstream) are given up and counted.
-    assert cut.dropped_lines == covered[0] // tpl
+    # The lines before the HSI camera had seen that belt (it looks 51.7 mm upstream) are the lead-in:
+    # counted, and not as lost (both cameras started at once).
+    assert cut.lead_in_lines == covered[0] // tpl and cut.dropped_lines == 0
+
+
+def test_rgb_lines_before_the_hsi_camera_started_are_lost_and_the_lead_in_is_not(settings, calibrations, belt):
+    sim, _, _ = belt
+    on_time, _, _ = run(settings, calibrations, belt)
+    late, strips, _ = run(settings, calibrations, belt, skip_hsi={0, 1, 2})   # HSI from its fourth frame on
+    assert late.lead_in_lines == on_time.lead_in_lines > 50
+    # Every RGB line before the HSI camera's first is given up and counted as lost, and no more.
+    assert late.dropped_lines == sim.position("hsi", 3) // settings.cameras.rgb.ticks_per_line > 0
+    assert cores(settings, strips)[0] == cores(settings, run(settings, calibrations, belt)[1])[0] + sim.position("hsi", 3)
 
 
 def test_an_rgb_gap_ends_a_strip_early_and_the_next_starts_after_it(settings, calibrations, belt):
@@ -126,7 +137,7 @@ def test_an_hsi_gap_is_never_interpolated_across(settings, calibrations, belt):
     hi = sim.position("hsi", 21) + along.max()
     covered = cores(settings, strips)
     assert not ((covered >= lo) & (covered < hi)).any()
-    assert cut.dropped_lines > covered[0] // 15      # the lines HSI never saw, counted
+    assert cut.dropped_lines >= (hi - lo) // 15 - 1 and cut.lead_in_lines == covered[0] // 15   # lost, counted
 
 
 def test_hsi_that_stops_coming_costs_bounded_memory_and_counts(settings, calibrations, belt):
@@ -230,15 +241,17 @@ def test_a_camera_far_ahead_waits_on_lossless_edges_instead_of_losing_lines(tmp_
     run = load_json(tmp_path / "run.json")["nodes"]
     status = run["register"]["status"]
     # The first RGB lines lie before the HSI camera's first line once the cameras' offset is applied: none of
-    # them can be registered, live or not (58 on these calibrations). Nothing after them is given up.
-    assert status["hsi_missing_lines"] <= 64 and status["rgb_missing_lines"] == 0, status
+    # them can be registered, live or not (58 on these calibrations): the lead-in, not a loss. Nothing else
+    # is given up.
+    assert 50 < status["lead_in_lines"] <= 64, status
+    assert status["hsi_missing_lines"] == 0 and status["rgb_missing_lines"] == 0, status
     sink = load_json(tmp_path / "sink.json")
     # 1.5 s at 2 m/s: 3200 RGB lines, 50 strips of 64 (the last may wait for context that never comes).
     assert sink["received"] >= 3200 // settings.model.strip_lines - 2 and sink["lost"] == 0, sink
     assert sink["gap_flags"] == 1        # the first strip only: nothing was given up on the way
-    # Nor was anything dropped on an edge (the 58 lines above are the only count).
+    # Nor was anything dropped on an edge.
     drops = {k: v for n in run.values() for k, v in n["totals"].items() if k.startswith("sortline_edge_drops_total")}
-    assert sum(drops.values()) == status["hsi_missing_lines"], drops
+    assert sum(drops.values()) == 0, drops
 def test_strips_written_into_the_nodes_float16_buffers_are_the_float32_ones_rounded(settings, calibrations, belt):
     """What the node does: each strip written into its message's arrays (rgb uint8, hsi float16)."""
     _, wide, _ = run(settings, calibrations, belt)
