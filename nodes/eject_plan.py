@@ -66,6 +66,11 @@ class Obj:
     complete: bool            # no more lines can join it
     cluster: np.ndarray       # pixels per class of everything it touches, itself included
     scene: Scene | None = None   # the mask lines it was found in, its neighbours' too
+    judged: int = -1          # the id whose first line's recipe judges it (-1: its own; see ObjectFinder)
+
+    @property
+    def judge_id(self) -> int:
+        return self.id if self.judged < 0 else self.judged
 
     @property
     def area(self) -> int:
@@ -115,13 +120,22 @@ class ObjectFinder:
     offered to `plan(obj)` while still open, with each new stretch of lines;
     `plan` returns True when it made valve windows for the object's fresh
     pixels, which are then not offered again. Complete objects are returned.
+
+    An object's id is its first pixel, so it can change under it: an open object
+    grows into one found earlier (their ids, the smaller), a complete one is
+    split where objects touch (each piece its own). One that was being ejected
+    stays judged as it was when its air began: each planned pixel keeps the id
+    it was planned under, and the object takes the first of them (`judged`), so
+    the recipe in force there judges it and its windows name it (the ejector
+    checks them by it) and no object is blown half under one recipe.
     """
 
     def __init__(self, min_area_px: int, classes: int = 256, split_necks: bool = False):
         self.min_area = min_area_px
         self.classes = classes
         self.split_necks = split_necks
-        # Lines of open objects kept for the next chunk: (first line, classes, confidence, planned).
+        # Lines of open objects kept for the next chunk: (first line, classes, confidence, planned), planned
+        # holding per pixel 1 + the id it was planned under (0: not planned).
         self.carry: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_line: int | None = None
 
@@ -129,7 +143,7 @@ class ObjectFinder:
         done = []
         if self.next_line is not None and (gap or line0 != self.next_line):
             done += self.flush(plan)
-        planned = np.zeros(classes.shape, bool)
+        planned = np.zeros(classes.shape, np.int64)
         if self.carry is not None:
             c0, cc, cf, cp = self.carry
             buf = (c0, np.concatenate([cc, classes]), np.concatenate([cf, confidence]), np.concatenate([cp, planned]))
@@ -204,14 +218,16 @@ class ObjectFinder:
         out = []
         scene = Scene(line0, cls, conf)
         for c, _, rr, cc, touched, is_open in sorted(found, key=lambda f: f[:2]):
-            done_px = planned[rr, cc]
+            under = planned[rr, cc]
+            done_px = under > 0
             hist = np.zeros(max(self.classes, c + 1), np.int64)    # all its pixels are of class c
             conf_sum = np.zeros(len(hist))
             hist[c], conf_sum[c] = len(rr), conf[rr, cc].sum(dtype=np.float64)
+            judged = int(under[done_px].min()) - 1 if done_px.any() else -1
             obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, hist, conf_sum, ~done_px,
-                      bool(done_px.any()), not is_open, touched, scene)
+                      bool(done_px.any()), not is_open, touched, scene, judged)
             if obj.fresh.any() and plan(obj):
-                planned[rr, cc] = True
+                planned[rr, cc] = obj.judge_id + 1
             if not is_open:
                 out.append(obj)
         if open_tops and not final:
@@ -460,7 +476,7 @@ class EjectPlan(Node):
 
     def _rules(self, obj: Obj) -> tuple[np.ndarray, Sparing | None]:
         """The target ids and the sparing of the recipe in force at the object's first line."""
-        entry = self.recipes.at(object_position(obj.id, len(self.bar.valve_of_col), self.bar.tpl))
+        entry = self.recipes.at(object_position(obj.judge_id, len(self.bar.valve_of_col), self.bar.tpl))
         if entry.n not in self.rules:
             ids = [self.classes.index(t) for t in entry.recipe.targets if t in self.classes]
             self.rules[entry.n] = (np.array(ids, np.int64), PRIORITIES[entry.recipe.priority])
@@ -507,11 +523,11 @@ class EjectPlan(Node):
             # The target keeps `keep` of all its pixels under air, not of each stretch planned as it arrives:
             # a short last stretch beside a neighbour may spend what the earlier ones did not.
             seen = obj.conf_sum[obj.cls] / 255.0
-            budget = (1 - sparing.keep) * seen - self.spent.get(obj.id, 0.0)
+            budget = (1 - sparing.keep) * seen - self.spent.get(obj.judge_id, 0.0)
         keep = spare_lanes(obj, spans, self.bar, *self.margin_lines, target_ids, sparing,
                            self.params.min_confidence, budget)
         if not keep.all():
-            self.spent[obj.id] = self.spent.get(obj.id, 0.0) + float(spans[3][~keep].sum())
+            self.spent[obj.judge_id] = self.spent.get(obj.judge_id, 0.0) + float(spans[3][~keep].sum())
             self.spared += int((~keep).sum())
             SPARED.labels(self.name).inc(int((~keep).sum()))
             spans = tuple(x[keep] for x in spans)
@@ -521,7 +537,7 @@ class EjectPlan(Node):
                 if b <= earliest:
                     continue
                 a = earliest
-            self.windows.append(Window(v, v, int(a), int(b), obj.id, cls, conf))
+            self.windows.append(Window(v, v, int(a), int(b), obj.judge_id, cls, conf))
         return True
 
     def _publish(self, objs: list[Obj], like):
@@ -529,7 +545,7 @@ class EjectPlan(Node):
             return None
         described = []
         for o in objs:
-            self.spent.pop(o.id, None)          # complete: no more of it to plan
+            self.spent.pop(o.judge_id, None)    # complete: no more of it to plan
             decision = decide(o, self.params, self._rules(o)[0], self.min_area_px)
             cls = self.classes[o.cls]
             OBJECTS.labels(self.name, cls, decision).inc()

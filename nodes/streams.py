@@ -81,7 +81,7 @@ class Window(msgspec.Struct, array_like=True, frozen=True):
     valve_hi: Valve             # inclusive
     open_pos: Position          # the air must arrive when the encoder reads this...
     close_pos: Position         # ... and may stop here
-    object_id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]   # unique within a run (see eject_plan)
+    object_id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]   # the object as judged (eject_plan.ObjectFinder)
     cls: Annotated[str, msgspec.Meta(max_length=64)]   # the object's class, a name from the model's classes
     confidence: Annotated[float, msgspec.Meta(ge=0, le=1)]   # the model's mean over the object's pixels
 

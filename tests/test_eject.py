@@ -115,13 +115,15 @@ class PreviousFinder(ObjectFinder):
                 cx, cy, cw, ch = (cstats[cl, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
                                                           cv2.CC_STAT_HEIGHT))
                 in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
-                done_px = planned[rr, cc]
+                under = planned[rr, cc]          # 1 + the id a pixel was planned under (0: not planned)
+                done_px = under > 0
                 obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
                           np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
                           bool(done_px.any()), not is_open,
-                          np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes))
+                          np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes),
+                          judged=int(under[done_px].min()) - 1 if done_px.any() else -1)
                 if obj.fresh.any() and plan(obj):
-                    planned[rr, cc] = True
+                    planned[rr, cc] = obj.judge_id + 1
                 if not is_open:
                     out.append(obj)
         if open_tops and not final:

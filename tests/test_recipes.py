@@ -111,6 +111,39 @@ def test_the_plan_judges_each_object_whole_by_the_recipe_at_its_first_line(setti
     assert h.node.recipe_classes() == ["PET", "PP", "HDPE"]
 
 
+def test_an_object_being_ejected_stays_judged_as_it_began_when_it_grows_into_an_earlier_one(settings):
+    """A PP arm found after a change to PP is being blown when it joins a PP arm that began before the change
+    (a V, or two items touching): the object that results has the earlier arm's id, but it is judged, and
+    its windows named, as its air began. Else the plan would go on blowing it (its front has been blown)
+    under an id the ejector finds under the old recipe, and the ejector would refuse the rest of it."""
+    h = Harness(EjectPlan, settings.machine(), {"timing": False}, name="plan-merge")
+    at_tick = 40 * TPL
+    classes = np.zeros((16 * 7, WIDTH), np.uint8)
+    classes[30:80, 40:46] = 2        # arm A: PP from line 30, before the change
+    classes[45:80, 60:66] = 2        # arm B: PP from line 45, after it
+    classes[74:80, 40:66] = 2        # the two joined from line 74 on
+    conf = np.full(classes.shape, 240, np.uint8)
+    windows, decided = [], {}
+    for i in range(7):
+        if i == 1:
+            entry = Entry(1, at_tick, Recipe(targets=["PP"]))
+            h.node.recipes.add(entry)
+            h.node.on_recipe(entry.recipe, entry.at_tick)
+        rows = slice(i * 16, (i + 1) * 16)
+        for _, msg in h.send("in", {"classes": classes[rows], "confidence": conf[rows]}, position=i * 16 * TPL,
+                             ticks_per_line=TPL, meta=MaskMeta(CLASSES, "m", 4, 16)):
+            windows += msg.meta.windows
+            decided.update({o.id: (o.cls, o.decision) for o in msg.meta.objects})
+    for _, msg in h.end():
+        windows += msg.meta.windows
+        decided.update({o.id: (o.cls, o.decision) for o in msg.meta.objects})
+    arm_a, arm_b = 30 * WIDTH + 40, 45 * WIDTH + 60
+    assert decided == {arm_a: ("PP", "eject")}                  # one object, of the earlier arm's id
+    assert windows and {w.object_id for w in windows} == {arm_b}
+    # Air for the joined lines too, not only for arm B's first stretch.
+    assert max(w.close_pos for w in windows) >= 74 * TPL
+
+
 def test_the_ejector_takes_windows_of_the_targets_of_each_objects_recipe(settings):
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener.bind(("127.0.0.1", 0))
