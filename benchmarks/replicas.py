@@ -49,7 +49,7 @@ from sortline.nodes.simulate import Simulation  # noqa: E402
 from sortline.nodes.streams import StripMeta  # noqa: E402
 from sortline.pipeline.config import compose  # noqa: E402
 from sortline.pipeline.graph import load_config, outputs_of  # noqa: E402
-from sortline.pipeline.node import finished_mark  # noqa: E402
+from sortline.pipeline.graph import finished_mark  # noqa: E402
 from sortline.pipeline.transport import Output  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.toml"

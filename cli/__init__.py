@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sortline.cli import (build_engine, calibrate, calibrate_confidence, cameras, check, evaluate, export, hil,
-                          inspect, install_service, keys, node, recipe, record, replay, run, score, simulate, status,
+from sortline.cli import (build_engine, calibrate, calibrate_confidence, cameras, check, control, evaluate, export,
+                          hil, inspect, install_service, keys, node, recipe, record, replay, run, score, simulate, status,
                           teach, train)
 from sortline.cli.common import config_errors, default_config
 from sortline.pipeline import logs
@@ -45,8 +45,8 @@ class Version(argparse.Action):
         parser.exit()
 
 # In the order `sortline --help` lists them.
-COMMANDS = (run, record, replay, simulate, score, hil, calibrate, inspect, node, install_service, status, recipe, keys,
-            check, cameras, teach, train, evaluate, calibrate_confidence, export, build_engine)
+COMMANDS = (run, record, replay, simulate, score, hil, calibrate, inspect, node, install_service, control, status, recipe,
+            keys, check, cameras, teach, train, evaluate, calibrate_confidence, export, build_engine)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,10 @@ test or an image build):
   systemd then starts consumers first (each says READY=1 when set up) and
   stops sources first, as the supervisor does;
 - the real-time drop-in for the ejector nodes (optionally pinned to CPUs);
+- sortline-control.service, the recipes and the OPC UA server beside the nodes
+  (`sortline control`), with a drop-in that starts it before them;
 - the links `systemctl enable` would make, so that the target starts every
-  node of this host at boot.
+  node of this host, and the control process, at boot.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SHIPPED_PREFIX = "/opt/sortline"  # where the shipped units expect the virtual e
 ETC = Path("etc/sortline")
 UNIT_DIR = Path("etc/systemd/system")
 TEMPLATE = "sortline@.service"
+CONTROL = "sortline-control.service"
 
 
 def unit_name(process: str) -> str:
@@ -106,6 +109,14 @@ def install(config: str | os.PathLike, root: str | os.PathLike = "/", prefix: st
             text = (UNITS / "ejector" / "realtime.conf").read_text()
             write(unit_dir / f"{unit}.d" / "realtime.conf", text + (f"CPUAffinity={realtime_cpus}\n" if realtime_cpus else ""))
         link(unit_dir / "sortline.target.wants" / unit, f"../{TEMPLATE}")
+    write(unit_dir / CONTROL, (UNITS / CONTROL).read_text().replace(f"{SHIPPED_PREFIX}/bin/", f"{prefix}/bin/"))
+    watched = "" if set(nodes) == set(known) else f" --nodes {','.join(nodes)}"
+    write(unit_dir / f"{CONTROL}.d" / "nodes.conf",
+          "# written by sortline install-service: up before this host's nodes, watching them\n"
+          f"[Unit]\nBefore={' '.join(unit_name(n) for n in nodes)}\n"
+          + (f"[Service]\nExecStart=\nExecStart={exe} control --config /etc/sortline/sortline.toml{watched}\n"
+             if watched else ""))
+    link(unit_dir / "sortline.target.wants" / CONTROL, f"../{CONTROL}")
     return written
 
 
@@ -147,7 +158,7 @@ def add(sub) -> None:
                        description="Copy the configuration to ROOT/etc/sortline/sortline.toml (with the calibration "
                        "and model files it names by relative path), install sortline.target and the template unit "
                        "sortline@.service for the nodes of this host, each ordered after the nodes it sends to, "
-                       "and enable them. See docs/service.md.")
+                       "and sortline-control.service (recipes, OPC UA), and enable them. See docs/service.md.")
     p.add_argument("--config", required=True, help="machine configuration (TOML)")
     p.add_argument("--root", default="/", help="install under this directory instead of / (an image, a test)")
     p.add_argument("--prefix", default=sys.prefix,

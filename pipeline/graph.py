@@ -293,6 +293,19 @@ def outputs_of(settings: Settings, name: str) -> dict[str, list[Edge]]:
     return result
 
 
+def finished_mark(run_dir: Path, node: str) -> Path:
+    """The file a node that has finished (a finite source, a consumer whose inputs all ended) leaves in
+    the runtime directory, so that its consumers can tell its end of stream from a forged one (and a
+    watcher under systemd, a node that finished from one that died)."""
+    return run_dir / f"{node}.finished"
+
+
+def heartbeat_address(run_dir: Path) -> str:
+    """Where a graph's nodes send their heartbeats: the supervisor (`sortline run`) or, under systemd, the
+    control process (`sortline control`) listens there; with neither, the beats go nowhere."""
+    return f"ipc://{run_dir}/supervisor.sock"
+
+
 def prepare_runtime_dir(path: Path) -> Path:
     """Create the private runtime directory (mode 0700) or refuse a shared one, or one whose parent
     another user could rename it out of (a directory that user owns, or may write to without the

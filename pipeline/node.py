@@ -34,7 +34,8 @@ import zmq
 
 from sortline.pipeline import clock, metrics, registry
 from sortline.pipeline.config import EX_CONFIG, ConfigError, Machine, Recipe, Section, Settings, config_toml
-from sortline.pipeline.graph import cpus_of, inputs_of, node_params, outputs_of, prepare_runtime_dir, replica_of
+from sortline.pipeline.graph import (cpus_of, finished_mark, heartbeat_address, inputs_of, node_params, outputs_of,
+                                     prepare_runtime_dir, replica_of)
 from sortline.pipeline.messages import Message, MessageError
 from sortline.pipeline.notify import Notifier, status_line
 from sortline.pipeline.ports import Payload
@@ -214,12 +215,6 @@ class RateLimitedLog:
             self._pending[kind] = self._pending.get(kind, 0) + 1
 
 
-def finished_mark(run_dir: Path, node: str) -> Path:
-    """The file a node that has finished (a finite source, a consumer whose inputs all ended) leaves in
-    the runtime directory, so that its consumers can tell its end of stream from a forged one."""
-    return run_dir / f"{node}.finished"
-
-
 class _Unhealthy(Exception):
     """A worker thread of the node died (Node.start_thread): the process stops, to be restarted."""
 
@@ -279,11 +274,12 @@ class Runner:
             for port in node.outputs:
                 node.out[port] = Output(ctx, self.name, port, outs.get(port, []), run_dir, self._past_deadline,
                                         idle=self._heartbeat, curve=curve)
-            if self._heartbeat_addr:
-                hb = ctx.socket(zmq.PUSH)
-                hb.setsockopt(zmq.SNDHWM, 16)
-                hb.setsockopt(zmq.LINGER, 200)  # lets the last heartbeat (final counts) out
-                hb.connect(self._heartbeat_addr)
+            # To the supervisor's address, or where one would listen: under systemd the control process
+            # (`sortline control`) reads the beats there; with nobody there they are dropped unsent.
+            hb = ctx.socket(zmq.PUSH)
+            hb.setsockopt(zmq.SNDHWM, 16)
+            hb.setsockopt(zmq.LINGER, 200)  # lets the last heartbeat (final counts) out
+            hb.connect(self._heartbeat_addr or heartbeat_address(run_dir))
             if self._metrics_port:
                 metrics.serve(self.settings.metrics.bind, self._metrics_port)
             self._hb, self._hb_next = hb, 0.0

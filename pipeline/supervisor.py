@@ -20,6 +20,15 @@ classes the nodes know, given a belt position ahead of the scan line, written
 to the audit log, and published to every node on `recipes.sock`. The server
 serves what `MachineView` makes of the heartbeats: nothing of it runs in a
 node, so none of it can slow the data.
+
+Under systemd each node is its own unit and systemd starts, watches and
+restarts them; `sortline control` is then this class with `start_nodes=False`:
+the same heartbeats (a node sends them to the same socket however it was
+started), recipe book, control socket and OPC UA server, and no child
+processes. It notices a node restarted by its new pid, one that is down by its
+missing beats, one that finished by the mark it leaves. Restarted itself in the
+middle of a run, it takes up the run's recipe history where it was (the nodes
+hold it) instead of starting again from the configured recipe.
 """
 
 from __future__ import annotations
@@ -42,9 +51,12 @@ import zmq
 
 from sortline.pipeline import metrics
 from sortline.pipeline.config import EX_CONFIG, ConfigError, Settings
-from sortline.pipeline.graph import prepare_runtime_dir, replica_of, source_nodes, topo_order
+from sortline.pipeline.graph import (finished_mark, heartbeat_address, prepare_runtime_dir, replica_of, source_nodes,
+                                     topo_order)
 from sortline.pipeline.machine_state import MachineView
-from sortline.pipeline.recipes import Entry, RecipeBook, RecipeError, audit, make_recipe, write_history
+from sortline.pipeline.notify import Notifier
+from sortline.pipeline.recipes import (Entry, RecipeBook, RecipeError, audit, make_recipe, read_history,
+                                       write_history)
 
 log = logging.getLogger("sortline.supervisor")
 
@@ -85,20 +97,22 @@ class Child:
 
 class Supervisor:
     def __init__(self, settings: Settings, config_path: str | os.PathLike, seconds: float | None = None,
-                 out=None, report: str | None = None):
+                 out=None, report: str | None = None, start_nodes: bool = True, nodes: list[str] | None = None):
+        """start_nodes=False: watch nodes something else starts (systemd), those of `nodes` (default all)."""
         self.settings = settings
         self.config_path = str(Path(config_path).resolve())
         self.seconds = seconds
         self.report = report
         self.out = out or sys.stdout
-        self.order = topo_order(settings)
+        self.start_nodes = start_nodes
+        self.order = [n for n in topo_order(settings) if nodes is None or n in nodes]
         self.children = {name: Child(name, i) for i, name in enumerate(self.order)}
         self._stop = False
         self.exit_code = 0
         self.book = RecipeBook(settings.recipe)
         self.phase = "starting"   # starting | up | stopping: for the machine's state
         self.view: dict = {}      # what MachineView made of the last heartbeats (the OPC UA server reads it)
-        self._machine = MachineView(settings, set(source_nodes(settings)))
+        self._machine = MachineView(settings, set(source_nodes(settings)) & set(self.order))
         self._recipe_lock = threading.Lock()   # changes come from this thread and from the OPC UA server's
         self._belt: tuple[float, int, float] = (time.monotonic(), 0, 0.0)   # when, where, ticks/s measured
         self._plc = None
@@ -107,7 +121,8 @@ class Supervisor:
         self._stop = True
 
     def run(self) -> int:
-        problems = metrics.port_problems(self.settings)   # as `sortline check` does: before anything starts
+        # As `sortline check` does, before anything starts (a watcher's nodes hold their ports already).
+        problems = metrics.port_problems(self.settings) if self.start_nodes else []
         if problems:
             for line in problems:
                 log.error("%s", line)
@@ -131,8 +146,11 @@ class Supervisor:
         ctx = zmq.Context()
         beats = ctx.socket(zmq.PULL)
         beats.setsockopt(zmq.LINGER, 0)
-        self.heartbeat_addr = f"ipc://{self.run_dir}/supervisor.sock"
+        self.heartbeat_addr = heartbeat_address(self.run_dir)
         beats.bind(self.heartbeat_addr)
+        self.since = time.monotonic()
+        if not self.start_nodes:
+            self._take_up_history(beats)
         write_history(self.run_dir, self.book)
         self._publisher = ctx.socket(zmq.PUB)
         self._publisher.setsockopt(zmq.LINGER, 0)
@@ -146,19 +164,13 @@ class Supervisor:
         next_publish = 0.0
         deadline = None if self.seconds is None else time.monotonic() + self.seconds
         next_status = time.monotonic() + self.settings.supervisor.status_every_s
+        notify, next_alive = Notifier(), 0.0
         try:
             self._start_plc()
-            # Every node that only sends what it receives at once, then, once they are all set up, the
-            # sources: so that a live source never sends into the void.
-            sources = set(source_nodes(self.settings))
-            for group in ([n for n in self.order if n not in sources], [n for n in self.order if n in sources]):
-                for name in group:
-                    self._start(self.children[name])
-                self._await_ready([self.children[name] for name in group], beats)
-                self._watch()
-                if self._stop:  # a configuration fault: do not start the rest
-                    break
-            self.phase = "up"
+            if self.start_nodes:
+                self._start_all(beats)
+                self.phase = "up"
+            notify.ready(f"watching {len(self.order)} nodes" if not self.start_nodes else "running")
             while not self._stop:
                 events = dict(poller.poll(100))
                 if beats in events:
@@ -167,22 +179,30 @@ class Supervisor:
                     self._answer(control)
                 self._watch()
                 now = time.monotonic()
+                if self.phase == "starting" and all(c.state != "starting" for c in self.children.values()):
+                    self.phase = "up"
                 self.view = self._machine.update(self.phase, self.children, self._belt[1])
+                if now >= next_alive:   # systemd's watchdog and `systemctl status`
+                    notify.alive(f"machine {self.view['state']}, recipe change {self.book.current.n}")
+                    next_alive = now + min(self.settings.supervisor.heartbeat_s,
+                                           notify.watchdog_every_s or math.inf)
                 if now >= next_publish:
                     with self._recipe_lock:
                         self._publisher.send(self.book.dump())
                     next_publish = now + REPUBLISH_S
                 if deadline is not None and now >= deadline:
                     break
-                if all(c.state in ("finished", "failed") for c in self.children.values()):
+                if self.start_nodes and all(c.state in ("finished", "failed") for c in self.children.values()):
                     break
-                if now >= next_status:
+                if now >= next_status and self.start_nodes:   # under systemd: `sortline status`, the journal
                     self.print_status()
                     next_status = now + self.settings.supervisor.status_every_s
         finally:
+            notify.stopping()
             self.phase = "stopping"
             self.view = self._machine.update(self.phase, self.children, self._belt[1])
-            self._stop_all(beats)
+            if self.start_nodes:
+                self._stop_all(beats)
             if self._plc is not None:
                 self._plc.stop()
             self.print_status(final=True)
@@ -192,8 +212,48 @@ class Supervisor:
             control.close()
             self._publisher.close()
             ctx.term()
-            self._clean_run_dir()
+            if self.start_nodes:   # a watcher's nodes run on: their sockets, segments and recipes stay
+                self._clean_run_dir()
         return self.exit_code
+
+    def _start_all(self, beats: zmq.Socket) -> None:
+        """Every node that only sends what it receives at once, then, once they are all set up, the
+        sources: so that a live source never sends into the void."""
+        sources = set(source_nodes(self.settings))
+        for group in ([n for n in self.order if n not in sources], [n for n in self.order if n in sources]):
+            for name in group:
+                self._start(self.children[name])
+            self._await_ready([self.children[name] for name in group], beats)
+            self._watch()
+            if self._stop:  # a configuration fault: do not start the rest
+                break
+
+    def _take_up_history(self, beats: zmq.Socket) -> None:
+        """A watcher that starts while the nodes run (it was restarted) continues the run's recipe history,
+        which they hold, rather than start a second one they would take for old news (a change numbered 1
+        again would be ignored). The nodes are running if one beats within two beat periods; a history in
+        the runtime directory with no node running is an earlier run's, and the configured recipe starts
+        this one."""
+        history = read_history(self.run_dir)
+        deadline = time.monotonic() + 2 * self.settings.supervisor.heartbeat_s + 0.2
+        while time.monotonic() < deadline and not any(c.last_beat for c in self.children.values()):
+            if beats.poll(50):
+                self._read_beats(beats)
+        if not any(c.last_beat for c in self.children.values()) or not history:
+            return
+        try:
+            for entry in history[1:]:
+                self.book.add(entry)
+        except ValueError as exc:
+            log.error("the run's recipe history in %s is not one: %s; starting from the configured recipe",
+                      self.run_dir, exc)
+            self.book = RecipeBook(self.settings.recipe)
+            return
+        if self.book.current.n:
+            r = self.book.current.recipe
+            log.info("the nodes are running: taking up their recipe history (change %d: targets %s, priority "
+                     "%s, from belt position %d on)", self.book.current.n, ", ".join(r.targets), r.priority,
+                     self.book.current.at_tick)
 
     def _start(self, child: Child) -> None:
         cmd = [sys.executable, "-m", "sortline", "node", child.name, "--config", self.config_path,
@@ -224,10 +284,30 @@ class Supervisor:
                 child = self.children[beat["node"]]
             except (msgspec.DecodeError, KeyError, TypeError):
                 continue
-            if child.proc is not None and beat.get("pid") == child.proc.pid:
-                child.prev_beat, child.beat = child.beat, {**beat, "mono": time.monotonic()}
-                child.last_beat = time.monotonic()
-                self._follow_belt(beat.get("position"))
+            if self.start_nodes:
+                if child.proc is None or beat.get("pid") != child.proc.pid:
+                    continue   # an earlier process's last words, or a node started by hand
+            elif not self._from_watched(child, beat):
+                continue
+            child.prev_beat, child.beat = child.beat, {**beat, "mono": time.monotonic()}
+            child.last_beat = time.monotonic()
+            self._follow_belt(beat.get("position"))
+
+    def _from_watched(self, child: Child, beat: dict) -> bool:
+        """A watcher's view of a beat: False for a stale one; a new pid is the node restarted (by systemd)."""
+        sent = beat.get("t")
+        if not isinstance(sent, (int, float)) or time.time() - sent > self.settings.supervisor.heartbeat_timeout_s:
+            return False   # queued while nobody listened
+        pid = child.beat.get("pid")
+        if pid is not None and beat.get("pid") != pid:
+            child.restarts += 1
+            child.last_error = f"restarted (pid {pid}, now {beat.get('pid')})"
+            log.warning("%s restarted (pid %s, now %s)", child.name, pid, beat.get("pid"))
+            child.retire()
+            child.state = "running"
+        elif child.state == "starting":
+            child.state = "running"
+        return True
 
     def _follow_belt(self, position) -> None:
         """Where the belt is (the newest position any node has handled) and how fast it goes."""
@@ -324,6 +404,9 @@ class Supervisor:
     def _watch(self) -> None:
         cfg = self.settings.supervisor
         now = time.monotonic()
+        if not self.start_nodes:
+            self._watch_beats(now)
+            return
         for child in self.children.values():
             if child.state == "waiting" and now >= child.restart_at:
                 log.info("restarting %s (restart %d)", child.name, child.restarts)
@@ -361,6 +444,17 @@ class Supervisor:
                 log.error("%s died (%s); restart %d in %.1f s", child.name, how, child.restarts, child.backoff)
                 self._remove_segments(child.name, child.proc.pid)
                 child.retire()
+
+    def _watch_beats(self, now: float) -> None:
+        """Nodes systemd runs: finished by the mark a finished node leaves (a process started again removes
+        it first); a node that has not beaten within the heartbeat timeout of the watcher's start is counted
+        as running and down (a fault)."""
+        for child in self.children.values():
+            if child.state != "finished" and finished_mark(self.run_dir, child.name).exists():
+                child.state = "finished"
+            elif child.state == "starting" and now - self.since > self.settings.supervisor.heartbeat_timeout_s:
+                child.state = "running"
+                child.last_error = "no heartbeat since the watcher started"
 
     def _remove_segments(self, name: str, pid: int) -> None:
         # A dead producer's slot segments: consumers that mapped them keep their mapping.

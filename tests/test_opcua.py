@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,18 +27,20 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256  # noq
 from conftest import ROOT, chain, demo_toml, free_port, sortline, start, stop, write_config  # noqa: E402
 from sortline.cli.common import by_position  # noqa: E402
 from sortline.pipeline.config import config_toml, read_config  # noqa: E402
+from sortline.pipeline.graph import source_nodes, topo_order  # noqa: E402
 
 SPEED_TICKS = 2.0 * 1000 * 16   # the demo belt: 2 m/s, 16 ticks/mm
 WINDOW = int(10 * SPEED_TICKS)   # the 10 s of belt after a change that are scored
 BELT_S = 16   # the change at 1 s, its 10 s window, and room for the lead of a fast unpaced belt
 
 
-def waiting_belt(tmp_path: Path, run_dir: Path, name: str, **sections) -> tuple[Path, Path]:
-    """The demo graph (truth for masks) on a belt of BELT_S seconds that waits for it; its valve-bar score."""
+def waiting_belt(tmp_path: Path, run_dir: Path, name: str, seconds: float = BELT_S,
+                 **sections) -> tuple[Path, Path]:
+    """The demo graph (truth for masks) on a belt of `seconds` that waits for it; its valve-bar score."""
     score = tmp_path / "score.json"
     text = demo_toml(free_port(), oracle=True, graph={"name": name, "runtime_dir": str(run_dir)},
                      supervisor={"heartbeat_s": 0.2, "status_every_s": 5},
-                     nodes={"belt": {"params": {"seconds": BELT_S, "paced": False}},
+                     nodes={"belt": {"params": {"seconds": seconds, "paced": False}},
                             "valve_sim": {"params": {"report": str(score)}}}, **sections)
     first = tmp_path / "first.toml"
     first.write_text(text)
@@ -216,6 +220,149 @@ def test_sortline_recipe_set_changes_the_running_graphs_recipe_the_same_way(tmp_
     # Every node took the change (the runner logs it once per node).
     for name in ("infer", "plan", "ejector", "valve_sim"):
         assert f"sortline.{name} INFO recipe change 1: targets PP, priority recovery, from belt position {at} on" in err
+
+
+class Unit:
+    """A process started as systemd starts a Type=notify unit: NOTIFY_SOCKET set, up once it says READY=1;
+    its output in a file, as the journal would have it."""
+
+    def __init__(self, tmp_path: Path, name: str, *args: str, env: dict):
+        self.name, self.args, self.env, self.tmp = name, args, env, tmp_path
+        self.log = tmp_path / f"{name}.log"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        path = self.tmp / f"{self.name}.notify"
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sortline", *self.args], cwd=ROOT, stdout=out,
+                                         stderr=subprocess.STDOUT, env={**self.env, "NOTIFY_SOCKET": str(path)})
+
+    def ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(0.5)
+            try:
+                if b"READY=1" in self.sock.recv(4096):
+                    return
+            except TimeoutError:
+                assert self.proc.poll() is None, f"{self.name} exited {self.proc.returncode}: {self.text()[-3000:]}"
+        raise AssertionError(f"{self.name}: no READY=1 in {timeout} s: {self.text()[-3000:]}")
+
+    def crash(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.sock.close()
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.mark.system
+def test_under_systemd_sortline_control_serves_the_plc_and_survives_its_own_restart(tmp_path, run_dir):
+    """The units' way: every node its own process, started as systemd orders them (the control process, then
+    the consumers, each up when it says READY=1, then the sources), none supervised. The PLC changes the
+    recipe through the control process; the control process is killed and started again mid-run and takes up
+    the run's recipes; a node killed and started again is counted and reads them from the runtime directory."""
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/sortline"
+    cfg, score_path = waiting_belt(tmp_path, run_dir, "units", seconds=40,
+                                   opcua={"enabled": True, "security": "none", "endpoint": url})
+    settings = read_config(cfg)
+    sources = source_nodes(settings)
+    e = env(tmp_path)
+    control = Unit(tmp_path, "control", "control", "--config", str(cfg), env=e)
+    control.ready()
+    units = {}
+    try:
+        for group in ([n for n in topo_order(settings) if n not in sources], sources):
+            for name in group:
+                units[name] = Unit(tmp_path, name, "node", name, "--config", str(cfg), env=e)
+            for name in group:
+                units[name].ready()
+
+        async def plc(change: bool) -> dict:
+            client = await connect(url)
+            try:
+                ns = await client.get_namespace_index("urn:sortline:units")
+                seen = {"state": await wait_value(client, ns, "Sortline.State", lambda v: v == "running")}
+                seen["alive"] = {n: await node(client, ns, f"Sortline.Nodes.{n}.Alive").read_value() for n in units}
+                # (the server's values are at most UPDATE_S old: the restart is waited for)
+                seen["restarts"] = await wait_value(client, ns, "Sortline.Nodes.plan.Restarts",
+                                                    lambda v: change or v > 0, timeout=10)
+                if change:
+                    await wait_value(client, ns, "Sortline.Position", lambda v: v >= SPEED_TICKS)
+                    await node(client, ns, "Sortline.Recipe.Targets").write_value(
+                        ua.DataValue(ua.Variant(["PP"], ua.VariantType.String)))
+                    seen["at_tick"] = await wait_value(client, ns, "Sortline.Recipe.EffectiveTick", lambda v: v > 0)
+                seen["targets"] = await node(client, ns, "Sortline.Recipe.Targets").read_value()
+                return seen
+            finally:
+                await client.disconnect()
+
+        first = asyncio.run(plc(change=True))
+        # The control process dies (systemd would start it again at once): the nodes sort on.
+        control.crash()
+        time.sleep(1.0)
+        control.start()
+        control.ready()
+        shown = sortline("recipe", "show", "--config", str(cfg), "--json", env=e, timeout=60)
+        # A node dies and is started again, as systemd restarts a unit.
+        units["plan"].crash()
+        units["plan"].start()
+        units["plan"].ready()
+        again = asyncio.run(plc(change=False))
+        changed = sortline("recipe", "set", "--config", str(cfg), "--targets", "PET", env=e, timeout=60)
+        # The belt ends; every node finishes on its own; then the control process is stopped.
+        for name, unit in units.items():
+            assert unit.proc.wait(240) == 0, f"{name}: {unit.text()[-3000:]}"
+        control.proc.send_signal(signal.SIGTERM)
+        assert control.proc.wait(30) == 0, control.text()[-3000:]
+    finally:
+        for unit in [control, *units.values()]:
+            if unit.proc.poll() is None:
+                unit.proc.kill()
+                unit.proc.wait()
+
+    assert first["state"] == "running" and all(first["alive"].values()) and first["restarts"] == 0, first
+    assert first["targets"] == ["PP"]
+    took_up = json.loads(shown.stdout)
+    assert took_up["change"] == 1 and took_up["recipe"]["targets"] == ["PP"], took_up
+    assert took_up["at_tick"] == first["at_tick"]
+    assert "taking up their recipe history (change 1: targets PP" in control.text()
+    assert "no security, anonymous clients" in control.text()
+    assert again["restarts"] == 1 and all(again["alive"].values()) and again["targets"] == ["PP"], again
+    # The plan took change 1 twice: as it was made, and, started again, from the run's history.
+    assert units["plan"].text().count(f"recipe change 1: targets PP, priority balanced, from belt position "
+                                      f"{first['at_tick']} on") == 2, units["plan"].text()[-3000:]
+    assert changed.returncode == 0 and "recipe change 2: targets PET" in changed.stdout, changed.stderr
+    records = audit_log(tmp_path, "units")
+    assert [r["change"] for r in records] == [1, 2] and records[1]["new"]["targets"] == ["PET"]
+    for name in ("infer", "plan", "ejector", "valve_sim"):
+        assert "recipe change 2: targets PET" in units[name].text(), name
+    # The plan and the ejector judged every object by the same recipe, across both changes.
+    assert "refused a window" not in units["ejector"].text(), units["ejector"].text()[-2000:]
+    score = json.loads(score_path.read_text())
+    assert [r["targets_classes"] for r in score["recipes"]] == [["PET"], ["PP"], ["PET"]], score["recipes"]
+    assert score["recipes"][1]["at_tick"] == first["at_tick"]
+    # PP ejected from the PLC's change until the second change, across both restarts (measured 98 %), PET
+    # after it (99 %).
+    pp_until = score["recipes"][2]["at_tick"]
+
+    def recovered(cls: str, start: int, end: float) -> tuple[int, float]:
+        mine = [o for o in score["objects_scored"] if o[1] is not None and start <= o[1] < end and o[2] == cls]
+        return len(mine), sum(o[3] for o in mine) / max(len(mine), 1)
+
+    n, share = recovered("PP", first["at_tick"], pp_until)
+    assert n >= 10 and share >= 0.85, (n, share)
+    n, share = recovered("PET", pp_until, float("inf"))
+    assert n >= 10 and share >= 0.85, (n, share)
+    # The finished nodes are told from dead ones by the marks they leave.
+    final = control.text().split("sortline final:")[-1]
+    assert all(f"  {name:<12} finished " in final for name in units), final
 
 
 def make_certificate(out: Path, name: str, client: bool) -> tuple[Path, Path]:

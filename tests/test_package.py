@@ -94,7 +94,8 @@ def test_the_wheel_installs_one_top_level_package_with_its_data(wheel):
         entry_points = z.read(info.replace("top_level.txt", "entry_points.txt")).decode()
     for data in ("sortline/configs/demo.toml", "sortline/configs/calibration/demo-spectral.npz",
                  "sortline/configs/keys/demo-valves.valve_key", "sortline/models/weights/belt-fusion-nano.onnx",
-                 "sortline/systemd/sortline@.service", "sortline/docs/grafana/sortline.json",
+                 "sortline/systemd/sortline@.service", "sortline/systemd/sortline-control.service",
+                 "sortline/docs/grafana/sortline.json",
                  "sortline/docs/prometheus/sortline-rules.yml"):
         assert data in names, data
     assert not any("/tests/" in n or "/benchmarks/" in n for n in names)

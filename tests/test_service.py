@@ -53,8 +53,15 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
     assert sorted(p.parent.name for p in units.glob("*/realtime.conf")) == ["sortline@ejector.service.d"]
     wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
-    assert wants == [f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "live_view", "plan", "register",
-                                                     "valve_sim")]
+    assert wants == ["sortline-control.service"] + [
+        f"sortline@{n}.service" for n in ("belt", "ejector", "infer", "live_view", "plan", "register", "valve_sim")]
+    # The control process (recipes, OPC UA): this installation's sortline, up before every node, watching all.
+    control = (units / "sortline-control.service").read_text()
+    assert f"ExecStart={sys.prefix}/bin/sortline control --config /etc/sortline/sortline.toml\n" in control
+    assert "\nType=notify\n" in control and "\nUser=sortline\n" in control and "\nRuntimeDirectory=sortline\n" in control
+    nodes_conf = (units / "sortline-control.service.d/nodes.conf").read_text()
+    before = next(line[7:].split() for line in nodes_conf.splitlines() if line.startswith("Before="))
+    assert sorted(before) == wants[1:] and "ExecStart" not in nodes_conf
     assert os.readlink(units / "sortline.target.wants/sortline@infer.service") == "../sortline@.service"
     assert (units / "multi-user.target.wants/sortline.target").resolve() == units / "sortline.target"
 
@@ -75,7 +82,12 @@ def test_verify_catches_a_broken_unit(tmp_path):
     assert sortline("install-service", "--config", str(DEMO), "--root", str(root), "--prefix", sys.prefix,
                     "--nodes", "valve_sim", timeout=60).returncode == 0
     units = root / "etc/systemd/system"
-    assert sorted(p.name for p in (units / "sortline.target.wants").iterdir()) == ["sortline@valve_sim.service"]
+    assert sorted(p.name for p in (units / "sortline.target.wants").iterdir()) == ["sortline-control.service",
+                                                                                  "sortline@valve_sim.service"]
+    # The control process of a host with some of the nodes watches those.
+    assert (f"ExecStart={sys.prefix}/bin/sortline control --config /etc/sortline/sortline.toml --nodes valve_sim\n"
+            in (units / "sortline-control.service.d/nodes.conf").read_text())
+    assert verify(units, "sortline-control.service").stderr == ""
     (units / "sortline@valve_sim.service.d/node.conf").write_text("[Service]\nRestartPreventExitStatuss=78\n")
     res = verify(units, "sortline@valve_sim.service")
     assert "Unknown key 'RestartPreventExitStatuss'" in res.stderr
