@@ -16,12 +16,20 @@ map and replaced by the nearest good pixel of the same band along the line.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from sortline.pipeline.config import cache_dir
+
+# numba keeps what it compiles in sortline's cache directory (the unit's CacheDirectory= under systemd;
+# nothing is written beside the package): a node's start then loads the kernel instead of compiling it.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
+import numba  # noqa: E402
 
 FORMAT = "sortline-spectral"
 VERSION = 1
@@ -57,16 +65,6 @@ def bin_bands(cube: np.ndarray, groups: int | list[tuple[int, int]], dtype=np.fl
         return (sums / np.diff(edges)).astype(dtype, copy=False)
     out = np.stack([cube[..., a:b].mean(-1, dtype=np.float32) for a, b in edges], -1)
     return out.astype(dtype, copy=False)
-
-
-def bin_matrix(n_bands: int, groups: int | list[tuple[int, int]]) -> np.ndarray:
-    """(n_bands, groups) float32: bin_bands as a matrix product, 1 / len(group) for each band in a group."""
-    edges = band_groups(n_bands, groups)
-    spans = np.stack([edges[:-1], edges[1:]], 1) if edges.ndim == 1 else edges
-    m = np.zeros((n_bands, len(spans)), np.float32)
-    for g, (a, b) in enumerate(spans):
-        m[a:b, g] = 1.0 / (b - a)
-    return m
 
 
 @dataclass
@@ -208,7 +206,43 @@ class SpectralReference:
         return cls(**arrays, **meta)
 
 
-BLOCK_BYTES = 1 << 20   # a block of a frame's reflectance (float32): half a core's L2 cache on the x86 boxes
+BLOCK_BYTES = 1 << 20   # a block of float32 worked on in a core's cache (half its L2 on the x86 boxes)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _binned_kernel(raw, fix, src, dark, scale, starts, ends, equal, inv, clip, line_buf, out):   # pragma: no cover
+    """out[l, p, g] = the mean over the bands b of group g of clip((raw[l, k] - dark[k]) * scale[k], 0, clip),
+    k = p * bands + b, a bad entry k = fix[i] reading the counts of src[i]: the reflectance and its binning
+    in two passes over one line at a time (line_buf, a line's reflectance, stays in cache). equal: the
+    groups' size when they are equal and cover every band (the sums then run straight along the line),
+    else 0."""
+    lines, pixels, groups = out.shape
+    entries = dark.shape[0]
+    bands = entries // pixels
+    zero = np.float32(0.0)
+    for line in range(lines):
+        row = raw[line]
+        for k in range(entries):
+            line_buf[k] = min(max((np.float32(row[k]) - dark[k]) * scale[k], zero), clip)
+        for i in range(fix.shape[0]):
+            k = fix[i]
+            line_buf[k] = min(max((np.float32(row[src[i]]) - dark[k]) * scale[k], zero), clip)
+        if equal:   # the bands in groups of `equal`, end to end: rows of `equal` along the line, each summed
+            runs = line_buf.reshape(pixels * groups, equal)
+            flat = out[line].reshape(pixels * groups)
+            for q in range(pixels * groups):
+                total = zero
+                for b in range(equal):
+                    total += runs[q, b]
+                flat[q] = total * inv[0]
+            continue
+        for p in range(pixels):
+            base = p * bands
+            for g in range(groups):
+                total = zero
+                for b in range(base + starts[g], base + ends[g]):
+                    total += line_buf[b]
+                out[line, p, g] = total * inv[g]
 
 
 class BinnedReflectance:
@@ -221,49 +255,46 @@ class BinnedReflectance:
     equally (s differs from band to band: lamp, optics, sensor), and the clip is not linear (a
     band below its dark level or above `clip` changes its group's mean, not the others). Even
     the dark subtraction, linear as it is, cannot move after the binning without the clip. So
-    the reflectance stays per band (SpectralReference.reflectance), and the mean is a product
-    with bin_matrix. For equal groups that matrix is block diagonal, one block repeated: the
-    frame read as rows of two groups' bands (14 for groups of 7) times that block (14 × 2) is the
-    same product, with 2 multiplications per value instead of 32. It sums x × 1/n in another
-    order than numpy's mean: the result differs from bin_bands(reflectance(raw)) by float32
-    rounding (a few 1e-7 on values up to `clip`), well inside float16's step (2**-11 of a
-    value), which is what a strip carries.
+    the reflectance stays per band, and each group's mean is a sum of x × 1/n in its bands'
+    order: the result differs from bin_bands(reflectance(raw)) by float32 rounding (a few 1e-7
+    on values up to `clip`), well inside float16's step (2**-11 of a value), which is what a
+    strip carries.
 
-    A frame goes through in blocks of whole pixels, all its lines, of about BLOCK_BYTES as
-    float32, so that the six passes over each (counts to float, dark, scale, two clips, product)
-    work in a core's cache instead of waiting on memory: a block is some 250,000 values, the
-    loop a few steps per frame (9 for the production camera's 16 lines of 640 pixels).
+    All of it is one compiled pass (numba) over the counts, pixel by pixel: each count is read
+    once and its pixel's reflectance lives in a few hundred bytes of L1, where numpy and OpenCV
+    need a pass over memory per step (counts to float, dark, scale, two clips, the product) and
+    a frame's worth of float32 between them. A bad pixel reads its good neighbour's counts
+    (`src`), with that neighbour's dark and scale, as SpectralReference.reflectance repairs it.
     """
 
     def __init__(self, reference: SpectralReference, groups: int | list[tuple[int, int]], clip: float = 1.5):
-        self.ref, self.clip = reference, float(clip)
-        bands = reference.shape[1]
-        self.matrix = bin_matrix(bands, groups)
-        self.groups = self.matrix.shape[1]
-        if band_groups(bands, groups).ndim == 1 and bands % self.groups == 0:   # N equal groups of whole bands
-            per_row = 2 if self.groups % 2 == 0 else 1
-            self.block = np.ascontiguousarray(self.matrix[:per_row * bands // self.groups, :per_row])
-        else:
-            self.block = self.matrix
-        self._x = self._sums = np.empty(0, np.float32)     # one block's reflectance, and its bands' sums
+        self.ref, self.clip = reference, np.float32(clip)
+        pixels, bands = reference.shape
+        edges = band_groups(bands, groups)
+        spans = np.stack([edges[:-1], edges[1:]], 1) if edges.ndim == 1 else edges
+        self.groups = len(spans)
+        self.starts, self.ends = (np.ascontiguousarray(spans[:, i], np.int64) for i in (0, 1))
+        self.inv = (1.0 / (self.ends - self.starts)).astype(np.float32)
+        size = int(self.ends[0] - self.starts[0])
+        covers = np.array_equal(self.starts, np.arange(self.groups) * size) and self.groups * size == bands
+        self.equal = size if covers and (self.ends - self.starts == size).all() else 0
+        if reference._scale is None:
+            reference._prepare()
+        self.fix = np.ascontiguousarray(reference._fix, np.int64)
+        self.src = np.ascontiguousarray(reference._src, np.int64)
+        self.line_buf = np.empty(pixels * bands, np.float32)
+        self.dark = np.ascontiguousarray(reference._dark, np.float32)
+        self.scale = np.ascontiguousarray(reference._scale, np.float32)
+        for dtype in (np.uint8, np.uint16):   # compiled (or loaded) now for either kind of count, not at a frame
+            _binned_kernel(np.zeros((0, pixels * bands), dtype), self.fix, self.src, self.dark, self.scale,
+                           self.starts, self.ends, self.equal, self.inv, self.clip, self.line_buf,
+                           np.empty((0, pixels, self.groups), np.float32))
 
     def __call__(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(lines, pixels, bands) raw counts → (lines, pixels, groups) float32 binned reflectance (into `out`)."""
         self.ref.check(raw)
         lines, (pixels, bands) = len(raw), self.ref.shape
         out = np.empty((lines, pixels, self.groups), np.float32) if out is None else out
-        if not lines:
-            return out
-        step = max(1, BLOCK_BYTES // (4 * lines * bands))      # pixels per block
-        if len(self._x) < lines * step * bands:
-            self._x = np.empty(lines * step * bands, np.float32)
-            self._sums = np.empty(lines * step * self.groups, np.float32)
-        binned = out.reshape(lines, -1)
-        for start in range(0, pixels, step):
-            n = min(pixels, start + step) - start
-            x = self._x[:lines * n * bands].reshape(lines, n, bands)
-            self.ref.reflectance(raw, self.clip, out=x, pixels=(start, start + n))
-            sums = self._sums[:lines * n * self.groups].reshape(-1, self.block.shape[1])
-            np.matmul(x.reshape(len(sums), -1), self.block, out=sums)
-            binned[:, start * self.groups:(start + n) * self.groups] = sums.reshape(lines, -1)
+        _binned_kernel(np.ascontiguousarray(raw).reshape(lines, pixels * bands), self.fix, self.src, self.dark,
+                       self.scale, self.starts, self.ends, self.equal, self.inv, self.clip, self.line_buf, out)
         return out
