@@ -28,6 +28,7 @@ from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.event_generator import EventGenerator
 from asyncua.server.internal_session import InternalSession
 from cryptography import x509
 
@@ -244,7 +245,8 @@ class PlcServer:
         for key in ("LateCommands", "Drops", "ValveCommands"):
             await self._var(counters, f"Sortline.Counters.{key}", key, 0, V.UInt64)
         alarms = await root.add_folder(ua.NodeId("Sortline.Alarms", ns), ua.QualifiedName("Alarms", ns))
-        for name, (severity, text) in ALARMS.items():
+        self.alarm_events: dict[str, EventGenerator] = {}
+        for i, (name, (severity, text)) in enumerate(ALARMS.items()):
             alarm = await alarms.add_object(ua.NodeId(f"Sortline.Alarms.{name}", ns), ua.QualifiedName(name, ns))
             await alarm.write_attribute(ua.AttributeIds.Description,
                                         ua.DataValue(ua.Variant(ua.LocalizedText(text), V.LocalizedText)))
@@ -254,6 +256,17 @@ class PlcServer:
             await self._var(alarm, f"Sortline.Alarms.{name}.Acked", "Acked", True, V.Boolean)
             await alarm.add_method(ua.NodeId(f"Sortline.Alarms.{name}.Acknowledge", ns),
                                    ua.QualifiedName("Acknowledge", ns), self._acknowledger(name), [], [])
+            # Each change of the alarm's state is also an AlarmConditionType event from the Server object,
+            # where an HMI or a SCADA subscribes for events: source and condition name the alarm, and the
+            # event is retained (ConditionRefresh gives it again) while active or unacknowledged.
+            gen = EventGenerator(server.iserver.isession)
+            await gen.init(ua.ObjectIds.AlarmConditionType, ua.ObjectIds.Server, add_generates_event=i == 0)
+            ev = gen.event
+            ev.SourceNode, ev.SourceName, ev.NodeId = alarm.nodeid, name, alarm.nodeid
+            ev.ConditionName, ev.Severity = name, severity
+            ev.EnabledState = ua.LocalizedText("Enabled")
+            setattr(ev, "EnabledState/Id", True)
+            self.alarm_events[name] = gen
         recipe = await root.add_object(ua.NodeId("Sortline.Recipe", ns), ua.QualifiedName("Recipe", ns))
         current = self.sup.book.current
         for key, value, vtype in (("Targets", current.recipe.targets, V.String),
@@ -316,10 +329,13 @@ class PlcServer:
         await self._set("Sortline.Counters.Drops", int(view["drops"]))
         await self._set("Sortline.Counters.ValveCommands", int(view["commands"]))
         for name, cond in view["alarms"].items():
+            changed = cond.active != self.active[name]
             if cond.active and not self.active[name]:
                 self.acked[name] = False   # each activation waits for its own acknowledgement
                 log.warning("alarm %s: %s", name, cond.message)
             self.active[name] = cond.active
+            if changed:
+                await self._alarm_event(name, cond.message or f"{name}: no longer active")
             await self._set(f"Sortline.Alarms.{name}.Active", cond.active)
             await self._set(f"Sortline.Alarms.{name}.Message", cond.message)
             await self._set(f"Sortline.Alarms.{name}.Acked", self.acked[name])
@@ -377,8 +393,22 @@ class PlcServer:
 
     def _acknowledger(self, name: str):
         async def acknowledge(parent):
-            self.acked[name] = True
-            log.info("alarm %s acknowledged (%s)", name, CALLER.get() or "opcua")
+            if not self.acked[name]:
+                self.acked[name] = True
+                log.info("alarm %s acknowledged (%s)", name, CALLER.get() or "opcua")
+                await self._alarm_event(name, f"{name}: acknowledged by {CALLER.get() or 'opcua'}")
             await self._set(f"Sortline.Alarms.{name}.Acked", True)
             return []
         return acknowledge
+
+    async def _alarm_event(self, name: str, message: str) -> None:
+        active, acked = self.active[name], self.acked[name]
+        gen = self.alarm_events[name]
+        ev = gen.event
+        ev.ActiveState = ua.LocalizedText("Active" if active else "Inactive")
+        setattr(ev, "ActiveState/Id", active)
+        ev.AckedState = ua.LocalizedText("Acknowledged" if acked else "Unacknowledged")
+        setattr(ev, "AckedState/Id", acked)
+        ev.Retain = active or not acked
+        ev.Message = ua.LocalizedText(message)
+        await gen.trigger()

@@ -365,6 +365,66 @@ def test_under_systemd_sortline_control_serves_the_plc_and_survives_its_own_rest
     assert all(f"  {name:<12} finished " in final for name in units), final
 
 
+@pytest.mark.system
+def test_an_alarm_is_an_event_to_a_subscribed_client_and_is_acknowledged(tmp_path, run_dir):
+    """A sink far slower than its camera on a bounded edge: the graph drops hundreds of messages a second,
+    the Drops alarm comes on. A client subscribed to the Server object's events gets it as an
+    AlarmConditionType event (active, unacknowledged, its severity), acknowledges it with the alarm's
+    method, and gets that as an event too."""
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/sortline"
+    cfg = write_config(tmp_path / "c.toml", chain("lines = 4, pixels = 64, bands = 3", sink="delay_ms = 20",
+                                                  policy="bounded"), run_dir,
+                       extra=f'\n[opcua]\nenabled = true\nendpoint = "{url}"\nsecurity = "none"\n')
+    sup = start("run", "--config", str(cfg))
+
+    async def hmi() -> tuple[list, dict]:
+        client = await connect(url)
+        events, seen = [], {}
+
+        class Handler:
+            def event_notification(self, event):
+                events.append(event.get_event_props_as_fields_dict())
+
+        def of(name: str, **fields) -> list[dict]:
+            return [e for e in events if e["SourceName"].Value == name
+                    and all(e[k].Value == v for k, v in fields.items())]
+
+        async def event(name: str, **fields) -> dict:
+            deadline = time.monotonic() + 30
+            while not of(name, **fields):
+                assert time.monotonic() < deadline, (name, fields, events[-3:])
+                await asyncio.sleep(0.1)
+            return of(name, **fields)[0]
+
+        try:
+            ns = await client.get_namespace_index("urn:sortline:test")
+            sub = await client.create_subscription(100, Handler())
+            await sub.subscribe_events(client.nodes.server, ua.ObjectIds.AlarmConditionType)
+            on = await event("Drops", **{"ActiveState/Id": True})
+            seen["on"] = {k: on[k].Value for k in ("Severity", "ConditionName", "AckedState/Id", "Retain")}
+            seen["message"] = on["Message"].Value.Text
+            seen["acked_var"] = await node(client, ns, "Sortline.Alarms.Drops.Acked").read_value()
+            await node(client, ns, "Sortline.Alarms.Drops").call_method(ua.NodeId("Sortline.Alarms.Drops.Acknowledge", ns))
+            acked = await event("Drops", **{"AckedState/Id": True})
+            seen["acked"] = {k: acked[k].Value for k in ("ActiveState/Id", "Retain")}
+            seen["acked_var_after"] = await node(client, ns, "Sortline.Alarms.Drops.Acked").read_value()
+            await sub.delete()
+        finally:
+            await client.disconnect()
+        return events, seen
+
+    try:
+        events, seen = asyncio.run(hmi())
+    finally:
+        rc, _, err = stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert seen["on"] == {"Severity": 500, "ConditionName": "Drops", "AckedState/Id": False, "Retain": True}, seen
+    assert "messages dropped a second" in seen["message"] and seen["acked_var"] is False
+    assert seen["acked"] == {"ActiveState/Id": True, "Retain": True} and seen["acked_var_after"] is True, seen
+    assert "alarm Drops acknowledged (opcua anonymous from 127.0.0.1:" in err
+
+
 def make_certificate(out: Path, name: str, client: bool) -> tuple[Path, Path]:
     args = ["keys", name, "--opcua", "--out", str(out)] + (["--client"] if client else [])
     res = sortline(*args, timeout=60)
