@@ -366,6 +366,31 @@ def test_under_systemd_sortline_control_serves_the_plc_and_survives_its_own_rest
 
 
 @pytest.mark.system
+def test_sortline_control_with_no_node_running_starts_from_the_configured_recipe(tmp_path, run_dir):
+    """A recipe history left in the runtime directory by an earlier run, and no node running: the control
+    process starts the new run from the configured recipe (a change numbered 1 again would be lost on nodes
+    that read the old history), and says the nodes are down."""
+    cfg = write_config(tmp_path / "c.toml", chain(), run_dir)
+    (run_dir / "recipes.json").write_text(json.dumps([{"n": 0, "at_tick": -(1 << 62), "targets": ["PET"],
+                                                       "priority": "balanced"},
+                                                      {"n": 1, "at_tick": 5000, "targets": ["PP"],
+                                                       "priority": "balanced"}]))
+    control = Unit(tmp_path, "control", "control", "--config", str(cfg), env=env(tmp_path))
+    try:
+        control.ready()
+        shown = sortline("recipe", "show", "--config", str(cfg), "--json", env=env(tmp_path), timeout=60)
+        history = json.loads((run_dir / "recipes.json").read_text())
+    finally:
+        control.proc.send_signal(signal.SIGTERM)
+        rc = control.proc.wait(30)
+    assert rc == 0, control.text()[-3000:]
+    state = json.loads(shown.stdout)
+    assert state["change"] == 0 and state["recipe"]["targets"] == ["PET"] and state["classes"] is None, state
+    assert [e["n"] for e in history] == [0]
+    assert "taking up" not in control.text()
+
+
+@pytest.mark.system
 def test_an_alarm_is_an_event_to_a_subscribed_client_and_is_acknowledged(tmp_path, run_dir):
     """A sink far slower than its camera on a bounded edge: the graph drops hundreds of messages a second,
     the Drops alarm comes on. A client subscribed to the Server object's events gets it as an
