@@ -31,7 +31,7 @@ from sortline.pipeline.graph import source_nodes, topo_order  # noqa: E402
 
 SPEED_TICKS = 2.0 * 1000 * 16   # the demo belt: 2 m/s, 16 ticks/mm
 WINDOW = int(10 * SPEED_TICKS)   # the 10 s of belt after a change that are scored
-BELT_S = 16   # the change at 1 s, its 10 s window, and room for the lead of a fast unpaced belt
+BELT_S = 24   # the change at 1 s, its 10 s window, and room for the lead of a fast unpaced belt (6 s seen)
 
 
 def waiting_belt(tmp_path: Path, run_dir: Path, name: str, seconds: float = BELT_S,
