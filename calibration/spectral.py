@@ -129,7 +129,6 @@ class SpectralReference:
         scale = (self.white_reflectance / resp).astype(np.float32).reshape(-1)
         dark[self._fix], scale[self._fix] = dark[self._src], scale[self._src]
         self._dark, self._scale = dark, scale
-        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def check(self, raw: np.ndarray) -> None:
         """Refuse frames of another camera or resolution."""
@@ -138,37 +137,21 @@ class SpectralReference:
         if self._scale is None:
             self._prepare()
 
-    def reflectance(self, raw: np.ndarray, clip: float = 1.5, out: np.ndarray | None = None,
-                    pixels: tuple[int, int] | None = None) -> np.ndarray:
-        """(lines, pixels, bands) raw counts → float32 reflectance, bad pixels repaired.
-
-        Of the pixels [start, stop) only, if given (a block of the frame: a bad pixel there still
-        takes its good neighbour's reflectance, wherever that is); into `out`, if given.
-        """
+    def reflectance(self, raw: np.ndarray, clip: float = 1.5) -> np.ndarray:
+        """(lines, pixels, bands) raw counts → float32 reflectance, bad pixels repaired. (The register node's
+        path, binned into the model's bands, is BinnedReflectance: the same values, in one pass.)"""
         self.check(raw)
-        lines, (n_pixels, bands) = len(raw), self.shape
-        start, stop = pixels or (0, n_pixels)
-        x = np.empty((lines, stop - start, bands), np.float32) if out is None else out
+        lines = len(raw)
+        x = np.empty((lines, *self.shape), np.float32)
         counts, flat = raw.reshape(lines, -1), x.reshape(lines, -1)
-        cols = slice(start * bands, stop * bands)
-        fix, src = self._bad_within(start, stop)
-        # One pass per step, in place (at line rate this is most of the register node's work).
-        np.copyto(flat, counts[:, cols])
-        if len(fix):
-            flat[:, fix] = counts[:, src]
-        np.subtract(flat, self._dark[cols], out=flat)
-        np.multiply(flat, self._scale[cols], out=flat)
+        np.copyto(flat, counts)
+        if len(self._fix):
+            flat[:, self._fix] = counts[:, self._src]
+        np.subtract(flat, self._dark, out=flat)
+        np.multiply(flat, self._scale, out=flat)
         cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO, dst=flat)    # max(x, 0): OpenCV's is faster than np.clip
         cv2.threshold(flat, clip, clip, cv2.THRESH_TRUNC, dst=flat)   # min(x, clip)
         return x
-
-    def _bad_within(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """The bad entries of pixels [start, stop) (from the first of them) and their good ones (in a line)."""
-        if (start, stop) not in self._blocks:
-            bands = self.shape[1]
-            inside = (self._fix >= start * bands) & (self._fix < stop * bands)
-            self._blocks[start, stop] = self._fix[inside] - start * bands, self._src[inside]
-        return self._blocks[start, stop]
 
     # The file: one .npz, arrays plus a JSON header that says what it is.
 
@@ -260,11 +243,11 @@ class BinnedReflectance:
     on values up to `clip`), well inside float16's step (2**-11 of a value), which is what a
     strip carries.
 
-    All of it is one compiled pass (numba) over the counts, pixel by pixel: each count is read
-    once and its pixel's reflectance lives in a few hundred bytes of L1, where numpy and OpenCV
-    need a pass over memory per step (counts to float, dark, scale, two clips, the product) and
-    a frame's worth of float32 between them. A bad pixel reads its good neighbour's counts
-    (`src`), with that neighbour's dark and scale, as SpectralReference.reflectance repairs it.
+    All of it is one compiled kernel (numba) that takes a frame a line at a time: the line's
+    reflectance (counts to float, dark, scale, both clips in one loop) into a buffer of one line
+    that stays in the core's cache, then the mean of each group along it; numpy and OpenCV need
+    a pass over memory per step. A bad pixel reads its good neighbour's counts (`src`), with
+    that neighbour's dark and scale, as SpectralReference.reflectance repairs it.
     """
 
     def __init__(self, reference: SpectralReference, groups: int | list[tuple[int, int]], clip: float = 1.5):

@@ -66,11 +66,7 @@ class Obj:
     complete: bool            # no more lines can join it
     cluster: np.ndarray       # pixels per class of everything it touches, itself included
     scene: Scene | None = None   # the mask lines it was found in, its neighbours' too
-    judged: int = -1          # the id whose first line's recipe judges it (-1: its own; see ObjectFinder)
-
-    @property
-    def judge_id(self) -> int:
-        return self.id if self.judged < 0 else self.judged
+    judge_id: int = -1        # the id whose first line's recipe judges it: its own, or as ObjectFinder says
 
     @property
     def area(self) -> int:
@@ -125,7 +121,7 @@ class ObjectFinder:
     grows into one found earlier (their ids, the smaller), a complete one is
     split where objects touch (each piece its own). One that was being ejected
     stays judged as it was when its air began: each planned pixel keeps the id
-    it was planned under, and the object takes the first of them (`judged`), so
+    it was planned under, and the object takes the first of them (`judge_id`), so
     the recipe in force there judges it and its windows name it (the ejector
     checks them by it) and no object is blown half under one recipe.
     """
@@ -223,9 +219,9 @@ class ObjectFinder:
             hist = np.zeros(max(self.classes, c + 1), np.int64)    # all its pixels are of class c
             conf_sum = np.zeros(len(hist))
             hist[c], conf_sum[c] = len(rr), conf[rr, cc].sum(dtype=np.float64)
-            judged = int(under[done_px].min()) - 1 if done_px.any() else -1
-            obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, hist, conf_sum, ~done_px,
-                      bool(done_px.any()), not is_open, touched, scene, judged)
+            oid = int(rr[0] + line0) * cls.shape[1] + int(cc[0])
+            obj = Obj(oid, rr + line0, cc, hist, conf_sum, ~done_px, bool(done_px.any()), not is_open, touched,
+                      scene, int(under[done_px].min()) - 1 if done_px.any() else oid)
             if obj.fresh.any() and plan(obj):
                 planned[rr, cc] = obj.judge_id + 1
             if not is_open:

@@ -543,7 +543,7 @@ class Runner:
         """Called from the main loop, and from its waits on a slow consumer (a node
         held back by back-pressure is not stuck), never from a side thread: the
         supervisor's heartbeat and systemd's watchdog stop when the loop does."""
-        if (self._hb is None and not self._notify.enabled) or not self._ready:
+        if not self._ready:   # the heartbeat socket is there from before setup
             return
         now = time.monotonic()
         if not force and now < self._hb_next:
@@ -554,8 +554,6 @@ class Runner:
         self._last_beat = (now, snapshot)
         if self._notify.enabled:
             self._notify.alive(status_line(snapshot, before, now - then, status))
-        if self._hb is None:
-            return
         beat = {"node": self.name, "pid": os.getpid(), "t": time.time(), "metrics": snapshot, "status": status,
                 "position": self._position, "recipe": self.node.recipes.current.n,
                 "classes": self.node.recipe_classes()}

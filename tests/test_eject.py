@@ -117,11 +117,12 @@ class PreviousFinder(ObjectFinder):
                 in_cluster = clusters[cy:cy + ch, cx:cx + cw] == cl
                 under = planned[rr, cc]          # 1 + the id a pixel was planned under (0: not planned)
                 done_px = under > 0
-                obj = Obj(int(rr[0] + line0) * cls.shape[1] + int(cc[0]), rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
+                oid = int(rr[0] + line0) * cls.shape[1] + int(cc[0])
+                obj = Obj(oid, rr + line0, cc, np.bincount(cls[rr, cc], minlength=self.classes),
                           np.bincount(cls[rr, cc], weights=conf[rr, cc], minlength=self.classes), ~done_px,
                           bool(done_px.any()), not is_open,
                           np.bincount(cls[cy:cy + ch, cx:cx + cw][in_cluster], minlength=self.classes),
-                          judged=int(under[done_px].min()) - 1 if done_px.any() else -1)
+                          judge_id=int(under[done_px].min()) - 1 if done_px.any() else oid)
                 if obj.fresh.any() and plan(obj):
                     planned[rr, cc] = obj.judge_id + 1
                 if not is_open:

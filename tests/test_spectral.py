@@ -120,18 +120,6 @@ def test_reflectance_repairs_exactly_as_the_whole_frame_gather(reference, belt_r
     assert np.array_equal(reference.reflectance(belt_raw), previous_reflectance(reference, belt_raw))
 
 
-def test_reflectance_of_a_block_of_pixels_is_that_part_of_the_frame(reference, belt_raw):
-    """Blocks of pixels (as BinnedReflectance reads a frame): bad pixels take their good neighbour's
-    reflectance even when that neighbour is outside the block (a one-pixel block around each)."""
-    whole = reference.reflectance(belt_raw)
-    bad_pixels = np.nonzero(reference.bad.any(1))[0]
-    blocks = [(p, p + 1) for p in bad_pixels] + [(0, 7), (7, 70), (70, 160), (150, 160)]
-    for start, stop in blocks:
-        out = np.full((len(belt_raw), stop - start, 224), np.nan, np.float32)
-        assert reference.reflectance(belt_raw, out=out, pixels=(start, stop)) is out
-        assert np.array_equal(out, whole[:, start:stop]), (start, stop)
-
-
 @pytest.mark.parametrize("groups", [32, 30, [(10, 20), (100, 140), (200, 224)]],
                         ids=["equal", "uneven", "ranges"])
 def test_binned_reflectance_is_the_mean_of_the_reflectance_within_float_rounding(reference, belt_raw, groups):
