@@ -119,6 +119,7 @@ class PlcServer:
         self.vars: dict[str, tuple] = {}      # string id -> (node, variant type, value last written)
         self.acked: dict[str, bool] = {name: True for name in ALARMS}
         self.active: dict[str, bool] = {name: False for name in ALARMS}
+        self.event_ids: dict[str, list[bytes]] = {name: [] for name in ALARMS}   # this activation's
 
     # The thread.
 
@@ -192,6 +193,7 @@ class PlcServer:
         iserver = server.iserver
         iserver.create_session = lambda name, user=User(role=UserRole.Anonymous), external=False: _Session(
             iserver, iserver.aspace, iserver.subscription_service, name, user=user, external=external)
+        iserver.bind_condition_methods = 1   # serve ConditionRefresh (its Refresh events at severity 1)
         await server.init()
         server.set_endpoint(cfg.endpoint)
         server.set_server_name(f"sortline {self.graph}")
@@ -246,27 +248,39 @@ class PlcServer:
             await self._var(counters, f"Sortline.Counters.{key}", key, 0, V.UInt64)
         alarms = await root.add_folder(ua.NodeId("Sortline.Alarms", ns), ua.QualifiedName("Alarms", ns))
         self.alarm_events: dict[str, EventGenerator] = {}
+        self.conditions: dict[ua.NodeId, str] = {}
         for i, (name, (severity, text)) in enumerate(ALARMS.items()):
-            alarm = await alarms.add_object(ua.NodeId(f"Sortline.Alarms.{name}", ns), ua.QualifiedName(name, ns))
+            # Each alarm is an AlarmConditionType instance, what an HMI or a SCADA expects; its state changes are
+            # events from the Server object, and its variables hold its last event's fields.
+            alarm = await alarms.add_object(ua.NodeId(f"Sortline.Alarms.{name}", ns), ua.QualifiedName(name, ns),
+                                            objecttype=ua.ObjectIds.AlarmConditionType, instantiate_optional=False)
             await alarm.write_attribute(ua.AttributeIds.Description,
                                         ua.DataValue(ua.Variant(ua.LocalizedText(text), V.LocalizedText)))
-            await self._var(alarm, f"Sortline.Alarms.{name}.Active", "Active", False, V.Boolean)
-            await self._var(alarm, f"Sortline.Alarms.{name}.Severity", "Severity", severity, V.UInt16)
-            await self._var(alarm, f"Sortline.Alarms.{name}.Message", "Message", "", V.String)
-            await self._var(alarm, f"Sortline.Alarms.{name}.Acked", "Acked", True, V.Boolean)
-            await alarm.add_method(ua.NodeId(f"Sortline.Alarms.{name}.Acknowledge", ns),
-                                   ua.QualifiedName("Acknowledge", ns), self._acknowledger(name), [], [])
-            # Each change of the alarm's state is also an AlarmConditionType event from the Server object,
-            # where an HMI or a SCADA subscribes for events: source and condition name the alarm, and the
-            # event is retained (ConditionRefresh gives it again) while active or unacknowledged.
+            self.conditions[alarm.nodeid] = name
+            server.link_method(server.get_node(ua.NodeId(f"Sortline.Alarms.{name}.Acknowledge", ns)),
+                               self._acknowledge)
             gen = EventGenerator(server.iserver.isession)
             await gen.init(ua.ObjectIds.AlarmConditionType, ua.ObjectIds.Server, add_generates_event=i == 0)
             ev = gen.event
-            ev.SourceNode, ev.SourceName, ev.NodeId = alarm.nodeid, name, alarm.nodeid
-            ev.ConditionName, ev.Severity = name, severity
+            ev.SourceNode, ev.SourceName, ev.NodeId = alarm.nodeid, name, alarm.nodeid   # NodeId: the ConditionId
+            ev.ConditionName, ev.Severity, ev.LastSeverity = name, severity, severity
+            ev.ConditionClassId = ua.NodeId(ua.ObjectIds.SystemConditionClassType)
+            ev.ConditionClassName = ua.LocalizedText("System")
             ev.EnabledState = ua.LocalizedText("Enabled")
             setattr(ev, "EnabledState/Id", True)
             self.alarm_events[name] = gen
+            for field, vtype, value in (("EventType", V.NodeId, ua.NodeId(ua.ObjectIds.AlarmConditionType)),
+                                        ("SourceNode", V.NodeId, alarm.nodeid), ("SourceName", V.String, name),
+                                        ("ConditionName", V.String, name), ("Severity", V.UInt16, severity),
+                                        ("LastSeverity", V.UInt16, severity),
+                                        ("ConditionClassId", V.NodeId, ev.ConditionClassId),
+                                        ("ConditionClassName", V.LocalizedText, ev.ConditionClassName),
+                                        ("EnabledState", V.LocalizedText, ev.EnabledState),
+                                        ("EnabledState.Id", V.Boolean, True)):
+                await self._put(f"Sortline.Alarms.{name}.{field}", vtype, value)
+            await self._state_of(name)
+        # The standard way to acknowledge: the type's method, called with the condition as the object.
+        server.link_method(server.get_node(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge), self._acknowledge)
         recipe = await root.add_object(ua.NodeId("Sortline.Recipe", ns), ua.QualifiedName("Recipe", ns))
         current = self.sup.book.current
         for key, value, vtype in (("Targets", current.recipe.targets, V.String),
@@ -291,6 +305,12 @@ class PlcServer:
                                          ua.Variant(value, vtype))
         self.vars[sid] = (node, vtype, value)
         return node
+
+    async def _put(self, sid: str, vtype: ua.VariantType, value) -> None:
+        """_set, also for a variable the server made (an instance's child): written as ours from then on."""
+        if sid not in self.vars:
+            self.vars[sid] = (self.server.get_node(ua.NodeId(sid, self.ns)), vtype, None)
+        await self._set(sid, value)
 
     async def _set(self, sid: str, value) -> None:
         node, vtype, old = self.vars[sid]
@@ -329,16 +349,15 @@ class PlcServer:
         await self._set("Sortline.Counters.Drops", int(view["drops"]))
         await self._set("Sortline.Counters.ValveCommands", int(view["commands"]))
         for name, cond in view["alarms"].items():
-            changed = cond.active != self.active[name]
-            if cond.active and not self.active[name]:
+            if cond.active == self.active[name]:
+                continue
+            if cond.active:
                 self.acked[name] = False   # each activation waits for its own acknowledgement
+                self.event_ids[name] = []
                 log.warning("alarm %s: %s", name, cond.message)
             self.active[name] = cond.active
-            if changed:
-                await self._alarm_event(name, cond.message or f"{name}: no longer active")
-            await self._set(f"Sortline.Alarms.{name}.Active", cond.active)
-            await self._set(f"Sortline.Alarms.{name}.Message", cond.message)
-            await self._set(f"Sortline.Alarms.{name}.Acked", self.acked[name])
+            await self._alarm_event(name, cond.message if cond.active else f"{name}: no longer active",
+                                    comment="" if cond.active else None)
         current = sup.book.current
         await self._set("Sortline.Recipe.Targets", list(current.recipe.targets))
         await self._set("Sortline.Recipe.Priority", current.recipe.priority)
@@ -391,17 +410,28 @@ class PlcServer:
         at_tick = record["at_tick"] if record else (0 if current.n == 0 else current.at_tick)
         return [ua.Variant(at_tick, V.Int64)]
 
-    def _acknowledger(self, name: str):
-        async def acknowledge(parent):
-            if not self.acked[name]:
-                self.acked[name] = True
-                log.info("alarm %s acknowledged (%s)", name, CALLER.get() or "opcua")
-                await self._alarm_event(name, f"{name}: acknowledged by {CALLER.get() or 'opcua'}")
-            await self._set(f"Sortline.Alarms.{name}.Acked", True)
-            return []
-        return acknowledge
+    async def _acknowledge(self, condition: ua.NodeId, *args: ua.Variant):
+        """AcknowledgeableConditionType.Acknowledge(EventId, Comment): the event id is one of this
+        activation's events (a client need not have seen the newest)."""
+        name = self.conditions.get(condition)
+        if name is None:
+            return ua.StatusCode(ua.StatusCodes.BadNodeIdInvalid)
+        if len(args) != 2:
+            return ua.StatusCode(ua.StatusCodes.BadArgumentsMissing if len(args) < 2
+                                 else ua.StatusCodes.BadTooManyArguments)
+        event_id, comment = args
+        if event_id.Value not in self.event_ids[name]:
+            return ua.StatusCode(ua.StatusCodes.BadEventIdUnknown)
+        if self.acked[name]:
+            return ua.StatusCode(ua.StatusCodes.BadConditionBranchAlreadyAcked)
+        who = CALLER.get() or "opcua"
+        text = comment.Value.Text if isinstance(comment.Value, ua.LocalizedText) else ""
+        self.acked[name] = True
+        log.info("alarm %s acknowledged (%s)%s", name, who, f": {text}" if text else "")
+        await self._alarm_event(name, f"{name}: acknowledged by {who}", comment=text or "", who=who)
+        return []
 
-    async def _alarm_event(self, name: str, message: str) -> None:
+    async def _alarm_event(self, name: str, message: str, comment: str | None = None, who: str | None = None) -> None:
         active, acked = self.active[name], self.acked[name]
         gen = self.alarm_events[name]
         ev = gen.event
@@ -411,4 +441,26 @@ class PlcServer:
         setattr(ev, "AckedState/Id", acked)
         ev.Retain = active or not acked
         ev.Message = ua.LocalizedText(message)
+        if comment is not None:
+            ev.Comment = ua.LocalizedText(comment)
+        if who is not None:
+            ev.ClientUserId = who
         await gen.trigger()
+        self.event_ids[name].append(ev.EventId.Value)
+        await self._state_of(name)
+
+    async def _state_of(self, name: str) -> None:
+        """The condition's variables: its last event's fields (before any event, inactive and acknowledged)."""
+        ev, sid = self.alarm_events[name].event, f"Sortline.Alarms.{name}"
+        active, acked = self.active[name], self.acked[name]
+        fields = (("ActiveState", V.LocalizedText, ua.LocalizedText("Active" if active else "Inactive")),
+                  ("ActiveState.Id", V.Boolean, active),
+                  ("AckedState", V.LocalizedText, ua.LocalizedText("Acknowledged" if acked else "Unacknowledged")),
+                  ("AckedState.Id", V.Boolean, acked), ("Retain", V.Boolean, active or not acked),
+                  ("Message", V.LocalizedText, ev.Message or ua.LocalizedText("")),
+                  ("Comment", V.LocalizedText, ev.Comment or ua.LocalizedText("")),
+                  ("ClientUserId", V.String, ev.ClientUserId or ""))
+        if self.event_ids[name]:
+            fields += (("EventId", V.ByteString, ev.EventId.Value), ("Time", V.DateTime, ev.Time))
+        for field, vtype, value in fields:
+            await self._put(f"{sid}.{field}", vtype, value)

@@ -394,8 +394,9 @@ def test_sortline_control_with_no_node_running_starts_from_the_configured_recipe
 def test_an_alarm_is_an_event_to_a_subscribed_client_and_is_acknowledged(tmp_path, run_dir):
     """A sink far slower than its camera on a bounded edge: the graph drops hundreds of messages a second,
     the Drops alarm comes on. A client subscribed to the Server object's events gets it as an
-    AlarmConditionType event (active, unacknowledged, its severity), acknowledges it with the alarm's
-    method, and gets that as an event too."""
+    AlarmConditionType event (active, unacknowledged, its severity) whose condition is the alarm's own
+    object, acknowledges it the standard way (Acknowledge with the event's id and a comment), and gets that
+    as an event too; an unknown event id and a second acknowledgement are refused."""
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}/sortline"
     cfg = write_config(tmp_path / "c.toml", chain("lines = 4, pixels = 64, bands = 3", sink="delay_ms = 20",
@@ -429,11 +430,36 @@ def test_an_alarm_is_an_event_to_a_subscribed_client_and_is_acknowledged(tmp_pat
             on = await event("Drops", **{"ActiveState/Id": True})
             seen["on"] = {k: on[k].Value for k in ("Severity", "ConditionName", "AckedState/Id", "Retain")}
             seen["message"] = on["Message"].Value.Text
-            seen["acked_var"] = await node(client, ns, "Sortline.Alarms.Drops.Acked").read_value()
-            await node(client, ns, "Sortline.Alarms.Drops").call_method(ua.NodeId("Sortline.Alarms.Drops.Acknowledge", ns))
+            condition = client.get_node(on["NodeId"].Value)   # the ConditionId: the alarm's own object
+            seen["condition"] = condition.nodeid
+            seen["acked_var"] = await node(client, ns, "Sortline.Alarms.Drops.AckedState.Id").read_value()
+            seen["event_id_var"] = await node(client, ns, "Sortline.Alarms.Drops.EventId").read_value()
+            # The standard way, as an HMI acknowledges: the type's method on the condition, with an event id
+            # and a comment. An event id the server never sent is refused and changes nothing.
+            acknowledge = ua.NodeId(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge)
+            comment = ua.Variant(ua.LocalizedText("operator: cleared the jam"), ua.VariantType.LocalizedText)
+            with pytest.raises(ua.UaStatusCodeError) as unknown:
+                await condition.call_method(acknowledge, ua.Variant(b"not-an-event", ua.VariantType.ByteString),
+                                            comment)
+            seen["unknown"] = unknown.value.code
+            await condition.call_method(acknowledge, ua.Variant(on["EventId"].Value, ua.VariantType.ByteString),
+                                        comment)
             acked = await event("Drops", **{"AckedState/Id": True})
             seen["acked"] = {k: acked[k].Value for k in ("ActiveState/Id", "Retain")}
-            seen["acked_var_after"] = await node(client, ns, "Sortline.Alarms.Drops.Acked").read_value()
+            seen["comment"] = acked["Comment"].Value.Text
+            seen["acked_var_after"] = await node(client, ns, "Sortline.Alarms.Drops.AckedState.Id").read_value()
+            # The instance's own Acknowledge method is the same one: a second acknowledgement is refused.
+            with pytest.raises(ua.UaStatusCodeError) as again:
+                await condition.call_method(ua.NodeId("Sortline.Alarms.Drops.Acknowledge", ns),
+                                            ua.Variant(acked["EventId"].Value, ua.VariantType.ByteString), comment)
+            seen["again"] = again.value.code
+            # Still active, so retained: a client that (re)subscribes and asks for a refresh gets it again.
+            events.clear()
+            await client.get_node(ua.ObjectIds.ConditionType).call_method(
+                ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
+                ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
+            refreshed = await event("Drops", **{"AckedState/Id": True})
+            seen["refreshed"] = {k: refreshed[k].Value for k in ("ActiveState/Id", "Retain", "EventId")}
             await sub.delete()
         finally:
             await client.disconnect()
@@ -446,8 +472,15 @@ def test_an_alarm_is_an_event_to_a_subscribed_client_and_is_acknowledged(tmp_pat
     assert rc == 0, err[-3000:]
     assert seen["on"] == {"Severity": 500, "ConditionName": "Drops", "AckedState/Id": False, "Retain": True}, seen
     assert "messages dropped a second" in seen["message"] and seen["acked_var"] is False
+    assert seen["condition"].Identifier == "Sortline.Alarms.Drops"
+    assert seen["event_id_var"] and isinstance(seen["event_id_var"], bytes)
+    assert seen["unknown"] == ua.StatusCodes.BadEventIdUnknown
     assert seen["acked"] == {"ActiveState/Id": True, "Retain": True} and seen["acked_var_after"] is True, seen
+    assert seen["comment"] == "operator: cleared the jam"
+    assert seen["again"] == ua.StatusCodes.BadConditionBranchAlreadyAcked
+    assert seen["refreshed"]["ActiveState/Id"] is True and seen["refreshed"]["Retain"] is True, seen
     assert "alarm Drops acknowledged (opcua anonymous from 127.0.0.1:" in err
+    assert "): operator: cleared the jam" in err
 
 
 def make_certificate(out: Path, name: str, client: bool) -> tuple[Path, Path]:
