@@ -98,6 +98,9 @@ def add(sub) -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--init", default="", metavar="WEIGHTS", help="start from these weights (fine-tuning, e.g. the "
+                   "shipped model on your own recordings): their size, variant and normalisation; the data must "
+                   "have their classes and bands")
     p.add_argument("--val-every", type=int, default=250, help="score the validation split every N steps, keep "
                    "the best model (OUT/best.safetensors) and fit its temperature; 0: no validation, the last weights")
     p.add_argument("--patience", type=int, default=6, help="stop after N evaluations without a better val mIoU "

@@ -248,6 +248,34 @@ def test_two_processes_under_torchrun_take_the_steps_of_one(tmp_path, env):
     assert (la.softmax(1) - lb.softmax(1)).abs().max() < 0.02
 
 
+@pytest.mark.system
+def test_fine_tuning_starts_from_the_given_weights_and_refuses_other_classes(tmp_path, env):
+    """--init: the shipped demo model, two steps at learning rate 0 on the synthetic belt: every weight as it
+    was (the batch norms' running statistics aside), and its first validation already scores like a trained
+    model, not like a fresh one. Data of other classes (SpectralWaste's) is refused, saying so."""
+    shipped = ROOT / "models" / "weights" / "belt-fusion-nano.safetensors"
+    common = ["train", "--strips", "4", "--val-strips", "4", "--batch", "2", "--crop-lines", "64", "--crop-width",
+              "128", "--steps", "2", "--val-every", "1", "--log-every", "1"]
+    tuned = sortline(*common, "--init", str(shipped), "--lr", "0", "--out", str(tmp_path / "t"), env=env, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr
+    assert "starting from " in tuned.stderr and "(nano fusion, model hash d4ce3f6c87a49a8a)" in tuned.stderr
+    fresh = sortline(*common, "--size", "nano", "--out", str(tmp_path / "f"), env=env, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    first = [float(re.search(r"step 1: val mIoU ([0-9.]+)", r.stderr).group(1)) for r in (tuned, fresh)]
+    assert first[0] > 0.6 and first[1] < 0.3, first
+    (config, weights, meta), (shipped_config, original, _) = read(tmp_path / "t" / "last.safetensors"), read(shipped)
+    assert config.size == "nano" and config.hsi_band_mean == shipped_config.hsi_band_mean
+    assert json.loads(meta["train"])["init"] == str(shipped)
+    learned = [k for k in original if "running" not in k and "num_batches" not in k]
+    assert learned and all(torch.equal(weights[k], original[k]) for k in learned)
+    make_spectralwaste(tmp_path / "sw", "train", ["a"])
+    make_spectralwaste(tmp_path / "sw", "val", ["v"], seed=2)
+    other = sortline("train", "--data", "spectralwaste", "--root", str(tmp_path / "sw"), "--init", str(shipped),
+                     "--out", str(tmp_path / "o"), "--steps", "1", "--batch", "1", "--crop-lines", "128",
+                     "--crop-width", "128", env=env, timeout=300)
+    assert other.returncode != 0 and "--init" in other.stderr and "the model has classes ('belt', 'PET'" in other.stderr
+
+
 def checkpoint_net(path):
     from sortline.models.training import checkpoint
 
