@@ -194,15 +194,12 @@ def _train(data, args, val, overlap: int, mask_stride: int, ranks: Ranks) -> Pat
         raise SystemExit(f"sortline: --batch {args.batch} does not split over {ranks.world} processes")
     out = Path(args.out)
     config = make_config(args.size, args.variant, classes=tuple(data.classes), bands=data.bands, ratio=data.ratio)
-    if config.uses_hsi:
-        mean, std = band_statistics(data, config)
-        config = dataclasses.replace(config, hsi_band_mean=mean, hsi_band_std=std).validate()
     start_from = None
-    if getattr(args, "init", None):
+    if args.init:
         # Fine-tuning: the given model's size, variant and HSI normalisation (its weights were trained with
         # them, whatever --size and --variant say), for data of its classes and bands; the temperature is
         # fitted anew.
-        start_from, _ = checkpoint.load(args.init)
+        start_from, init_meta = checkpoint.load(args.init)
         mine = dataclasses.replace(start_from.config, temperature=1.0)
         differs = [f"{k} {getattr(mine, k)!r}, the data {getattr(config, k)!r}"
                    for k in ("classes", "bands", "ratio") if getattr(mine, k) != getattr(config, k)]
@@ -210,12 +207,14 @@ def _train(data, args, val, overlap: int, mask_stride: int, ranks: Ranks) -> Pat
             raise SystemExit(f"sortline: --init {args.init}: the model has " + "; ".join(differs))
         config = mine
         args.size, args.variant = config.size, config.variant
+    elif config.uses_hsi:
+        mean, std = band_statistics(data, config)
+        config = dataclasses.replace(config, hsi_band_mean=mean, hsi_band_std=std).validate()
     config.check_strip(args.crop_lines, args.crop_width)
     net = SortNet(config).to(ranks.device)
     if start_from is not None:
         net.load_state_dict(start_from.state_dict())
-        say(f"starting from {args.init} ({config.size} {config.variant}, model hash "
-            f"{checkpoint.model_hash(start_from.config, start_from.state_dict())})")
+        say(f"starting from {args.init} ({config.size} {config.variant}, model hash {init_meta['hash']})")
     model = net
     if ranks.world > 1:
         GlobalBatchNorm.convert(net, ranks.sum)
@@ -226,7 +225,7 @@ def _train(data, args, val, overlap: int, mask_stride: int, ranks: Ranks) -> Pat
     run_info = {"variant": args.variant, "size": args.size, "seed": args.seed, "steps": args.steps,
                 "batch": args.batch, "crop": f"{args.crop_lines}x{args.crop_width}", "data": args.data,
                 "lr": args.lr, "warmup": args.warmup, "augment": not args.no_augment, "val_every": val_every,
-                "patience": args.patience, "init": str(getattr(args, "init", "") or "")}
+                "patience": args.patience, "init": args.init}
     # The validation record: best mIoU and its step, evaluations since, and every evaluation.
     record = {"best": None, "best_step": 0, "since": 0, "history": []}
     start = 0
