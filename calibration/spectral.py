@@ -21,15 +21,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from functools import cache
+
 import cv2
 import numpy as np
 
 from sortline.pipeline.config import cache_dir
-
-# numba keeps what it compiles in sortline's cache directory (the unit's CacheDirectory= under systemd;
-# nothing is written beside the package): a node's start then loads the kernel instead of compiling it.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
-import numba  # noqa: E402
 
 FORMAT = "sortline-spectral"
 VERSION = 1
@@ -192,8 +189,7 @@ class SpectralReference:
 BLOCK_BYTES = 1 << 20   # a block of float32 worked on in a core's cache (half its L2 on the x86 boxes)
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
-def _binned_kernel(raw, fix, src, dark, scale, starts, ends, equal, inv, clip, line_buf, out):   # pragma: no cover
+def _binned_lines(raw, fix, src, dark, scale, starts, ends, equal, inv, clip, line_buf, out):   # pragma: no cover
     """out[l, p, g] = the mean over the bands b of group g of clip((raw[l, k] - dark[k]) * scale[k], 0, clip),
     k = p * bands + b, a bad entry k = fix[i] reading the counts of src[i]: the reflectance and its binning
     in two passes over one line at a time (line_buf, a line's reflectance, stays in cache). equal: the
@@ -226,6 +222,17 @@ def _binned_kernel(raw, fix, src, dark, scale, starts, ends, equal, inv, clip, l
                 for b in range(base + starts[g], base + ends[g]):
                     total += line_buf[b]
                 out[line, p, g] = total * inv[g]
+
+
+@cache
+def _binned_kernel():
+    """_binned_lines compiled. numba is imported here, by the node that bins, not by every process that
+    imports this module to check a graph (a third of a restarted node's start-up). It keeps what it
+    compiles in sortline's cache directory (the unit's CacheDirectory= under systemd; nothing is written
+    beside the package): a node's start then loads the kernel instead of compiling it."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
+    import numba
+    return numba.njit(nogil=True, cache=True, fastmath=True)(_binned_lines)
 
 
 class BinnedReflectance:
@@ -268,8 +275,9 @@ class BinnedReflectance:
         self.line_buf = np.empty(pixels * bands, np.float32)
         self.dark = np.ascontiguousarray(reference._dark, np.float32)
         self.scale = np.ascontiguousarray(reference._scale, np.float32)
+        self.kernel = _binned_kernel()
         for dtype in (np.uint8, np.uint16):   # compiled (or loaded) now for either kind of count, not at a frame
-            _binned_kernel(np.zeros((0, pixels * bands), dtype), self.fix, self.src, self.dark, self.scale,
+            self.kernel(np.zeros((0, pixels * bands), dtype), self.fix, self.src, self.dark, self.scale,
                            self.starts, self.ends, self.equal, self.inv, self.clip, self.line_buf,
                            np.empty((0, pixels, self.groups), np.float32))
 
@@ -278,6 +286,6 @@ class BinnedReflectance:
         self.ref.check(raw)
         lines, (pixels, bands) = len(raw), self.ref.shape
         out = np.empty((lines, pixels, self.groups), np.float32) if out is None else out
-        _binned_kernel(np.ascontiguousarray(raw).reshape(lines, pixels * bands), self.fix, self.src, self.dark,
+        self.kernel(np.ascontiguousarray(raw).reshape(lines, pixels * bands), self.fix, self.src, self.dark,
                        self.scale, self.starts, self.ends, self.equal, self.inv, self.clip, self.line_buf, out)
         return out

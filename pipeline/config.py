@@ -357,6 +357,9 @@ class OpcUa(Section):
 class SupervisorSettings(Section):
     restart_backoff_s: float = Field(0.2, gt=0, le=60)
     restart_backoff_max_s: float = Field(10.0, gt=0, le=600)
+    spare: bool = Field(True, description="keep one node process started and waiting (its Python and modules "
+                        "loaded, the configuration checked), so that a node that dies is back after its setup "
+                        "instead of a whole process start; costs one idle process")
     heartbeat_s: float = Field(0.5, gt=0, le=60)
     heartbeat_timeout_s: float = Field(5.0, gt=0, le=600)
     status_every_s: float = Field(2.0, gt=0)

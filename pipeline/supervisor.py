@@ -65,6 +65,7 @@ COUNTED = ("_total", "_count", "_sum")  # samples that add up across a node's pr
 STABLE_S = 10.0  # a node that ran this long has its backoff reset
 RECIPE_MARGIN_S = 0.5   # a recipe change takes effect this far ahead of where the belt may be by then
 REPUBLISH_S = 1.0       # the recipe history goes out again this often (a message missed is made good)
+SPARE_RETRY_S = 10.0    # a spare that exited on its own is started again no sooner than this
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Supervisor:
         self._recipe_lock = threading.Lock()   # changes come from this thread and from the OPC UA server's
         self._belt: tuple[float, int, float] = (time.monotonic(), 0, 0.0)   # when, where, ticks/s measured
         self._plc = None
+        self._spare: subprocess.Popen | None = None   # see _keep_spare
+        self._spare_at = 0.0
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
@@ -202,6 +205,7 @@ class Supervisor:
             self.phase = "stopping"
             self.view = self._machine.update(self.phase, self.children, self._belt[1])
             if self.start_nodes:
+                self._stop_spare()
                 self._stop_all(beats)
             if self._plc is not None:
                 self._plc.stop()
@@ -256,12 +260,57 @@ class Supervisor:
                      self.book.current.at_tick)
 
     def _start(self, child: Child) -> None:
-        cmd = [sys.executable, "-m", "sortline", "node", child.name, "--config", self.config_path,
-               "--heartbeat", self.heartbeat_addr]
-        if self.settings.metrics.port_base:
-            cmd += ["--metrics-port", str(metrics.port_of(self.settings, child.name))]
-        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        port = metrics.port_of(self.settings, child.name) if self.settings.metrics.port_base else None
+        child.proc = self._take_spare(child.name, port)
+        if child.proc is None:
+            cmd = [sys.executable, "-m", "sortline", "node", child.name, "--config", self.config_path,
+                   "--heartbeat", self.heartbeat_addr]
+            if port is not None:
+                cmd += ["--metrics-port", str(port)]
+            child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child.state, child.started, child.last_beat = "running", time.monotonic(), 0.0
+
+    # The spare: one process started ahead (`sortline node --standby`), that becomes the next node to restart.
+
+    def _keep_spare(self, now: float) -> None:
+        """A spare once every running node has beaten (its start-up then competes with nobody's)."""
+        spare = self._spare
+        if spare is not None:
+            rc = spare.poll()
+            if rc is None:
+                return
+            log.warning("the spare node process exited (code %s); the next restart starts a process", rc)
+            self._spare, self._spare_at = None, now + SPARE_RETRY_S
+        if (not self.settings.supervisor.spare or self._stop or now < self._spare_at
+                or any(c.state == "running" and not c.last_beat for c in self.children.values())):
+            return
+        self._spare = subprocess.Popen(
+            [sys.executable, "-m", "sortline", "node", "--standby", "--config", self.config_path,
+             "--heartbeat", self.heartbeat_addr], stdin=subprocess.PIPE)
+
+    def _take_spare(self, name: str, port: int | None) -> subprocess.Popen | None:
+        spare, self._spare = self._spare, None
+        if spare is None or spare.poll() is not None:
+            return None
+        try:
+            spare.stdin.write(f"{name} {'' if port is None else port}\n".encode())
+            spare.stdin.close()
+        except OSError:   # it died just now
+            spare.kill()
+            spare.wait()
+            return None
+        return spare
+
+    def _stop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        try:
+            spare.stdin.close()   # end of its input: it exits, having become nothing
+            spare.wait(STOP_WAIT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            spare.kill()
+            spare.wait()
 
     def _await_ready(self, children: list[Child], beats: zmq.Socket) -> None:
         """Wait for the nodes' first heartbeats (each sent once its setup is done); a node that
@@ -407,6 +456,8 @@ class Supervisor:
         if not self.start_nodes:
             self._watch_beats(now)
             return
+        if self.phase == "up":
+            self._keep_spare(now)
         for child in self.children.values():
             if child.state == "waiting" and now >= child.restart_at:
                 log.info("restarting %s (restart %d)", child.name, child.restarts)

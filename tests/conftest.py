@@ -218,7 +218,8 @@ def pid_of(*words: str) -> int:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                # (a spare node process that became a node has that node's command line as one string)
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
             except OSError:
                 continue
             if all(w in argv for w in words):
