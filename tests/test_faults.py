@@ -11,7 +11,18 @@ from pathlib import Path
 
 from sortline.pipeline.graph import load_config
 from sortline.pipeline.graph import topo_order
-from tests.conftest import demo_toml, free_port, load_json, metric, pid_of, scrape, start, stop, wait_for
+from tests.conftest import demo_toml, free_port, load_json, metric, pid_of, scrape, sortline, start, stop, wait_for
+
+
+def test_a_spare_node_process_ends_at_the_end_of_its_input_and_refuses_a_node_the_graph_lacks(tmp_path, run_dir):
+    """The supervisor's spare (`sortline node --standby`) becomes nothing when the supervisor goes away without
+    needing it, and the name it is given is checked like a name on the command line."""
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(demo_toml(free_port(), graph={"name": "spare", "runtime_dir": str(run_dir)}))
+    idle = sortline("node", "--standby", "--config", str(cfg), input="", timeout=60)
+    assert idle.returncode == 0, idle.stderr
+    wrong = sortline("node", "--standby", "--config", str(cfg), input="nosuch 0\n", timeout=60)
+    assert wrong.returncode == 78 and "no node named 'nosuch'" in wrong.stderr, wrong.stderr
 
 
 @pytest.mark.system
@@ -28,11 +39,14 @@ def test_a_stage_killed_under_load_is_back_within_two_seconds_and_the_loss_is_co
             return metric(scrape(plan_port), "sortline_messages_total", node="plan", direction="in")
 
         wait_for(lambda: planned() > 100, timeout=30)
-        os.kill(pid_of("node", "plan", str(cfg)), signal.SIGKILL)
+        victim = pid_of("node", "plan", str(cfg))
+        os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         # A fresh process serves the port again and takes messages: the pipeline is back.
         wait_for(lambda: planned() > 5, timeout=15, every=0.02)
         back_s = time.monotonic() - killed
+        # It was the supervisor's spare, and it goes by the node's command line like any node.
+        assert pid_of("node", "plan", str(cfg)) != victim
     finally:
         rc, out, err = stop(sup, timeout=30)
     assert rc == 0, err[-3000:]
