@@ -20,8 +20,8 @@ nothing downstream splices two passes together.
 
 Arrays and header fields come back exactly as recorded, except the trace
 (which starts anew here) and the shared-memory slot; after a message that was
-not sent, the next of its stream carries gap=True and the sequence numbers run
-on without a hole. A file cut short or
+not sent, the next of its stream carries gap=True and the sequence numbers keep
+the hole it left, as a source that loses a frame does. A file cut short or
 corrupted replays every valid message up to the damage; then the node logs
 one error naming the file, the byte offset and the reason, and ends the
 stream: the graph finishes, nothing restarts.
@@ -86,7 +86,7 @@ class Replay(Node):
         self._warn = RateLimitedLog(self.log)
         self.seq_next: dict[str, int] = {}  # per stream: the sequence number after the last one sent
         self.gap_next: set[str] = set()  # streams whose next message follows missing ones (a wrap, a lost one)
-        self.renumber: set[str] = set()  # streams whose sequence numbers carry on from seq_next
+        self.seq_shift: dict[str, int] = {}  # per stream: added to recorded sequence numbers in this pass
         self.shift = 0  # ticks added to positions in this pass
         self.span = (math.inf, -math.inf)  # belt positions the first pass covered
         self.grid = 1  # a shift keeps every stream's lines on their grid: a multiple of each ticks_per_line
@@ -101,6 +101,7 @@ class Replay(Node):
         self.pass_due = 0  # the latest time a message of this pass was due
         self.pass_count = 0
         self.gap_next |= set(self.seq_next)  # after a wrap
+        self.seq_shift = {}
 
     def step(self):
         p = self.params
@@ -129,6 +130,9 @@ class Replay(Node):
         before = p.from_ticks is not None and end <= p.from_ticks
         if before or (p.to_ticks is not None and header.position >= p.to_ticks):
             return None
+        if self.passes and frame.stream not in self.seq_shift:
+            # After a wrap the numbers carry on from the last one sent, then follow the recording's.
+            self.seq_shift[frame.stream] = self.seq_next.get(frame.stream, header.seq) - header.seq
         acquired = None   # when the message is due; the first of a pass is due when it is ready
         if p.speed > 0 and self.pass_count:
             acquired = self.pass_t0 + int((frame.log_time - self.pass_log0) / p.speed)
@@ -166,9 +170,8 @@ class Replay(Node):
         return [(frame.stream, msg)]
 
     def _missing(self, stream: str) -> None:
-        """A message of this stream was not sent: the next one says so (gap) and takes its sequence number."""
+        """A message of this stream was not sent: the next one says so (gap); its number leaves the hole."""
         self.gap_next.add(stream)
-        self.renumber.add(stream)
 
     def _message(self, stream: str, header, arrays, acquired: int | None):
         fields = {f: getattr(header, f) for f in KEPT}
@@ -178,8 +181,8 @@ class Replay(Node):
             self.grid = math.lcm(self.grid, max(header.ticks_per_line, 1))
         else:
             fields["position"] += self.shift
-        if self.passes or stream in self.renumber:
-            fields["seq"] = self.seq_next.get(stream, header.seq)
+        if self.passes:
+            fields["seq"] += self.seq_shift[stream]
         if stream in self.gap_next:
             fields["gap"] = True
         msg = self.out[stream].new({name: (a.shape, a.dtype) for name, a in arrays.items()},

@@ -381,6 +381,18 @@ def test_replay_is_paced_as_recorded_or_by_a_speed_factor(tmp_path, run_dir):
         rates[speed] = sink["rate_per_s"]
     assert rates["1"] == pytest.approx(recorded_rate, rel=0.15), rates
     assert rates["3"] == pytest.approx(3 * recorded_rate, rel=0.2), rates
+    # A consumer that cannot keep up loses frames on its live edge, as from a camera: the survivors are
+    # intact, each hole is flagged on the message after it and left in the sequence numbers, where the
+    # sink counts it.
+    slow_sink = f'report = "{tmp_path}/sink.json", delay_ms = 40'
+    lossy = write_config(tmp_path / "lossy.toml", node_toml("sink", "sink", slow_sink)
+                         + node_toml("replay", "replay", f"path = '{tmp_path}/paced.mcap'")
+                         + edge_toml("replay.rgb", "sink.in"), run_dir)
+    res = sortline("run", "--config", str(lossy), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sink = load_json(tmp_path / "sink.json")
+    assert sink["received"] >= 10 and sink["lost"] >= 10 and sink["received"] + sink["lost"] <= 90, sink
+    assert sink["corrupt"] == 0 and sink["gap_flags"] == sink["gaps"] > 0 and sink["reordered"] == 0, sink
 
 
 @pytest.mark.system
