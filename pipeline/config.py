@@ -362,6 +362,9 @@ class SupervisorSettings(Section):
                         "instead of a whole process start; costs one idle process")
     heartbeat_s: float = Field(0.5, gt=0, le=60)
     heartbeat_timeout_s: float = Field(5.0, gt=0, le=600)
+    start_timeout_s: float = Field(120.0, gt=0, le=3600, description="how long the sources wait for the other "
+                                   "nodes' setup (a model or engine loading, a camera opening) before they start "
+                                   "anyway; a setup that ends earlier starts them at once")
     status_every_s: float = Field(2.0, gt=0)
 
 

@@ -165,7 +165,6 @@ class Supervisor:
         poller.register(beats, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
         next_publish = 0.0
-        deadline = None if self.seconds is None else time.monotonic() + self.seconds
         next_status = time.monotonic() + self.settings.supervisor.status_every_s
         notify, next_alive = Notifier(), 0.0
         try:
@@ -173,6 +172,8 @@ class Supervisor:
             if self.start_nodes:
                 self._start_all(beats)
                 self.phase = "up"
+            # A timed run lasts that long once its nodes are up: a slow start takes none of the belt's time.
+            deadline = None if self.seconds is None else time.monotonic() + self.seconds
             notify.ready(f"watching {len(self.order)} nodes" if not self.start_nodes else "running")
             while not self._stop:
                 events = dict(poller.poll(100))
@@ -315,7 +316,8 @@ class Supervisor:
     def _await_ready(self, children: list[Child], beats: zmq.Socket) -> None:
         """Wait for the nodes' first heartbeats (each sent once its setup is done); a node that
         exits meanwhile is _watch()'s business."""
-        deadline = time.monotonic() + self.settings.supervisor.heartbeat_timeout_s
+        # Setup is not liveness: loading a model on a busy host takes longer than a heartbeat timeout.
+        deadline = time.monotonic() + self.settings.supervisor.start_timeout_s
         while not self._stop and time.monotonic() < deadline:
             if all(c.last_beat or c.proc.poll() is not None for c in children):
                 return
