@@ -290,9 +290,12 @@ class ValveSim(Node):
         hit_targets = [r for r, is_target in hit if is_target]
         # What dilutes the ejected fraction: the other objects the air carried off, by class.
         others: dict[str, int] = {}
-        for r, is_target in hit:
-            if not is_target:
+        others_by_look: dict[str, int] = {}
+        for oid, r, is_target, _ in judged:
+            if not is_target and r[2] >= frac * r[1]:
                 others[self.classes[r[0]]] = others.get(self.classes[r[0]], 0) + 1
+                look = self.looks.get(oid, "unknown")
+                others_by_look[look] = others_by_look.get(look, 0) + 1
         area_hit = sum(r[2] for r in self.objects.values())
         area_hit_targets = sum(r[2] for r in targets)
         return {
@@ -305,6 +308,7 @@ class ValveSim(Node):
             "black_targets": by_look.get("black", [0, 0])[0],
             "recovery_by_look": {look: round(t[1] / t[0], 4) for look, t in sorted(by_look.items())},
             "hit_others_by_class": dict(sorted(others.items())),
+            "hit_others_by_look": dict(sorted(others_by_look.items())),
             "commands": self.commands, "late_arrivals": self.late_arrivals, "bad_datagrams": sum(self.bad.values()),
             "bad_by_kind": dict(self.bad), "air_valve_s": round(self.air_s, 4), "targets_classes": self.targets,
             "commanded_objects": len(self.commanded), "kernel_drops": self.kernel_drops,
@@ -325,10 +329,10 @@ class ValveSim(Node):
         if self.params.report:
             tmp = f"{self.params.report}.tmp"
             # With each object scored, so that any stretch of belt can be scored from the report (a recipe's first
-            # seconds, say): id, first belt position, class, hit, and whether its recipe targeted it.
+            # seconds, say): id, first belt position, class, hit, whether its recipe targeted it, and its look.
             frac = self.params.hit_fraction
-            objects = [[oid, self.first.get(oid), self.classes[r[0]], bool(r[2] >= frac * r[1]), is_target]
-                       for oid, r, is_target, _ in self._judged()]
+            objects = [[oid, self.first.get(oid), self.classes[r[0]], bool(r[2] >= frac * r[1]), is_target,
+                        self.looks.get(oid, "unknown")] for oid, r, is_target, _ in self._judged()]
             with open(tmp, "w") as fh:
                 json.dump({**self.score(), "objects_scored": objects}, fh, indent=2)
             os.replace(tmp, self.params.report)
