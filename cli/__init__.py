@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from sortline.cli import (build_engine, calibrate, calibrate_confidence, cameras, check, control, evaluate, export,
                           hil, inspect, install_service, keys, node, recipe, record, replay, run, score, simulate, status,
                           teach, train)
 from sortline.cli.common import config_errors, default_config
+from sortline.models.contract import ModelFileError
 from sortline.pipeline import logs
 from sortline.pipeline.config import ConfigError
 
@@ -68,3 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:  # found after loading: a directory, a file the config names
         return config_errors(exc)
+    except ModelFileError as exc:  # a model file named on the command line: absent, corrupt, for other shapes
+        print(f"sortline: {exc}", file=sys.stderr)
+        return 2

@@ -27,6 +27,21 @@ def check(args) -> int:
         print(f"  edge {e.name}: {e.policy}, {'shared memory' if e.shm else 'inline'}, {e.address}")
     for line in open_edges(settings):
         print(f"  WARNING: {line}")
+    if common.nodes_of_kind(settings, "infer"):
+        # The model is opened as the infer node opens it: a file cut short, made for other strips or
+        # without a class the recipe names is found here, not at the first start of the line.
+        from sortline.nodes.infer import open_model
+
+        try:
+            backend, unavailable = open_model(settings, settings.model.device)
+        except ConfigError as exc:
+            return common.config_errors(ConfigError([f"{args.config}: {line}" for line in exc.lines]))
+        print(f"  model: {settings.model.path} ({backend.model_hash}) on {backend.name}, classes "
+              f"{', '.join(backend.classes[1:])}")
+        if unavailable:
+            print(f"  WARNING: model.backend = {settings.model.backend!r} cannot run here ({unavailable}): "
+                  "the infer node will run the ONNX file on the CPU")
+        backend.close()
     return 0
 
 

@@ -23,6 +23,18 @@ model's ONNX file on ONNX Runtime on the CPU, with one warning at start-up that
 says what is missing; `sortline_infer_backend_info{backend=...}` says which
 runs. A model file that is missing, made for other strips, or without a class
 the recipe targets is a ConfigError: a restart would not fix it.
+
+A strip that arrives too late is not inferred: where its age (from the
+acquisition its trace starts with: the camera lines that completed it) exceeds
+`max_age_ms` when the node takes it (default: half the latency budget at the
+nominal belt speed, which leaves the other half for inference and the plan),
+it is dropped and counted (`sortline_edge_drops_total{reason="late"}`) and the
+next mask carries the gap. This is what keeps latency bounded on a
+host that cannot keep up: inferring a strip that late would make every strip
+after it late too, and the eject plan could blow none of its objects' fronts.
+The plan closes objects at the gap; the masks that go on are fresh. With
+`timing = false` (a belt that waits for the pipeline: replay, `score
+--unpaced`) every strip is inferred, however late.
 """
 
 from __future__ import annotations
@@ -30,12 +42,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from pydantic import Field
 
 from sortline.models.backends import open_for_machine
 from sortline.models.contract import ModelFileError, StripShape, model_file
 from sortline.nodes.streams import MASK, STRIP, MaskMeta
 from sortline.pipeline import metrics
-from sortline.pipeline.config import ConfigError
+from sortline.pipeline.config import ConfigError, Section
 from sortline.pipeline.node import Node
 
 
@@ -43,25 +56,18 @@ class Infer(Node):
     inputs = {"in": STRIP}
     outputs = {"out": MASK}
 
+    class Params(Section):
+        timing: bool = Field(True, description="false: infer every strip however late (a belt that waits for "
+                             "the pipeline); true: drop a strip too late to be of use, and count it")
+        max_age_ms: float = Field(0.0, ge=0, description="a strip older than this when the node takes it is "
+                                  "dropped; 0: half the latency budget at the nominal belt speed")
+
     def setup(self) -> None:
         m = self.machine.model
-        if not m.path:
-            raise ConfigError(["model.path: not set; the infer node needs a model (docs/model.md)"])
         self.shape = s = StripShape.from_machine(self.machine)
-        try:
-            # Replicas of this node share the machine's GPUs out: replica i opens model.device + i.
-            self.backend, unavailable = open_for_machine(m.backend, model_file(m.path), s, m.threads,
-                                                         m.device + self.replica)
-        except ModelFileError as exc:
-            raise ConfigError([f"model.path: {exc}"]) from None
-        except ImportError as exc:
-            raise ConfigError([f"model.backend = {m.backend!r} is not installed here ({exc}); onnxruntime needs "
-                               "the .[infer] extra, tensorrt the .[gpu] extra on an NVIDIA machine"]) from None
+        # Replicas of this node share the machine's GPUs out: replica i opens model.device + i.
+        self.backend, unavailable = open_model(self.machine, m.device + self.replica)
         classes = list(self.backend.classes)
-        missing = [t for t in self.machine.recipe.targets if t not in classes[1:]]
-        if missing:
-            raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the classes of model "
-                               f"{self.backend.model_hash} ({', '.join(classes[1:])})"])
         self.expect("in", lines=s.lines, width=s.width, hsi_lines=s.lines // s.ratio, hsi_width=s.width // s.ratio,
                     bands=s.bands)
         if unavailable:
@@ -71,6 +77,12 @@ class Infer(Node):
         self.classes = classes
         self.core = s.core
         self.strips, self.busy_s = 0, 0.0
+        # Across hosts without synchronised clocks a trace's age means nothing: then nothing is dropped as late.
+        timed = self.params.timing and not self.context.unsynchronised_edges
+        max_age_ms = self.params.max_age_ms or self.machine.budget_ms() / 2
+        self.max_age_ns = max_age_ms * 1e6 if timed else None
+        self.late, self.gap = 0, False
+        self._late = metrics.DROPS.labels(f"{self.name}.in", "late")
         self.log.info("%s backend, model %s (%s), strips %s -> masks %s", self.backend.name, self.backend.model_hash,
                       m.path, s.rgb[1:3], self.core)
 
@@ -78,6 +90,12 @@ class Infer(Node):
         h, meta, s = msg.header, msg.meta, self.shape
         if (meta.overlap, meta.ratio) != (s.overlap, s.ratio):
             raise ValueError(f"strip overlap/ratio {meta.overlap}/{meta.ratio}, the model expects {s.overlap}/{s.ratio}")
+        if self.max_age_ns is not None and h.trace:
+            if time.monotonic_ns() - h.trace[0].t_in_ns > self.max_age_ns:
+                self.late += 1
+                self._late.inc()
+                self.gap = True
+                return None
         t0 = time.perf_counter()
         classes, confidence = self.backend.run(msg.arrays["rgb"], msg.arrays["hsi"])
         self.busy_s += time.perf_counter() - t0
@@ -85,13 +103,14 @@ class Infer(Node):
         valid = -(-meta.valid_lines // k)
         out = self.out["out"].new({"classes": (self.core, np.uint8), "confidence": (self.core, np.uint8)}, like=msg,
                                   stream="mask", position=h.position + s.overlap * h.ticks_per_line,
-                                  ticks_per_line=h.ticks_per_line * k,
+                                  ticks_per_line=h.ticks_per_line * k, gap=h.gap or self.gap,
                                   meta=MaskMeta(self.classes, self.backend.model_hash, k, valid))
         if out is None:
             return None
         out.arrays["classes"][...] = classes
         out.arrays["confidence"][...] = confidence
         self.strips += 1
+        self.gap = False
         return [("out", out)]
 
     def recipe_classes(self):
@@ -109,6 +128,27 @@ class Infer(Node):
 
     def status(self) -> dict:
         if not self.strips:
-            return {"strips": 0, "backend": self.backend.name}
-        return {"strips": self.strips, "backend": self.backend.name,
+            return {"strips": 0, "late": self.late, "backend": self.backend.name}
+        return {"strips": self.strips, "late": self.late, "backend": self.backend.name,
                 "ms_per_strip": round(self.busy_s / self.strips * 1000, 1)}
+
+
+def open_model(machine, device: int):
+    """(backend, why the configured one cannot run here or "") for the machine's model on GPU `device`:
+    what the infer node runs, and what `sortline check` opens to say a model will not do before a run."""
+    m = machine.model
+    if not m.path:
+        raise ConfigError(["model.path: not set; the infer node needs a model (docs/model.md)"])
+    try:
+        backend, unavailable = open_for_machine(m.backend, model_file(m.path), StripShape.from_machine(machine),
+                                                m.threads, device)
+    except ModelFileError as exc:
+        raise ConfigError([f"model.path: {exc}"]) from None
+    except ImportError as exc:
+        raise ConfigError([f"model.backend = {m.backend!r} is not installed here ({exc}); onnxruntime needs "
+                           "the .[infer] extra, tensorrt the .[gpu] extra on an NVIDIA machine"]) from None
+    missing = [t for t in machine.recipe.targets if t not in list(backend.classes)[1:]]
+    if missing:
+        raise ConfigError([f"recipe.targets: {', '.join(missing)} not among the classes of model "
+                           f"{backend.model_hash} ({', '.join(backend.classes[1:])})"])
+    return backend, unavailable

@@ -227,6 +227,36 @@ def test_a_broken_config_is_one_line_from_check_and_78_from_run(tmp_path, run_di
         busy.close()
 
 
+@pytest.mark.parametrize("model, expected", [
+    ("shipped:demo", "sortline ships no model of that name; it ships belt-fusion-nano.onnx"),
+    ("TRUNCATED", "truncated.safetensors"),
+])
+def test_a_model_that_cannot_be_used_is_one_line_and_exit_2_from_the_model_commands(tmp_path, model, expected):
+    if model == "TRUNCATED":   # a copy cut short, as by a full disk or an interrupted transfer
+        shipped = Path(__file__).parents[1] / "models" / "weights" / "belt-fusion-nano.safetensors"
+        model = str(tmp_path / "truncated.safetensors")
+        Path(model).write_bytes(shipped.read_bytes()[:5000])
+    for command in (["evaluate", model, "--eval-strips", "1"], ["export", model, "--out", str(tmp_path / "m.onnx")]):
+        res = sortline(*command, "--config", "configs/demo.toml", timeout=120)
+        assert res.returncode == 2, (command, res.stdout, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr and expected in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_check_opens_the_model_as_the_infer_node_does(tmp_path):
+    onnx = tmp_path / "cut.onnx"   # the shipped model cut short
+    onnx.write_bytes((Path(__file__).parents[1] / "models" / "weights" / "belt-fusion-nano.onnx").read_bytes()[:20000])
+    for override, expected in ((f"SORTLINE_MODEL__PATH={onnx}", "model.path: " + str(onnx) + ": not a usable ONNX"),
+                               ('SORTLINE_RECIPE__TARGETS=["GOLD"]', "recipe.targets: GOLD not among the classes")):
+        key, value = override.split("=", 1)
+        res = sortline("check", "--config", "configs/demo.toml", env={**os.environ, key: value}, timeout=60)
+        assert res.returncode == 78 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert expected in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    res = sortline("check", "--config", "configs/demo.toml", timeout=60)
+    assert res.returncode == 0 and "model: shipped:belt-fusion-nano.onnx (" in res.stdout, res.stdout
+    assert "classes PET, PP, HDPE, LDPE, PS, PVC, paper, aluminium, other" in res.stdout
+
+
 def test_check_warns_of_a_tcp_edge_open_to_every_interface(tmp_path, run_dir):
     port = free_port()
     graph = (node_toml("camera", "pattern", "count = 5") + node_toml("sink", "sink")
@@ -258,7 +288,8 @@ def demo_run(tmp_path, run_dir, name: str, seconds: float, record: str | None = 
     if unpaced:
         nodes["belt"]["params"].update(paced=False, seconds=seconds)
         nodes["valve_sim"]["params"]["by_position"] = True
-        nodes.update(plan={"params": {"timing": False}}, ejector={"params": {"timing": False}})
+        nodes.update(infer={"params": {"timing": False}}, plan={"params": {"timing": False}},
+                     ejector={"params": {"timing": False}})
         edges = [e for e in demo_config()["edges"] if not e["to"].startswith("live_view.")]   # as demo_toml's
         sections["edges"] = [{**e, "policy": "lossless", "pattern": "pushpull"} for e in edges]
     cfg.write_text(demo_toml(free_port(), graph={"name": name, "runtime_dir": str(run_dir)}, metrics={"port_base": port},

@@ -17,12 +17,15 @@ from sortline.nodes.simulate import Simulation
 from sortline.pipeline.config import EX_CONFIG
 from sortline.pipeline.graph import load_config
 from sortline.pipeline.graph import inputs_of, outputs_of
+from sortline.pipeline.messages import TraceEntry
 from sortline.pipeline.transport import Input, Output, SlotReaders
 
 WEIGHTS = ROOT / "models" / "weights" / "belt-fusion-nano.safetensors"   # the demo profile's model
 
 
 # The graph the config names; only infer runs as a process: this test binds register.out and reads infer.out.
+# Strips sent while the node loads its model would be late on a live line: these tests take every strip
+# (timing = false) unless they test that.
 GRAPH = """
 [nodes.camera]
 kind = "pattern"
@@ -36,6 +39,7 @@ to = "register.in"
 
 [nodes.infer]
 kind = "infer"
+params = { timing = TIMING }
 
 [nodes.sink]
 kind = "sink"
@@ -65,10 +69,10 @@ def strips(settings, count: int, seed: int = 1100):
 class Around:
     """The infer node as a process, with this test process as its register and its sink."""
 
-    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", targets=("PET",),
+    def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", targets=("PET",), timing=False,
                  python: str = sys.executable):
         self.port = free_port()
-        self.cfg = write_config(tmp_path / "c.toml", GRAPH, run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n",
+        self.cfg = write_config(tmp_path / "c.toml", GRAPH.replace("TIMING", str(timing).lower()), run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n",
                                 model={"path": str(model), "backend": backend}, recipe={"targets": list(targets)})
         self.settings = load_config(self.cfg)
         self.ctx = zmq.Context()
@@ -78,11 +82,13 @@ class Around:
         self.inp = Input(self.ctx, "sink", "in", inputs_of(self.settings, "sink")["in"], self.readers)
         self.node = start("node", "infer", "--config", str(self.cfg), "--metrics-port", str(self.port), python=python)
 
-    def send(self, seq: int, rgb, hsi, **meta) -> None:
+    def send(self, seq: int, rgb, hsi, acquired_ns: int | None = None, **meta) -> None:
+        """A strip, acquired now or at `acquired_ns` (the first entry of its trace, as a camera's would be)."""
         m = self.settings.model
+        t = time.monotonic_ns() if acquired_ns is None else acquired_ns
         msg = self.out.new({"rgb": (rgb.shape, rgb.dtype), "hsi": (hsi.shape, hsi.dtype)}, stream="strip", seq=seq,
                            position=1000 + seq * m.strip_lines * 15, ticks_per_line=15, gap=seq == 0,
-                           meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio,
+                           trace=[TraceEntry("camera", t, t)], meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio,
                                  "valid_lines": m.strip_lines, **meta})
         msg.arrays["rgb"][...] = rgb
         msg.arrays["hsi"][...] = hsi
@@ -129,7 +135,7 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
             assert header.stream == "mask" and header.seq == seq
             assert header.position == 1000 + (seq * m.strip_lines + m.overlap_lines) * 15     # the first core line
             assert header.gap == (seq == 0) and header.ticks_per_line == 15 * k
-            assert [t.stage for t in header.trace] == ["register", "infer"]
+            assert [t.stage for t in header.trace] == ["camera", "register", "infer"]
             assert header.meta["classes"][:3] == ["belt", "PET", "PP"] and header.meta["model"] == direct.model_hash
             assert header.meta["stride"] == k and header.meta["valid_lines"] == m.strip_lines // k
             assert arrays["classes"].shape == shape.core and arrays["classes"].dtype == np.uint8
@@ -155,6 +161,45 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
         rc, err = h.close()
     assert rc == 0, err
     assert err.count("dropped a message") >= 1
+
+
+@pytest.mark.system
+def test_a_strip_too_late_to_be_blown_is_dropped_counted_and_the_next_mask_says_so(tmp_path, run_dir):
+    """On a live line a strip whose inference would end more than half the latency budget after its
+    acquisition is not inferred (on a host that cannot keep up, inferring it would make every later strip
+    late too): it is counted as a late drop, the next mask carries the gap, and fresh strips go on."""
+    h = Around(tmp_path, run_dir, str(WEIGHTS), timing=True)
+    try:
+        budget_ns = h.settings.machine().budget_ms() * 1e6
+        assert budget_ns == 140e6      # the demo profile at 2 m/s: strips older than 70 ms are late
+        (rgb, hsi), = strips(h.settings, 1)
+        # The node has opened its model once its backend metric is up: strips sent before would be late.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if metric(scrape(h.port), "sortline_infer_backend_info", node="infer") == 1:
+                    break
+            except OSError:
+                pass
+            assert h.node.poll() is None, "the infer node died"
+            time.sleep(0.2)
+        h.send(0, rgb, hsi)
+        header, _ = h.receive()
+        assert header.seq == 0
+        late = metric(scrape(h.port), "sortline_edge_drops_total", edge="infer.in", reason="late")
+        assert late == 0
+        h.send(100, rgb, hsi, acquired_ns=time.monotonic_ns() - int(budget_ns * 0.6))   # 84 ms old: late
+        h.send(101, rgb, hsi)
+        header, arrays = h.receive()
+        assert header.seq == 101 and header.gap
+        h.send(102, rgb, hsi, acquired_ns=time.monotonic_ns() - int(budget_ns * 0.1))   # 14 ms old: in time
+        header, arrays2 = h.receive()
+        assert header.seq == 102 and not header.gap and np.array_equal(arrays["classes"], arrays2["classes"])
+        samples = scrape(h.port)
+        assert metric(samples, "sortline_edge_drops_total", edge="infer.in", reason="late") == late + 1
+    finally:
+        rc, err = h.close()
+    assert rc == 0, err
 
 
 @pytest.mark.system
