@@ -26,9 +26,10 @@ the recipe targets is a ConfigError: a restart would not fix it.
 
 A strip that arrives too late is not inferred: where its age (from the
 acquisition its trace starts with: the camera lines that completed it) exceeds
-`max_age_ms` when the node takes it (default: half the latency budget at the
-nominal belt speed, which leaves the other half for inference and the plan),
-it is dropped and counted (`sortline_edge_drops_total{reason="late"}`) and the
+`max_age_ms` when the node takes it (default: a quarter of the latency budget
+at the nominal belt speed: the strip's oldest lines are a strip's length older
+than its newest, about another quarter of the budget on the demo profile, and
+inference and the plan need the half that is left), it is dropped and counted (`sortline_edge_drops_total{reason="late"}`) and the
 next mask carries the gap. This is what keeps latency bounded on a
 host that cannot keep up: inferring a strip that late would make every strip
 after it late too, and the eject plan could blow none of its objects' fronts.
@@ -60,7 +61,7 @@ class Infer(Node):
         timing: bool = Field(True, description="false: infer every strip however late (a belt that waits for "
                              "the pipeline); true: drop a strip too late to be of use, and count it")
         max_age_ms: float = Field(0.0, ge=0, description="a strip older than this when the node takes it is "
-                                  "dropped; 0: half the latency budget at the nominal belt speed")
+                                  "dropped; 0: a quarter of the latency budget at the nominal belt speed")
 
     def setup(self) -> None:
         m = self.machine.model
@@ -79,7 +80,7 @@ class Infer(Node):
         self.strips, self.busy_s = 0, 0.0
         # Across hosts without synchronised clocks a trace's age means nothing: then nothing is dropped as late.
         timed = self.params.timing and not self.context.unsynchronised_edges
-        max_age_ms = self.params.max_age_ms or self.machine.budget_ms() / 2
+        max_age_ms = self.params.max_age_ms or self.machine.budget_ms() / 4
         self.max_age_ns = max_age_ms * 1e6 if timed else None
         self.late, self.gap = 0, False
         self._late = metrics.DROPS.labels(f"{self.name}.in", "late")

@@ -72,7 +72,8 @@ class Around:
     def __init__(self, tmp_path, run_dir, model: str, backend: str = "onnxruntime", targets=("PET",), timing=False,
                  python: str = sys.executable):
         self.port = free_port()
-        self.cfg = write_config(tmp_path / "c.toml", GRAPH.replace("TIMING", str(timing).lower()), run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n",
+        graph = GRAPH.replace("TIMING", str(timing).lower())
+        self.cfg = write_config(tmp_path / "c.toml", graph, run_dir, extra=f"\n[metrics]\nport_base = {self.port}\n",
                                 model={"path": str(model), "backend": backend}, recipe={"targets": list(targets)})
         self.settings = load_config(self.cfg)
         self.ctx = zmq.Context()
@@ -88,7 +89,8 @@ class Around:
         t = time.monotonic_ns() if acquired_ns is None else acquired_ns
         msg = self.out.new({"rgb": (rgb.shape, rgb.dtype), "hsi": (hsi.shape, hsi.dtype)}, stream="strip", seq=seq,
                            position=1000 + seq * m.strip_lines * 15, ticks_per_line=15, gap=seq == 0,
-                           trace=[TraceEntry("camera", t, t)], meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio,
+                           trace=[TraceEntry("camera", t, t)],
+                           meta={"overlap": m.overlap_lines, "ratio": self.settings.hsi_ratio,
                                  "valid_lines": m.strip_lines, **meta})
         msg.arrays["rgb"][...] = rgb
         msg.arrays["hsi"][...] = hsi
@@ -165,13 +167,12 @@ def test_masks_match_the_model_run_directly(tmp_path, run_dir):
 
 @pytest.mark.system
 def test_a_strip_too_late_to_be_blown_is_dropped_counted_and_the_next_mask_says_so(tmp_path, run_dir):
-    """On a live line a strip whose inference would end more than half the latency budget after its
-    acquisition is not inferred (on a host that cannot keep up, inferring it would make every later strip
+    """On a live line a strip older than a quarter of the latency budget when the node takes it is not inferred (on a host that cannot keep up, inferring it would make every later strip
     late too): it is counted as a late drop, the next mask carries the gap, and fresh strips go on."""
     h = Around(tmp_path, run_dir, str(WEIGHTS), timing=True)
     try:
         budget_ns = h.settings.machine().budget_ms() * 1e6
-        assert budget_ns == 140e6      # the demo profile at 2 m/s: strips older than 70 ms are late
+        assert budget_ns == 140e6      # the demo profile at 2 m/s: strips older than 35 ms are late
         (rgb, hsi), = strips(h.settings, 1)
         # The node has opened its model once its backend metric is up: strips sent before would be late.
         deadline = time.monotonic() + 120
@@ -183,12 +184,18 @@ def test_a_strip_too_late_to_be_blown_is_dropped_counted_and_the_next_mask_says_
                 pass
             assert h.node.poll() is None, "the infer node died"
             time.sleep(0.2)
-        h.send(0, rgb, hsi)
-        header, _ = h.receive()
-        assert header.seq == 0
+        # A busy host may still hold a fresh strip past 35 ms as the node's loop starts: send until one is back.
+        for seq in range(5):
+            h.send(seq, rgb, hsi)
+            try:
+                header, _ = h.receive(timeout=10)
+                break
+            except AssertionError:
+                pass
+        assert header.seq == seq
         late = metric(scrape(h.port), "sortline_edge_drops_total", edge="infer.in", reason="late")
-        assert late == 0
-        h.send(100, rgb, hsi, acquired_ns=time.monotonic_ns() - int(budget_ns * 0.6))   # 84 ms old: late
+        assert late == seq       # those before it, if any, came too late
+        h.send(100, rgb, hsi, acquired_ns=time.monotonic_ns() - int(budget_ns * 0.4))   # 56 ms old: late
         h.send(101, rgb, hsi)
         header, arrays = h.receive()
         assert header.seq == 101 and header.gap
