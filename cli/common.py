@@ -132,10 +132,11 @@ def by_position(settings: Settings) -> Settings:
     """The graph on a belt that waits for it (a recording or the synthetic belt as fast as the graph takes
     them): every edge lossless, so that back-pressure holds the source back where a live edge would drop;
     the infer node takes every strip however late, the plan and the ejector decide and send by belt
-    position alone (the clock says nothing about a belt that waits); the valve-bar simulator places the air by the commands' positions."""
-    for name in nodes_of_kind(settings, "infer") + nodes_of_kind(settings, "eject_plan") + \
-            nodes_of_kind(settings, "ejector"):
-        settings = with_params(settings, name, timing=False)
+    position alone (the clock says nothing about a belt that waits); the valve-bar simulator places the
+    air by the commands' positions."""
+    for kind in ("infer", "eject_plan", "ejector"):
+        for name in nodes_of_kind(settings, kind):
+            settings = with_params(settings, name, timing=False)
     for name in nodes_of_kind(settings, "valve_sim"):
         settings = with_params(settings, name, by_position=True)
     edges = [e.model_copy(update={"policy": "lossless", "pattern": "pushpull"}) for e in settings.edges]

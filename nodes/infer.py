@@ -29,10 +29,11 @@ acquisition its trace starts with: the camera lines that completed it) exceeds
 `max_age_ms` when the node takes it (default: a quarter of the latency budget
 at the nominal belt speed: the strip's oldest lines are a strip's length older
 than its newest, about another quarter of the budget on the demo profile, and
-inference and the plan need the half that is left), it is dropped and counted (`sortline_edge_drops_total{reason="late"}`) and the
-next mask carries the gap. This is what keeps latency bounded on a
-host that cannot keep up: inferring a strip that late would make every strip
-after it late too, and the eject plan could blow none of its objects' fronts.
+inference and the plan need the half that is left), it is dropped and counted
+(`sortline_edge_drops_total{reason="late"}`) and the next mask carries the
+gap. This is what keeps latency bounded on a host that cannot keep up:
+inferring a strip that late would make every strip after it late too, and the
+eject plan could blow none of its objects' fronts.
 The plan closes objects at the gap; the masks that go on are fresh. With
 `timing = false` (a belt that waits for the pipeline: replay, `score
 --unpaced`) every strip is inferred, however late.
@@ -91,12 +92,11 @@ class Infer(Node):
         h, meta, s = msg.header, msg.meta, self.shape
         if (meta.overlap, meta.ratio) != (s.overlap, s.ratio):
             raise ValueError(f"strip overlap/ratio {meta.overlap}/{meta.ratio}, the model expects {s.overlap}/{s.ratio}")
-        if self.max_age_ns is not None and h.trace:
-            if time.monotonic_ns() - h.trace[0].t_in_ns > self.max_age_ns:
-                self.late += 1
-                self._late.inc()
-                self.gap = True
-                return None
+        if self.max_age_ns is not None and h.trace and time.monotonic_ns() - h.trace[0].t_in_ns > self.max_age_ns:
+            self.late += 1
+            self._late.inc()
+            self.gap = True
+            return None
         t0 = time.perf_counter()
         classes, confidence = self.backend.run(msg.arrays["rgb"], msg.arrays["hsi"])
         self.busy_s += time.perf_counter() - t0

@@ -286,13 +286,13 @@ class ValveSim(Node):
                 tally[1] += r[2] >= frac * r[1]
         visible = [t for look, t in by_look.items() if look != "black"]
         n_visible = sum(t[0] for t in visible)
-        hit = [(r, is_target) for _, r, is_target, _ in judged if r[2] >= frac * r[1]]
-        hit_targets = [r for r, is_target in hit if is_target]
+        hit = [(oid, r, is_target) for oid, r, is_target, _ in judged if r[2] >= frac * r[1]]
+        hit_targets = [r for _, r, is_target in hit if is_target]
         # What dilutes the ejected fraction: the other objects the air carried off, by class.
         others: dict[str, int] = {}
         others_by_look: dict[str, int] = {}
-        for oid, r, is_target, _ in judged:
-            if not is_target and r[2] >= frac * r[1]:
+        for oid, r, is_target in hit:
+            if not is_target:
                 others[self.classes[r[0]]] = others.get(self.classes[r[0]], 0) + 1
                 look = self.looks.get(oid, "unknown")
                 others_by_look[look] = others_by_look.get(look, 0) + 1
