@@ -13,11 +13,19 @@ cores 0 and 1), between the two ends of the graph the runtime wires for them:
 - the consumer is a real sink node (`sortline node sink`) behind the merge:
   it counts what arrives, lost (a hole in the seqs) and reordered messages.
 
+The feed starts once every node has sent its first heartbeat (it is ready:
+the model loaded), as a graph's sources start once every node is up, and
+the infer node infers every strip however long it waited (timing = false).
 strips/s is the sink's: received strips over the time from the first to the
 last. The baseline is the 1-replica run, in the same invocation:
 `infer_replicas_speedup_2` = 2-replica strips/s / 1-replica strips/s (2.0 at
 best on two free cores). The machine's load (`uptime`) goes in the figures:
 a core busy with other work takes a replica's share.
+
+Where the difference goes: each replica's time in the model per strip
+(infer_ms_per_strip_*, from the nodes' last heartbeats) and the feed's CPU
+per strip (feed_cpu_ms_per_strip), which in the 2-replica run is taken from
+the replicas' cores.
 
 Rounds of (1 replica, 2 replicas) are interleaved, so that a change in the
 machine's load hits both; the figures are the medians.
@@ -37,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import tomli_w
 import zmq
@@ -49,7 +58,7 @@ from sortline.nodes.simulate import Simulation  # noqa: E402
 from sortline.nodes.streams import StripMeta  # noqa: E402
 from sortline.pipeline.config import compose  # noqa: E402
 from sortline.pipeline.graph import load_config, outputs_of  # noqa: E402
-from sortline.pipeline.graph import finished_mark  # noqa: E402
+from sortline.pipeline.graph import finished_mark, heartbeat_address  # noqa: E402
 from sortline.pipeline.transport import Output  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.toml"
@@ -83,7 +92,8 @@ def config(machine: Path, path: Path, run_dir: Path, replicas: int, report: Path
     data["nodes"] = {
         "belt": {"kind": "simulate"},
         "register": {"kind": "register"},
-        "infer": {"kind": "infer", "replicas": replicas, "cpus": list(range(replicas))},
+        # A throughput run: every strip is inferred however long it waited (a live node drops late ones).
+        "infer": {"kind": "infer", "replicas": replicas, "cpus": list(range(replicas)), "params": {"timing": False}},
         "sink": {"kind": "sink", "params": {"report": str(report), "verify": False}},
     }
     data["edges"] = [
@@ -101,10 +111,13 @@ def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> 
     cfg = config(machine, workdir / f"replicas-{replicas}.toml", run_dir, replicas, report)
     settings = load_config(cfg)
     names = ["infer"] if replicas == 1 else [f"infer#{i}" for i in range(replicas)]
+    ctx, last = zmq.Context(), {}
+    beats = ctx.socket(zmq.PULL)   # where the supervisor would listen: a node's first beat says it is ready
+    beats.setsockopt(zmq.LINGER, 0)
+    beats.bind(heartbeat_address(run_dir))
     procs = [subprocess.Popen([sys.executable, "-m", "sortline", "node", name, "--config", str(cfg)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name in ["sink", *names]]
-    ctx = zmq.Context()
     out = Output(ctx, "register", "out", outputs_of(settings, "register")["out"], run_dir, lambda: False)
     m = settings.model
     r = settings.hsi_ratio
@@ -112,7 +125,15 @@ def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> 
     try:
         if not out.wait_for_consumers(60):
             raise SystemExit("the infer replicas did not connect within 60 s")
-        t0 = time.monotonic()
+        # A replica connects before it has loaded its model: timed from when all are ready, as a live graph's
+        # sources start once every node is (a replica still loading would stall the merge and count as slow).
+        ready, deadline = set(), time.monotonic() + 60
+        while not ready >= {"sink", *names}:
+            if not beats.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise SystemExit(f"not ready within 60 s: {sorted({'sink', *names} - ready)}")
+            beat = msgspec.msgpack.decode(beats.recv())
+            ready.add(beat["node"])
+        t0, cpu0 = time.monotonic(), time.process_time()
         for seq in range(count):
             rgb, hsi = made[seq % len(made)]
             msg = out.new({"rgb": (rgb.shape, np.uint8), "hsi": (hsi.shape, np.float16)}, stream="strip", seq=seq,
@@ -122,15 +143,19 @@ def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> 
             msg.arrays["hsi"][...] = hsi
             msg.t_in_ns = time.monotonic_ns()
             out.send(msg, msg.t_in_ns, "register")
-        fed_s = time.monotonic() - t0
+        fed_s, feed_cpu_s = time.monotonic() - t0, time.process_time() - cpu0
         finished_mark(run_dir, "register").write_text(f"{os.getpid()}\n")
         late = out.finish("register", 0, 120)
         if late:
             raise SystemExit(f"consumers did not finish: {late}")
         for p in procs:
             p.wait(120)
+        while beats.poll(0):   # each node's last beat (its final counts): how long a strip took in the model
+            beat = msgspec.msgpack.decode(beats.recv())
+            last[beat["node"]] = beat["status"]
     finally:
         out.close()
+        beats.close()
         ctx.term()
         for p in procs:
             if p.poll() is None:
@@ -141,7 +166,8 @@ def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> 
         raise SystemExit("a node failed:\n" + "\n".join(failed))
     sink = json.loads(report.read_text())
     return {"strips_per_s": sink["rate_per_s"], "received": sink["received"], "lost": sink["lost"],
-            "reordered": sink["reordered"], "fed_s": fed_s}
+            "reordered": sink["reordered"], "fed_s": fed_s, "feed_ms_per_strip": feed_cpu_s / count * 1000,
+            "ms_per_strip": statistics.mean(last[n].get("ms_per_strip", float("nan")) for n in names)}
 
 
 def main() -> int:
@@ -170,6 +196,12 @@ def main() -> int:
         "infer_replicas_speedup_2": round(rate[2] / rate[1], 3),
         "strips_per_s_1": round(rate[1], 2),
         "strips_per_s_2": round(rate[2], 2),
+        # Time in the model per strip, in each replica (mean over replicas): if it grows from 1 to 2 replicas the
+        # cores are contended; if it does not while strips/s falls short, the replicas waited for strips.
+        "infer_ms_per_strip_1": round(statistics.median(r["ms_per_strip"] for r in results[1]), 2),
+        "infer_ms_per_strip_2": round(statistics.median(r["ms_per_strip"] for r in results[2]), 2),
+        # CPU the feed (this process) spent per strip: what the replicas' cores lose to it
+        "feed_cpu_ms_per_strip": round(statistics.median(r["feed_ms_per_strip"] for r in every), 3),
         "lost": sum(r["lost"] for r in every),
         "reordered": sum(r["reordered"] for r in every),
         "received": sum(r["received"] for r in every),

@@ -52,7 +52,11 @@ from sortline.pipeline.messages import ArraySpec, MessageError, SlotRef
 
 MAGIC = 0x534C4F54534C3031  # "SLOTSL01"
 ALIGN = 64
-MAX_PAUSE_S = 1e-4  # longest sleep of a producer waiting for a free slot
+# Longest sleep of a producer waiting for a free slot. Such a producer waits for a lossless consumer slower
+# than itself, which has the other slots' messages still queued, so waking later costs no throughput, while
+# looking often takes CPU from that consumer: at 0.1 ms, a feed waiting ~15 ms a strip for two infer replicas
+# on two cores spent 5 ms of CPU per strip looking (benchmarks/replicas.py, feed_cpu_ms_per_strip).
+MAX_PAUSE_S = 2e-3
 _HEAD_WORDS = 4  # magic, n_slots, slot_size, n_lanes
 
 
