@@ -43,6 +43,7 @@ IDLE_S = 1.0           # no strip for this long: the state says the belt is idle
 DECISION_COLOURS = {"eject": (0.1, 0.9, 0.2, 1.0)}   # any other decision (not a target, too small, ...): yellow
 OTHER_COLOUR = (1.0, 0.85, 0.1, 1.0)
 AIR_COLOUR = (0.2, 0.5, 1.0, 0.35)
+TOPICS = {"rgb": "/live/rgb", "mask": "/live/mask", "annotations": "/live/annotations", "state": "/live/state"}
 
 
 def _port(address: str) -> tuple[str, int]:
@@ -118,9 +119,9 @@ class LiveView(Node):
             return foxglove.Channel(topic, schema=foxglove.Schema(name=name, encoding=ENCODING, data=data),
                                     message_encoding=ENCODING, context=self.context_fg)
 
-        self.channels = {"rgb": channel("/live/rgb", RawImage), "mask": channel("/live/mask", RawImage),
-                         "annotations": channel("/live/annotations", ImageAnnotations),
-                         "state": foxglove.Channel("/live/state", message_encoding="json", context=self.context_fg)}
+        self.channels = {"rgb": channel(TOPICS["rgb"], RawImage), "mask": channel(TOPICS["mask"], RawImage),
+                         "annotations": channel(TOPICS["annotations"], ImageAnnotations),
+                         "state": foxglove.Channel(TOPICS["state"], message_encoding="json", context=self.context_fg)}
         self.closing = threading.Event()
         self.thread = self.start_thread(self._publish_loop, "live-view")
         where = f"{host}:{self.server.port}"

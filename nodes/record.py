@@ -81,11 +81,16 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
+def image_topic(stream: str) -> str:
+    """The Foxglove image channel of a camera stream in a recording."""
+    return f"/{stream}/image"
+
+
 class Pictures:
     """The image channel of one camera stream: its lines on a coarse grid, in tiles of belt."""
 
     def __init__(self, stream: str, lines, ticks_per_line: int, machine, params):
-        self.topic = f"/{stream}/image"
+        self.topic = image_topic(stream)
         self.step = views.grid_step(lines.shape[1], params.image_px)
         tile_mm = machine.belt.speed_m_s * 1000.0 / params.image_hz
         self.tiles = views.Tiles(max(1, round(tile_mm * machine.belt.ticks_per_mm / ticks_per_line / self.step)))

@@ -280,7 +280,11 @@ def test_the_demo_graph_serves_its_live_view_to_a_foxglove_client(tmp_path, run_
 
 
 def test_the_shipped_foxglove_layout_shows_the_channels_the_live_view_and_the_recorder_publish():
-    layout = json.loads((ROOT / "docs" / "foxglove" / "sortline-layout.json").read_text())
+    from sortline.nodes.foxglove_layout import layout_json
+
+    shipped = (ROOT / "docs" / "foxglove" / "sortline-layout.json").read_text()
+    assert shipped == layout_json()   # made by Foxglove's own layout types (foxglove-sdk), from the nodes' topics
+    layout = json.loads(shipped)
 
     def panels(content):
         if content["type"] == "panel":
