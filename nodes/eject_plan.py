@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import cv2
+import msgspec
 import numpy as np
 from prometheus_client import Counter
 from pydantic import Field
@@ -506,12 +507,6 @@ class EjectPlan(Node):
         target_ids, sparing = self._rules(obj)
         if decide(obj, self.params, target_ids, self.min_area_px) != "eject":
             return False
-        # Air cannot arrive at the bar before the belt there has moved on by the time a command needs
-        # (valve opening, driver, sending ahead): the front of an object decided late is not blown, the
-        # rest is. Such windows start later (counted as clipped); none is sent doomed to be late.
-        earliest = -np.inf
-        if self.params.timing and self.track.known:
-            earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
         cls, conf = self.classes[obj.cls], round(confidence(obj), 3)
         spans = lane_spans(obj, self.bar)
         budget = None
@@ -528,15 +523,30 @@ class EjectPlan(Node):
             SPARED.labels(self.name).inc(int((~keep).sum()))
             spans = tuple(x[keep] for x in spans)
         for v, a, b in valve_windows(obj, self.bar, self.before, self.after, spans):
-            if a < earliest:
-                self.clipped += 1
-                if b <= earliest:
-                    continue
-                a = earliest
             self.windows.append(Window(v, v, int(a), int(b), obj.judge_id, cls, conf))
         return True
 
+    def _clipped(self, windows: list[Window]) -> list[Window]:
+        """Air cannot arrive at the bar before the belt there has moved on by the time a command needs (valve
+        opening, driver, sending ahead): the front of an object decided late is not blown, the rest is. Such
+        windows start later (counted as clipped); none is sent doomed to be late. Reckoned as they leave, once
+        the whole mask is planned: the first masks of a run took tens of ms to plan, and windows checked
+        before that reached the ejector past their deadlines."""
+        if not (self.params.timing and self.track.known and windows):
+            return windows
+        earliest = self.track.position_at(time.monotonic_ns() + self.command_ns)
+        kept = []
+        for w in windows:
+            if w.open_pos < earliest:
+                self.clipped += 1
+                if w.close_pos <= earliest:
+                    continue
+                w = msgspec.structs.replace(w, open_pos=int(earliest))
+            kept.append(w)
+        return kept
+
     def _publish(self, objs: list[Obj], like):
+        self.windows = self._clipped(self.windows)
         if not objs and not self.windows:
             return None
         described = []

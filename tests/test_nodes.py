@@ -64,6 +64,40 @@ def test_the_plan_takes_class_names_from_the_masks_and_gives_each_object_its_id(
     assert all(0.9 < w.confidence < 0.95 for w in windows)          # 240 / 255
 
 
+def test_windows_are_clipped_as_they_leave_the_plan_not_when_planned(machine, monkeypatch):
+    """A mask that takes long to plan (the first ones of a run took tens of ms) must not send a window whose
+    front the belt has passed meanwhile: the clip is reckoned when the windows leave."""
+    classes = np.zeros((16, 160), np.uint8)
+    classes[1:15, 10:20] = 2                                          # one PET object (52 mm), complete in this mask
+    arrays = {"classes": classes, "confidence": np.full(classes.shape, 240, np.uint8)}
+    meta = MaskMeta(MODEL, "m1", 4, 16)
+    untimed = [w for _, msg in plan(machine).send("in", arrays, position=0, ticks_per_line=60, meta=meta)
+               for w in msg.meta.windows]
+    front = min(w.open_pos for w in untimed)
+
+    h = Harness(EjectPlan, machine, {"timing": True}, name="plan")
+    node = h.node
+    speed = node.track.nominal                                        # ticks per ns
+    now = time.monotonic_ns()
+    # The belt such that, as planning starts, the air could still arrive at the front 20 ms early.
+    at_now = front - 20e6 * speed - node.command_ns * speed
+    node.track.update(int(at_now - 0.1e9 * speed), now - int(0.1e9))
+    node.track.update(int(at_now), now)
+    planned, left = node.finder.feed, []
+
+    def slow_feed(*args, **kwargs):                                  # planning that takes 35 ms
+        out = planned(*args, **kwargs)
+        time.sleep(0.035)
+        left.append(node.track.position_at(time.monotonic_ns() + node.command_ns))
+        return out
+
+    monkeypatch.setattr(node.finder, "feed", slow_feed)
+    windows = [w for _, msg in h.send("in", arrays, position=0, ticks_per_line=60, meta=meta) for w in msg.meta.windows]
+    assert len(untimed) >= 2 and left[0] > front                      # the front passed while it was planned
+    assert windows and all(w.open_pos >= left[0] for w in windows)    # no window leaves doomed to be late
+    assert node.status()["clipped_windows"] == sum(w.open_pos < left[0] for w in untimed)
+
+
 def test_a_target_the_model_does_not_know_stops_the_plan(machine):
     h = plan(machine.model_copy(update={"recipe": machine.recipe.model_copy(update={"targets": ["PET", "PVC"]})}))
     arrays, position = next(masks())
