@@ -123,6 +123,7 @@ class Schedule:
 
 class Ejector(Node):
     inputs = {"in": EJECT, "encoder": LINES}
+    realtime = True
 
     class Params(Section):
         send_ahead_ms: float = Field(20.0, ge=0, le=1000, description="commands leave this long before their "

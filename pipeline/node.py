@@ -79,6 +79,9 @@ class Node:
     inputs: Mapping[str, Payload] = {}
     outputs: Mapping[str, Payload] = {}
     Params: type[Section] = NoParams
+    # A node with deadlines of milliseconds (the one that fires valves): run at a real-time priority, as its
+    # systemd unit's drop-in does (systemd/ejector/realtime.conf), also when a supervisor starts it.
+    realtime: bool = False
 
     def __init__(self, name: str, params: Section, machine: Machine, context: Context = Context()):
         self.name = name
@@ -584,6 +587,30 @@ def _pin(name: str, cpus: list[int]) -> None:
     os.sched_setaffinity(0, usable)
 
 
+REALTIME_PRIORITY = 50   # the unit's CPUSchedulingPriority: above every other node
+
+
+def _realtime(name: str) -> None:
+    """SCHED_FIFO for every thread of this process and those it starts (the ejector's sender and ZeroMQ's I/O
+    thread above all), as the unit's drop-in gives it; a host that does not allow it (no CAP_SYS_NICE, a
+    container) runs the node at normal priority, and says so. Not SCHED_RESET_ON_FORK: Linux applies it to
+    new threads as well as to forked processes."""
+    log = logging.getLogger(f"sortline.{name}")
+    if not hasattr(os, "sched_setscheduler") or not os.path.isdir("/proc/self/task"):
+        return
+    if os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK in (os.SCHED_FIFO, os.SCHED_RR):
+        return
+    try:
+        # Threads started before this (a spare process's, the numerical libraries' pools) too.
+        for task in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(task), os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+    except OSError as exc:
+        log.warning("real-time priority (SCHED_FIFO %d) not allowed here (%s): running at normal priority, so "
+                    "valve commands may be late on a busy host", REALTIME_PRIORITY, exc.strerror)
+        return
+    log.info("running at real-time priority (SCHED_FIFO %d)", REALTIME_PRIORITY)
+
+
 def _stop_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its supervisor dies, however it dies."""
     try:
@@ -607,6 +634,8 @@ def main(settings: Settings, name: str, heartbeat: str | None, metrics_port: int
         for line in exc.lines:
             logging.getLogger(f"sortline.{name}").error("%s", line)
         return EX_CONFIG
+    if heartbeat and runner.node.realtime:   # under systemd the unit decides (install-service --realtime)
+        _realtime(name)
     code = runner.run()
     # Done: a late SIGTERM (a second one from whoever stops us) must not kill the exit. Python puts
     # its own handlers back to the default while it shuts down, but leaves an ignored signal ignored.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ from sortline.nodes.eject_plan import (MAX_CARRY_LINES, PRIORITIES, Obj, ObjectF
                                       spare_lanes, valve_windows)
 from sortline.nodes.ejector import Schedule
 from sortline.nodes.simulate import Simulation
-from sortline.pipeline.graph import load_config
+from sortline.pipeline.graph import load_config, topo_order
 from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
                             start, stop, wait_for, write_config)
 
@@ -560,3 +561,36 @@ def test_score_sweeps_the_priority_and_draws_the_curve(tmp_path, run_dir):
     png = (tmp_path / "curve.png").read_bytes()
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[:2] == (500, 1200)
+
+
+@pytest.mark.system
+def test_a_supervisor_runs_the_ejector_at_real_time_priority_where_the_host_allows(tmp_path, run_dir):
+    """As its systemd unit does (CPUSchedulingPolicy=fifo, priority 50): every thread of the ejector, those it
+    started after the switch included; no other node. A host that refuses says so in one warning."""
+    from tests.conftest import pid_of
+
+    port = free_port()
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(demo_toml(free_port(), graph={"name": "realtime", "runtime_dir": str(run_dir)},
+                             metrics={"port_base": port}))
+    sup = start("run", "--config", str(cfg), "--seconds", "30")
+    try:
+        ejector_port = port + topo_order(load_config(cfg)).index("ejector")
+        wait_for(lambda: metric(scrape(ejector_port), "sortline_messages_total", node="ejector", port="encoder",
+                                direction="in") > 10, timeout=60)
+
+        def policies(node: str) -> set[int]:
+            pid = pid_of("node", node, str(cfg))
+            return {os.sched_getscheduler(int(task.name)) & ~os.SCHED_RESET_ON_FORK
+                    for task in Path(f"/proc/{pid}/task").iterdir()}
+
+        ejector, plan = policies("ejector"), policies("plan")
+        priority = os.sched_getparam(pid_of("node", "ejector", str(cfg))).sched_priority
+    finally:
+        rc, _, err = stop(sup, timeout=30)
+    assert rc == 0, err[-3000:]
+    assert plan == {os.SCHED_OTHER}
+    if "real-time priority (SCHED_FIFO 50) not allowed here" in err:
+        assert ejector == {os.SCHED_OTHER}
+    else:
+        assert ejector == {os.SCHED_FIFO} and priority == 50 and "running at real-time priority" in err

@@ -51,6 +51,7 @@ def test_installed_units_verify_clean_with_the_config_and_the_order_of_the_graph
     # The ejector, and only it, fires valves: real-time priority, on the CPUs given.
     realtime = (units / "sortline@ejector.service.d/realtime.conf").read_text()
     assert "CPUSchedulingPolicy=fifo\n" in realtime and realtime.endswith("CPUAffinity=0\n")
+    assert "CPUSchedulingResetOnFork=no\n" in realtime   # else the threads it starts run at normal priority
     assert sorted(p.parent.name for p in units.glob("*/realtime.conf")) == ["sortline@ejector.service.d"]
     wants = sorted(p.name for p in (units / "sortline.target.wants").iterdir())
     assert wants == ["sortline-control.service"] + [
