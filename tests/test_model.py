@@ -340,7 +340,7 @@ def test_per_band_normalisation_and_temperature_are_in_the_exported_graph(tmp_pa
 def test_the_shipped_models_give_exactly_their_shipped_outputs(tmp_path):
     """The shipped production checkpoint carries no band statistics and no temperature (it was trained
     before either existed), the demo's a fitted temperature: loaded and exported by this code, each gives
-    bit for bit what its shipped ONNX file gives."""
+    the classes its shipped ONNX file gives, and its confidences within float rounding."""
     from sortline.cli.common import shipped_config
     from sortline.models.backends.onnxruntime import OnnxRuntimeBackend
     from sortline.models.contract import model_file
@@ -357,5 +357,8 @@ def test_the_shipped_models_give_exactly_their_shipped_outputs(tmp_path):
         again = OnnxRuntimeBackend(export(net, meta, shape, tmp_path / f"{name}.onnx"))
         for seed in range(2):
             rgb, hsi = example_inputs(shape, seed)
-            for a, b in zip(shipped.infer(rgb, hsi), again.infer(rgb, hsi)):
-                assert np.array_equal(a, b), name
+            (classes, confidence), (classes_again, confidence_again) = shipped.infer(rgb, hsi), again.infer(rgb, hsi)
+            assert np.array_equal(classes, classes_again), name
+            # Within float rounding: the export folds constants on this host's CPU, whose vector code may round
+            # the last bit otherwise than the CPU the shipped file was made on (seen: 8e-8).
+            assert np.abs(confidence - confidence_again).max() <= 1e-6, name
