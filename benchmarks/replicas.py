@@ -131,8 +131,7 @@ def run(machine: Path, replicas: int, count: int, made: list, workdir: Path) -> 
         while not ready >= {"sink", *names}:
             if not beats.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 raise SystemExit(f"not ready within 60 s: {sorted({'sink', *names} - ready)}")
-            beat = msgspec.msgpack.decode(beats.recv())
-            ready.add(beat["node"])
+            ready.add(msgspec.msgpack.decode(beats.recv())["node"])
         t0, cpu0 = time.monotonic(), time.process_time()
         for seq in range(count):
             rgb, hsi = made[seq % len(made)]

@@ -20,8 +20,8 @@ from sortline.nodes.eject_plan import (MAX_CARRY_LINES, PRIORITIES, Obj, ObjectF
 from sortline.nodes.ejector import Schedule
 from sortline.nodes.simulate import Simulation
 from sortline.pipeline.graph import load_config, topo_order
-from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, scrape, sortline,
-                            start, stop, wait_for, write_config)
+from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, pid_of, scrape,
+                            sortline, start, stop, wait_for, write_config)
 
 
 @pytest.fixture(scope="module")
@@ -567,8 +567,6 @@ def test_score_sweeps_the_priority_and_draws_the_curve(tmp_path, run_dir):
 def test_a_supervisor_runs_the_ejector_at_real_time_priority_where_the_host_allows(tmp_path, run_dir):
     """As its systemd unit does (CPUSchedulingPolicy=fifo, priority 50): every thread of the ejector, those it
     started after the switch included; no other node. A host that refuses says so in one warning."""
-    from tests.conftest import pid_of
-
     port = free_port()
     cfg = tmp_path / "demo.toml"
     cfg.write_text(demo_toml(free_port(), graph={"name": "realtime", "runtime_dir": str(run_dir)},
