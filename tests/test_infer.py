@@ -243,7 +243,7 @@ def test_a_model_that_cannot_work_stops_with_a_config_error(tmp_path, run_dir, p
                 "other_strips": "does not fit: RGB input (1, 160, 640, 3)",
                 "no_tensorrt": "no TensorRT here (No module named",
                 "other_stride": "mask stride 1, model.mask_stride is 4",
-                "unknown_target": "recipe.targets: glass not among the classes of model 6f6dbf9d138931b2 (PET, PP, "
+                "unknown_target": "recipe.targets: glass not among the classes of model ee954ef282ebd667 (PET, PP, "
                                   "HDPE, LDPE, PS, PVC, paper, aluminium, other)"}[problem]
     assert expected in err
     if problem == "no_tensorrt":   # and nothing to fall back to
@@ -291,7 +291,7 @@ def test_a_gpu_backend_that_cannot_run_here_falls_back_to_onnx_runtime_on_the_cp
     why = {"onnx": "model.onnx is not a TensorRT engine", "engine": "no TensorRT here (No module named",
            "checkpoint": "belt-fusion-nano.safetensors is not a TensorRT engine"}[model]
     assert "model.backend = 'tensorrt' cannot run here: " + why in warnings[0], warnings[0]
-    assert "Running model 6f6dbf9d138931b2 on ONNX Runtime on the CPU instead" in warnings[0]
+    assert "Running model ee954ef282ebd667 on ONNX Runtime on the CPU instead" in warnings[0]
 
 
 def test_the_fallback_names_what_is_missing_and_never_runs_another_model(tmp_path):
@@ -309,13 +309,13 @@ def test_the_fallback_names_what_is_missing_and_never_runs_another_model(tmp_pat
     onnx_path = tmp_path / "model.onnx"
     shutil.copy(model_file("shipped:belt-fusion-nano.onnx"), onnx_path)
     backend, missing = open_for_machine("onnxruntime-cuda", onnx_path, shape, device=1)
-    assert backend.name == "onnxruntime" and backend.model_hash == "6f6dbf9d138931b2"
+    assert backend.name == "onnxruntime" and backend.model_hash == "ee954ef282ebd667"
     assert missing == "ONNX Runtime has no CUDA provider here (the onnxruntime-gpu package)"
     assert open_for_machine("onnxruntime", onnx_path, shape)[1] == ""      # a CPU backend asked for: nothing missing
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     engine = write_engine(tmp_path / "model.engine", {**meta, "model_hash": "0123456789abcdef", "onnx": "model.onnx"},
                           b"plan")
-    with pytest.raises(ModelFileError, match="model.onnx beside the engine is model 6f6dbf9d138931b2, not the "
+    with pytest.raises(ModelFileError, match="model.onnx beside the engine is model ee954ef282ebd667, not the "
                                              "engine's 0123456789abcdef"):
         open_for_machine("tensorrt", engine, shape)

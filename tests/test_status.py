@@ -83,11 +83,10 @@ def test_a_second_supervisor_of_a_running_graph_is_refused(tmp_path, run_dir):
 def test_status_of_the_demo_graph_shows_the_ejectors_latency_and_every_node_its_build(tmp_path, run_dir):
     """The ejector observes end-to-end latency where commands leave (exposure -> sent) and its decision latency;
     `sortline status` shows both in its row. Every node's endpoint says what it runs (sortline_build_info).
-    The demo graph with the belt's truth for the model's masks: commands flow within seconds on a loaded
-    two-core machine, and the ejector's path is the same."""
+    The whole demo graph, the shipped model included: the latency a line would see."""
     port = free_port()
     cfg = tmp_path / "demo.toml"
-    cfg.write_text(demo_toml(free_port(), oracle=True, metrics={"port_base": port},
+    cfg.write_text(demo_toml(free_port(), metrics={"port_base": port},
                              graph={"name": "status", "runtime_dir": str(run_dir)}))
     settings = load_config(cfg)
     ports = {name: metrics.port_of(settings, name) for name in topo_order(settings)}

@@ -188,7 +188,7 @@ def test_prelabel_a_run_with_a_model(runs, tmp_path):
                    "--config", str(DEMO), "--out", str(out), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     index = read_index(out)
-    assert index["classes"] == CLASSES and index["sources"][0]["labels"].startswith("prelabel 6f6dbf9d138931b2")
+    assert index["classes"] == CLASSES and index["sources"][0]["labels"].startswith("prelabel ee954ef282ebd667")
     rows, _, _ = truth_of(runs["PP"])
     agree = total = 0
     for s in index["strips"]:

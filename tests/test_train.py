@@ -333,7 +333,7 @@ def test_the_shipped_models_on_held_out_strips(tmp_path, env, weights):
     if temperature == 1.0:
         assert result["ece"] == result["ece_raw"]
     else:
-        assert result["ece"] < result["ece_raw"] and temperature == pytest.approx(1.2266, abs=1e-3)
+        assert result["ece"] < result["ece_raw"] and temperature == pytest.approx(1.3373, abs=1e-3)
     assert "expected calibration error (15 bins, per pixel, max softmax, mask stride 4)" in ev.stdout
     assert result["mask_stride"] == 4
     img = cv2.imread(str(png))
