@@ -4,7 +4,7 @@ The graphs here are the demo profile's on a belt that waits for the graph (the u
 score`), so that a busy two-core machine cannot stretch the belt under them. The PLC's recipe change runs the
 whole demo graph, the shipped model included: what it must show is what the line would sort after the change.
 The others, which check how a change travels (the command line, the service, alarms, certificates), take the
-belt's truth for the model's masks (as in test_status), which starts sooner and leaves the model out of what
+belt's truth for the model's masks, which starts sooner and leaves the model out of what
 they measure.
 """
 
@@ -169,7 +169,8 @@ def test_a_plc_reads_the_running_demo_graph_and_changes_its_recipe_from_pet_to_p
     n_pp, hit_pp = after_change(score, seen["at_tick"], "PP")
     n_pet, hit_pet = after_change(score, seen["at_tick"], "PET")
     assert score["recipes"][1]["last_tick"] >= seen["at_tick"] + WINDOW, "the belt ended within the 10 s"
-    print(f"change at {seen['at_tick'] / SPEED_TICKS:.2f} s of belt; PP after it: {hit_pp} of {n_pp}; PET: {hit_pet} of {n_pet}")
+    print(f"change at {seen['at_tick'] / SPEED_TICKS:.2f} s of belt; PP after it: {hit_pp} of {n_pp}; "
+          f"PET: {hit_pet} of {n_pet}")
     assert n_pp >= 10 and hit_pp / n_pp >= 0.85, (n_pp, hit_pp)
     assert n_pet >= 10 and hit_pet / n_pet <= 0.2, (n_pet, hit_pet)   # PET no longer blown, but for neighbours
     # ... and PET before it.
