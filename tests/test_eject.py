@@ -19,7 +19,8 @@ from sortline.nodes.eject_plan import (MAX_CARRY_LINES, PRIORITIES, Obj, ObjectF
                                       spare_lanes, valve_windows)
 from sortline.nodes.ejector import Schedule
 from sortline.nodes.simulate import Simulation
-from sortline.pipeline.graph import load_config, topo_order
+from sortline.pipeline import metrics
+from sortline.pipeline.graph import load_config
 from tests.conftest import (DEMO, demo_config, demo_toml, edge_toml, free_port, load_json, metric, node_toml, pid_of, scrape,
                             sortline, start, stop, wait_for, write_config)
 
@@ -573,7 +574,7 @@ def test_a_supervisor_runs_the_ejector_at_real_time_priority_where_the_host_allo
                              metrics={"port_base": port}))
     sup = start("run", "--config", str(cfg), "--seconds", "30")
     try:
-        ejector_port = port + topo_order(load_config(cfg)).index("ejector")
+        ejector_port = metrics.port_of(load_config(cfg), "ejector")
         wait_for(lambda: metric(scrape(ejector_port), "sortline_messages_total", node="ejector", port="encoder",
                                 direction="in") > 10, timeout=60)
 
