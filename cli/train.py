@@ -23,7 +23,10 @@ def open_dataset(args, split: str):
         except ValueError as exc:
             raise SystemExit(f"sortline: --data {args.data}: {exc}") from None
         paste = getattr(args, "paste", 0)
-        return Pasted(folder, args.seed, paste) if split == "train" and paste else folder
+        keep = getattr(args, "paste_keep", 1.0)
+        if not 0 <= keep <= 1:
+            raise SystemExit(f"sortline: --paste-keep {keep}: a share, 0 to 1")
+        return Pasted(folder, args.seed, paste, keep=keep) if split == "train" and (paste or keep < 1) else folder
     if args.data == "synthetic":
         from sortline.nodes.simulate.dataset import SyntheticBelt
 
@@ -52,8 +55,10 @@ def add_data(p) -> None:
     p.add_argument("--strips", type=int, default=600, help="synthetic: training strips (kept in the cache directory)")
     p.add_argument("--eval-strips", type=int, default=200, help="synthetic: held-out strips")
     p.add_argument("--val-strips", type=int, default=50, help="synthetic: validation strips (belt seed + 2000)")
-    p.add_argument("--paste", type=int, default=2, help="a data set folder: objects of this many strips of other "
+    p.add_argument("--paste", type=int, default=3, help="a data set folder: objects of this many strips of other "
                    "recordings pasted onto each training strip's empty belt (0: none; docs/teach-in.md)")
+    p.add_argument("--paste-keep", type=float, default=0.5, help="a data set folder: the share of each training "
+                   "strip's own objects kept; the others are replaced by the data set's empty belt (1: all kept)")
     p.add_argument("--seed-data", type=int, default=100, help="synthetic: belt seed of the training strips "
                    "(held-out strips use this + 1000)")
 

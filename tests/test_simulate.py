@@ -37,6 +37,25 @@ def test_same_seed_same_bytes_in_any_order(settings, sim):
     assert not np.array_equal(different.hsi(3), sim.hsi(3))
 
 
+def test_the_belt_seed_leaves_the_machines_camera_alone(settings):
+    """A technician's runs (teach-in, calibration) differ in belt, not in camera: the HSI camera's fixed pattern
+    is the node's `camera`, whatever its belt `seed`; another camera has another pattern."""
+    from sortline.nodes.simulate import Simulate
+
+    assert Simulate.Params(seed=7).camera == 1
+
+    def dark(seed, camera):
+        return np.mean([Simulation(settings, seed=seed, scene="dark", camera=camera).hsi(f) for f in range(4)],
+                       axis=(0, 1))
+
+    same, other = dark(2, 1), dark(3, 1)
+    replaced = dark(3, 2)
+    assert np.abs(same - other).mean() < np.abs(same - replaced).mean() / 3     # read noise only, not ±6 counts
+    a, b = Simulation(settings, seed=2, camera=1).hsi_cam, Simulation(settings, seed=3, camera=1).hsi_cam
+    assert np.array_equal(a.dark, b.dark) and np.array_equal(a.dead, b.dead) and np.array_equal(a.hot, b.hot)
+    assert not np.array_equal(a.dead, Simulation(settings, seed=3, camera=2).hsi_cam.dead)
+
+
 def test_message_shapes_and_raw_counts(settings, sim):
     rgb, hsi = settings.cameras.rgb, settings.cameras.hsi
     r, h = sim.rgb(1), sim.hsi(1)

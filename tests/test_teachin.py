@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sortline.models.training.data import Folder, read_index, read_labels, strip_paths
+from sortline.models.training.data import Folder, Sample, read_index, read_labels, strip_paths
 from sortline.models.training.teachin import objects_per_class
 from sortline.pipeline.recording import decode_frame, frames
 from tests.conftest import DEMO, sortline
@@ -213,23 +213,60 @@ def test_train_on_the_folder(built, tmp_path):
     assert res.returncode != 0 and "not a data set folder" in res.stderr
 
 
-def test_objects_of_other_runs_are_pasted_onto_the_belt_on_both_grids(built):
+def test_own_objects_are_taken_off_and_others_pasted_on_along_the_belt_on_both_grids(built):
     from sortline.models.training.data import Pasted
 
     folder = Folder(built, "train")
-    pasted = Pasted(folder, seed=0, donors=2)
     r = folder.ratio
+    empty = [k for k, n in enumerate(folder.names) if n.startswith("empty")]
+    runs = [k for k, n in enumerate(folder.names) if not n.startswith("empty")]
+
+    def cells(lab):
+        h, w = lab.shape
+        return lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0
+
+    def changed(s, own):   # HSI cells that took another strip's pixels
+        h, w = s.labels.shape
+        fine = (s.labels != own.labels) | (s.rgb != own.rgb).any(-1)
+        coarse = fine.reshape(h // r, r, w // r, r).any(axis=(1, 3))
+        assert np.array_equal(coarse, coarse | (s.hsi != own.hsi).any(-1))   # whole HSI cells, both grids
+        return coarse
+
+    def fine(c):
+        return np.repeat(np.repeat(c, r, 0), r, 1)
+
+    def same(s, d, c):     # s holds d's pixels in the cells c
+        return (np.array_equal(s.rgb[fine(c)], d.rgb[fine(c)]) and np.array_equal(s.labels[fine(c)], d.labels[fine(c)])
+                and np.array_equal(s.hsi[c], d.hsi[c]))
+
+    # Every object of its own taken off: the same cells of an empty-belt strip, a ring of one cell included.
+    bare = Pasted(folder, seed=0, donors=0, keep=0.0)
+    for i in runs[::max(1, len(runs) // 6)]:
+        s, own = bare[i], folder[i]
+        assert not s.labels.any() and cells(own.labels).any()
+        c = changed(s, own)
+        ring = cv2.dilate(cells(own.labels).view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert np.array_equal(c, ring)
+        assert any(same(s, folder[e], c) for e in empty)
+
+    # One donor's objects pasted on, all its own kept: the donor's pixels moved along the belt only, by
+    # whole HSI cells, each piece with its ring of belt.
+    pasted = Pasted(folder, seed=0, donors=1, keep=1.0)
+    strips = [folder[j] for j in range(len(folder))]
     mixed = 0
-    for i in range(0, len(folder), max(1, len(folder) // 12)):
+    for i in runs[::max(1, len(runs) // 12)]:
         s, own, again = pasted[i], folder[i], pasted[i]
         assert np.array_equal(s.labels, again.labels) and np.array_equal(s.hsi, again.hsi)   # fixed per strip
-        h, w = s.labels.shape
-        cells = lambda lab: lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0   # noqa: E731
-        changed = (s.labels != own.labels) | (s.rgb != own.rgb).any(-1)
-        changed_cells = changed.reshape(h // r, r, w // r, r).any(axis=(1, 3))
-        # Pasted by whole HSI cells: where the RGB grid took a donor's pixels, the HSI cell is the donor's too.
-        assert np.array_equal(changed_cells, (s.hsi != own.hsi).any(-1) | changed_cells)
-        assert not (changed_cells & ((s.hsi == own.hsi).all(-1)) & cells(s.labels)).any()
+        c = changed(s, own)
+        if not c.any():
+            continue
+        shifts = [(strips[j], dy) for j in range(len(folder)) for dy in range(len(c))
+                  if folder.names[j].split("-")[0] != folder.names[i].split("-")[0]
+                  and np.array_equal(s.labels[fine(c)], np.roll(strips[j].labels, dy * r, 0)[fine(c)])]
+        assert any(same(s, Sample(np.roll(d.rgb, dy * r, 0), np.roll(d.hsi, dy, 0), np.roll(d.labels, dy * r, 0)), c)
+                   for d, dy in shifts)
+        objects = c & cells(s.labels)
+        assert not (cv2.dilate(objects.view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~c).any()
         # The belt stays a belt: at most 55 % of its cells hold objects, unless the run itself held more.
         assert cells(s.labels).mean() <= max(0.55, cells(own.labels).mean()) + 1e-9
         mixed += len(set(np.unique(s.labels)) - {0}) > len(set(np.unique(own.labels)) - {0})

@@ -76,7 +76,7 @@ class Blocks:
 def test_augmented_crops_keep_rgb_hsi_and_labels_aligned():
     ds = Blocks()
     geometric = Crops(ds, 64, 128, seed=0, augment=Augment(illumination=(1, 1), band_gain=0, band_offset=0,
-                                                           geometric=1.0))
+                                                           object_gain=(1, 1), geometric=1.0))
     plain = Crops(ds, 64, 128, seed=0, augment=None)
     for draw in range(6):
         c = geometric.sample(draw)
@@ -91,13 +91,41 @@ def test_augmented_crops_keep_rgb_hsi_and_labels_aligned():
         assert error < 0.15 and shifted > 3 * error, (error, shifted)
     # Spectral: the same crops (the same draws come first), one illumination on both, a gain and offset per band.
     light = Crops(ds, 64, 128, seed=0, augment=Augment(illumination=(1.1, 1.1), band_gain=0.03, band_offset=0.005,
-                                                       geometric=0.0))
+                                                       object_gain=(1, 1), geometric=0.0))
     for draw in range(3):
         a, b = plain.sample(draw), light.sample(draw)
         assert np.array_equal(a.labels, b.labels)
         assert np.array_equal(np.clip(np.rint(a.rgb * 1.1), 0, 255), b.rgb)
         ratio = b.hsi[a.hsi > 1] / a.hsi[a.hsi > 1]
         assert 1.1 * 0.96 < ratio.min() and ratio.max() < 1.1 * 1.04 and ratio.std() > 0.005
+
+
+def test_each_object_gets_its_own_brightness_on_both_grids_and_the_belt_none():
+    ds = Blocks()
+    blocks = np.zeros((16, 48), np.uint8)
+    blocks[1::3, 1::3] = np.arange(1, 5)[np.arange(blocks[1::3, 1::3].size) % 4].reshape(blocks[1::3, 1::3].shape)
+    ds.labels = np.kron(blocks, np.ones((8, 8), np.uint8))                        # squares apart on the belt
+    ds.rgb = np.repeat(30 + ds.labels[..., None] * 40, 3, -1).astype(np.uint8)
+    ds.hsi = np.repeat(0.1 + np.kron(blocks, np.ones((2, 2)))[..., None], 8, -1).astype(np.float32)
+    plain = Crops(ds, 64, 128, seed=0, augment=None)
+    objects = Crops(ds, 64, 128, seed=0, augment=Augment(illumination=(1, 1), band_gain=0, band_offset=0,
+                                                         object_gain=(0.8, 1.2), geometric=0.0))
+    for draw in range(3):
+        a, b = plain.sample(draw), objects.sample(draw)
+        assert np.array_equal(a.labels, b.labels)
+        belt = a.labels == 0
+        assert np.array_equal(a.rgb[belt], b.rgb[belt])
+        n, group = cv2.connectedComponents((a.labels > 0).view(np.uint8), connectivity=8)
+        factors = []
+        for k in range(1, n):
+            ratio = b.rgb[group == k][:, 0] / a.rgb[group == k][:, 0]
+            assert 0.79 < ratio.min() and ratio.max() < 1.21 and ratio.max() - ratio.min() < 0.03   # one factor
+            factors.append(ratio.mean())
+            # HSI cells wholly inside the object: the same factor
+            inside = (group == k).reshape(16, 4, 32, 4).all(axis=(1, 3))
+            if inside.any():
+                assert np.allclose(b.hsi[inside] / a.hsi[inside], ratio.mean(), atol=0.02)
+        assert np.std(factors) > 0.03                                            # and each object its own
 
 
 def test_a_temperature_fitted_on_overconfident_logits_calibrates_them():
@@ -244,8 +272,9 @@ def test_two_processes_under_torchrun_take_the_steps_of_one(tmp_path, env):
     x = torch.rand(1, 64, 128, 3) * 255, torch.rand(1, 16, 32, 32)
     with torch.no_grad():
         la, lb = (net(*x) for net in nets)
-    assert (la.argmax(1) == lb.argmax(1)).float().mean() > 0.99
-    assert (la.softmax(1) - lb.softmax(1)).abs().max() < 0.02
+    # The same probabilities, to rounding. (Not the argmax: after six steps on noise every pixel's likeliest
+    # classes are all but tied, and rounding alone picks one.)
+    assert (la.softmax(1) - lb.softmax(1)).abs().max() < 2e-3
 
 
 @pytest.mark.system

@@ -176,20 +176,29 @@ class Folder:
 
 
 class Pasted:
-    """A data set folder's strips with objects of other recordings pasted onto their empty belt.
+    """A data set folder's strips with some of their own objects taken off and objects of other
+    recordings pasted on.
 
     Teach-in records one material at a time, so every object in a strip is of one class: a model can
     learn the strip instead of the object, and never sees two materials side by side. Each strip here
-    gets the objects of `donors` strips of other recordings, shifted by whole HSI cells, pasted cell by
-    cell (RGB, HSI and labels alike, so both grids stay aligned), over its belt and its own objects; the
-    donors and shifts are fixed per strip (seeded), so training stays reproducible. Pieces of objects
-    are added only while at most `occupancy` of the strip's HSI cells hold objects."""
+    keeps each of its own objects with probability `keep` (the others are replaced by the same cells of
+    an empty-belt strip) and gets the objects of `donors` strips of other recordings, pasted cell by cell
+    (RGB, HSI and labels alike, so both grids stay aligned) over its belt and its own objects. The
+    donors and choices are fixed per strip (seeded), so training stays reproducible. Pieces of objects
+    are added only while at most `occupancy` of the strip's HSI cells hold objects.
 
-    def __init__(self, folder: Folder, seed: int = 0, donors: int = 2, occupancy: float = 0.55):
-        self.ds, self.seed, self.donors, self.occupancy = folder, seed, donors, occupancy
+    Nothing may tell a pasted object from one the camera saw there, or the model learns to read the
+    pasted ones by their spectrum and the rest by the strip: a piece moves only along the belt (across
+    it, the RGB lens's vignetting and the belt's lighting change its brightness against the belt around
+    it), and it comes with a ring of one HSI cell of its own belt, where its edge blurred into the belt."""
+
+    def __init__(self, folder: Folder, seed: int = 0, donors: int = 3, occupancy: float = 0.55, keep: float = 0.5):
+        self.ds, self.seed, self.donors, self.occupancy, self.keep = folder, seed, donors, occupancy, keep
         self.classes, self.bands, self.ratio = folder.classes, folder.bands, folder.ratio
         source = {s["name"]: s["source"] for s in folder.index["strips"]}
         self.source = np.array([source[n] for n in folder.names])
+        empty = [s["name"] for s in folder.index["sources"] if s.get("material") is None]
+        self.empty = np.isin(self.source, empty)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -203,29 +212,41 @@ class Pasted:
         rgb, hsi, labels = s.rgb.copy(), s.hsi.copy(), s.labels.copy()
         r = self.ratio
         h, w = labels.shape
+        ring = np.ones((3, 3), np.uint8)
 
         def cells(lab):   # HSI cells holding any object pixel
             return lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0
 
+        def pieces(lab):  # each object's cells and the ring of cells around them, one piece per touching group
+            return cv2.connectedComponents(cv2.dilate(cells(lab).view(np.uint8), ring), connectivity=8)
+
+        def put(d, take):
+            fine = np.repeat(np.repeat(take, r, 0), r, 1)
+            rgb[fine], labels[fine], hsi[take] = d.rgb[fine], d.labels[fine], d.hsi[take]
+
+        empties = np.flatnonzero(self.empty)
+        if self.keep < 1 and len(empties) and not self.empty[i]:
+            n, own = pieces(labels)
+            off = np.isin(own, np.flatnonzero(rng.random(n) >= self.keep)) & (own > 0)
+            put(self.ds[int(rng.choice(empties))], off)
         for j in rng.choice(others, size=min(self.donors, len(others)), replace=False):
             d = self.ds[int(j)]
             if d.labels.shape != labels.shape:
                 continue
-            dy, dx = int(rng.integers(h // r)) * r, int(rng.integers(w // r)) * r
-            d_rgb, d_hsi = np.roll(d.rgb, (dy, dx), (0, 1)), np.roll(d.hsi, (dy // r, dx // r), (0, 1))
-            d_lab = np.roll(d.labels, (dy, dx), (0, 1))
+            dy = int(rng.integers(h // r))
+            d = Sample(np.roll(d.rgb, dy * r, 0), np.roll(d.hsi, dy, 0), np.roll(d.labels, dy * r, 0))
             # Whole pieces of the donor's objects, in a random order, while the belt stays as full as a
             # belt is (`occupancy`); a piece may lie over the strip's own objects, as objects lie on each
             # other on a belt.
-            n, pieces = cv2.connectedComponents(cells(d_lab).view(np.uint8), connectivity=8)
-            take, full = np.zeros((h // r, w // r), bool), cells(labels)
+            n, donor = pieces(d.labels)
+            take, full, objects = np.zeros((h // r, w // r), bool), cells(labels), cells(d.labels)
             for k in rng.permutation(np.arange(1, n)):
-                piece = pieces == k
-                if (full | piece).sum() <= self.occupancy * full.size:
+                piece = donor == k
+                after = (full & ~piece) | (piece & objects)
+                if after.sum() <= self.occupancy * full.size:
                     take |= piece
-                    full |= piece
-            fine = np.repeat(np.repeat(take, r, 0), r, 1)
-            rgb[fine], labels[fine], hsi[take] = d_rgb[fine], d_lab[fine], d_hsi[take]
+                    full = after
+            put(d, take)
         return Sample(rgb, hsi, labels).check(r, self.bands)
 
 
@@ -234,8 +255,11 @@ class Augment:
     """What training crops vary besides flips, and by how much (each drawn uniformly, per crop).
 
     Spectral, on every crop: one illumination factor on RGB and HSI alike (a lamp
-    ageing, a belt at another height), and per HSI band a gain and an offset (a
-    white reference a little off, a drifting sensor). Geometric, on a share of the
+    ageing, a belt at another height), per HSI band a gain and an offset (a
+    white reference a little off, a drifting sensor), and per object a brightness
+    (thickness, tilt, dirt: items of one polymer differ in level, not in the shape of
+    their spectrum; a teach-in run holds only so many items, and without it a model
+    can learn each black item by its level). Geometric, on a share of the
     crops (the rest keep the cameras' own pixels): a scale (objects larger or
     smaller, log-uniform) and a small rotation about the crop's centre, one
     transform for both grids (RGB and HSI bilinear, labels nearest), so that an
@@ -245,6 +269,7 @@ class Augment:
     illumination: tuple[float, float] = (0.85, 1.15)
     band_gain: float = 0.03          # +- this factor per band
     band_offset: float = 0.005       # +- this reflectance per band
+    object_gain: tuple[float, float] = (0.85, 1.15)   # per object (a touching group of object pixels)
     geometric: float = 0.5           # share of crops scaled and rotated
     scale: tuple[float, float] = (0.8, 1.25)
     rotation_deg: float = 10.0       # +- degrees
@@ -286,12 +311,25 @@ class Crops:
             if along:    # along the belt
                 rgb, hsi, labels = rgb[::-1], hsi[::-1], labels[::-1]
         if a is not None:
+            rgb, hsi = self._objects_scaled(rgb, hsi, labels, rng, a.object_gain)
             light = rng.uniform(*a.illumination)
             gain = 1 + rng.uniform(-a.band_gain, a.band_gain, hsi.shape[-1])
             offset = rng.uniform(-a.band_offset, a.band_offset, hsi.shape[-1])
             rgb = np.clip(np.rint(rgb * light), 0, 255).astype(np.uint8)
             hsi = np.maximum(hsi * (light * gain).astype(np.float32) + offset.astype(np.float32), 0)
         return Sample(rgb, hsi, labels)
+
+    def _objects_scaled(self, rgb, hsi, labels, rng, gains):
+        """Each object's pixels times its own factor drawn from `gains`, on both grids; an HSI cell
+        by the mean factor of its RGB pixels (the cell mixes the object and the belt)."""
+        n, objects = cv2.connectedComponents((labels > 0).view(np.uint8), connectivity=8)
+        factor = rng.uniform(*gains, n).astype(np.float32)
+        factor[0] = 1.0
+        fine = factor[objects]
+        r = self.ds.ratio
+        h, w = labels.shape
+        coarse = fine.reshape(h // r, r, w // r, r).mean(axis=(1, 3))
+        return (np.clip(np.rint(rgb * fine[..., None]), 0, 255).astype(np.uint8), hsi * coarse[..., None])
 
     def _warped(self, s: Sample, y: int, x: int, zoom: float, angle: float, across: bool, along: bool):
         """The crop at (y, x) resampled from the whole sample: objects `zoom` times larger, turned by

@@ -53,9 +53,10 @@ class Simulation:
     def __init__(self, machine: Machine, *, seed: int = 1, scene: str = "belt", occupancy: float = 0.3,
                  mix: dict[str, float] | None = None, cluster: float = 0.3, speed_m_s: float = 0.0,
                  drift: float = 0.02, jitter: float = 0.005, misregistration: Misregistration = Misregistration(),
-                 cameras: tuple[str, ...] = CAMERAS):
+                 cameras: tuple[str, ...] = CAMERAS, camera: int | None = None):
         """cameras: the ones this simulation plays; without "rgb" the scene's RGB map is not drawn (and
-        rgb() and strip() are refused), which makes an HSI-only simulation cheaper; content is the same."""
+        rgb() and strip() are refused), which makes an HSI-only simulation cheaper; content is the same.
+        camera: the seed of the HSI camera's fixed pattern (dark level, bad pixels); None: the belt's seed."""
         rgb, hsi, belt = machine.cameras.rgb, machine.cameras.hsi, machine.belt
         self.seed, self.machine, self.cameras = seed, machine, tuple(cameras)
         self.rgb_cam_cfg, self.hsi_cam_cfg = rgb, hsi
@@ -70,7 +71,8 @@ class Simulation:
             pixels=hsi.pixels, bands=hsi.bands, wavelength_nm=hsi.wavelength_nm or (900.0, 1700.0),
             mm_per_pixel=hsi.mm_per_pixel, ticks_per_line=hsi.ticks_per_line, ticks_per_mm=belt.ticks_per_mm,
             scan_line_mm=hsi.scan_line_mm - rgb.scan_line_mm, belt_width_mm=belt.width_mm, row_mm=row_mm,
-            col_mm=rgb.mm_per_pixel, scene_cols=rgb.pixels, misregistration=misregistration, seed=seed,
+            col_mm=rgb.mm_per_pixel, scene_cols=rgb.pixels, misregistration=misregistration,
+            seed=seed if camera is None else camera,
             noise=self.noise, subsample=max(1, round(hsi.mm_per_pixel / rgb.mm_per_pixel)))
 
     def position(self, stream: str, frame: int) -> int:
@@ -140,6 +142,11 @@ class Simulate(Node):
 
     class Params(Section):
         seed: int = Field(1, ge=0)
+        camera: int = Field(1, ge=0, description="which cameras of their models the machine has: the HSI camera's "
+                            "fixed pattern (dark level, bad pixels) and the serials SIM-RGB-<camera> and "
+                            "SIM-HSI-<camera>. The belt's seed leaves them alone, "
+                            "as running other material leaves a machine's camera alone; another value plays a "
+                            "replacement camera, which needs calibrating again")
         cameras: list[Literal["rgb", "hsi"]] = Field(
             list(CAMERAS), min_length=1, description="the cameras this node plays (and the truth with rgb); "
             "two nodes with the same seed, one per camera, publish what one node with both would")
@@ -204,7 +211,7 @@ class Simulate(Node):
         self.sim = Simulation(self.machine, seed=p.seed, scene=p.scene, occupancy=p.occupancy, mix=p.belt_mix(),
                               cluster=p.cluster, speed_m_s=p.speed_m_s, drift=p.drift, jitter=p.jitter,
                               misregistration=Misregistration(**p.misregistration.model_dump()),
-                              cameras=tuple(p.cameras))
+                              cameras=tuple(p.cameras), camera=p.camera)
         cams = self.machine.cameras
         self.cam = {"rgb": cams.rgb, "hsi": cams.hsi}
         self.frame = {"rgb": 0, "hsi": 0}     # next frame index along the belt (dropped ones count)
@@ -216,8 +223,8 @@ class Simulate(Node):
         # A camera nobody listens to is not drawn (the truth goes with the RGB frames, so RGB always is).
         self.cameras = [c for c in p.cameras if c == "rgb" or self.out[c].edges] or list(p.cameras)
         self.t0 = 0
-        self.meta = {"rgb": CameraMeta("rgb", f"SIM-RGB-{p.seed}", "RGB8", 8),
-                     "hsi": CameraMeta("hsi", f"SIM-HSI-{p.seed}", "Mono12", 12)}
+        self.meta = {"rgb": CameraMeta("rgb", f"SIM-RGB-{p.camera}", "RGB8", 8),
+                     "hsi": CameraMeta("hsi", f"SIM-HSI-{p.camera}", "Mono12", 12)}
         self.log.info("%s scene (%s), seed %d, %.2f m/s; playing %s (rgb %s lines/frame, hsi %s lines/frame), truth %s",
                       p.scene, "empty belt" if not p.occupancy else ", ".join(p.materials) or "mixed", p.seed,
                       p.speed_m_s or self.machine.belt.speed_m_s, " and ".join(self.cameras),
