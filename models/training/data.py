@@ -258,8 +258,8 @@ class Augment:
     ageing, a belt at another height), per HSI band a gain and an offset (a
     white reference a little off, a drifting sensor), and per object a brightness
     (thickness, tilt, dirt: items of one polymer differ in level, not in the shape of
-    their spectrum; a teach-in run holds only so many items, and without it a model
-    can learn each black item by its level). Geometric, on a share of the
+    their spectrum, and a teach-in run holds only so many items: the model is to learn
+    the polymer, not the items). Geometric, on a share of the
     crops (the rest keep the cameras' own pixels): a scale (objects larger or
     smaller, log-uniform) and a small rotation about the crop's centre, one
     transform for both grids (RGB and HSI bilinear, labels nearest), so that an
