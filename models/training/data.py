@@ -199,6 +199,7 @@ class Pasted:
         self.source = np.array([source[n] for n in folder.names])
         empty = [s["name"] for s in folder.index["sources"] if s.get("material") is None]
         self.empty = np.isin(self.source, empty)
+        self.empties = np.flatnonzero(self.empty)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -217,18 +218,17 @@ class Pasted:
         def cells(lab):   # HSI cells holding any object pixel
             return lab.reshape(h // r, r, w // r, r).max(axis=(1, 3)) > 0
 
-        def pieces(lab):  # each object's cells and the ring of cells around them, one piece per touching group
-            return cv2.connectedComponents(cv2.dilate(cells(lab).view(np.uint8), ring), connectivity=8)
+        def pieces(objects):  # object cells and the ring of cells around them, one piece per touching group
+            return cv2.connectedComponents(cv2.dilate(objects.view(np.uint8), ring), connectivity=8)
 
         def put(d, take):
             fine = np.repeat(np.repeat(take, r, 0), r, 1)
             rgb[fine], labels[fine], hsi[take] = d.rgb[fine], d.labels[fine], d.hsi[take]
 
-        empties = np.flatnonzero(self.empty)
-        if self.keep < 1 and len(empties) and not self.empty[i]:
-            n, own = pieces(labels)
+        if self.keep < 1 and len(self.empties) and not self.empty[i]:
+            n, own = pieces(cells(labels))
             off = np.isin(own, np.flatnonzero(rng.random(n) >= self.keep)) & (own > 0)
-            put(self.ds[int(rng.choice(empties))], off)
+            put(self.ds[int(rng.choice(self.empties))], off)
         for j in rng.choice(others, size=min(self.donors, len(others)), replace=False):
             d = self.ds[int(j)]
             if d.labels.shape != labels.shape:
@@ -238,8 +238,9 @@ class Pasted:
             # Whole pieces of the donor's objects, in a random order, while the belt stays as full as a
             # belt is (`occupancy`); a piece may lie over the strip's own objects, as objects lie on each
             # other on a belt.
-            n, donor = pieces(d.labels)
-            take, full, objects = np.zeros((h // r, w // r), bool), cells(labels), cells(d.labels)
+            objects = cells(d.labels)
+            n, donor = pieces(objects)
+            take, full = np.zeros((h // r, w // r), bool), cells(labels)
             for k in rng.permutation(np.arange(1, n)):
                 piece = donor == k
                 after = (full & ~piece) | (piece & objects)
